@@ -1,0 +1,193 @@
+"""The public transformations: jit, grad, value_and_grad."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import tree
+from .autodiff import grad_program
+from .core import Tracer, eval_program
+from .errors import JitgradError, UndefinedGradientError
+from .ir import Program
+from .passes import dce, optimize
+from .trace import Signature, signature_of, trace_flat
+
+DEFAULT_BACKEND = "interpret"
+
+
+def _compile(prog: Program, backend: str, options: dict[str, Any]) -> Any:
+    if backend == "interpret":
+        from .interp import InterpretedExecutable
+        return InterpretedExecutable(prog, check_finite=options["check_finite"])
+    if backend == "numba":
+        from .backend import compile_program
+        return compile_program(prog, **options)
+    raise JitgradError(f"unknown backend {backend!r}: use 'numba' or 'interpret'")
+
+
+def _as_input_array(x: Any, sig: Signature) -> np.ndarray:
+    arr = np.asarray(x, dtype=sig[1])
+    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+
+
+class Compiled:
+    """One specialisation of a jitted function: its program and executable."""
+
+    def __init__(self, program: Program, executable: Any, out_tree: tree.TreeDef):
+        self.program = program
+        self.executable = executable
+        self.out_tree = out_tree
+
+    @property
+    def plan(self) -> Any:
+        return self.executable.plan
+
+    @property
+    def source(self) -> str:
+        return self.executable.source
+
+
+class CompiledFunction:
+    """`jg.jit(fn)`: traces fn once per input signature, optimises and compiles the program.
+
+    After the first call (or `.lower(*args)`), `.program`, `.plan` and `.source`
+    describe the most recent specialisation.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, remat: Any = None, memory_budget: Any = None,
+                 backend: str | None = None, check_finite: bool = False):
+        self.fn = fn
+        self._backend = backend
+        self.options = {"check_finite": bool(check_finite)}
+        if remat is not None or memory_budget is not None:
+            self.options.update(remat=remat, memory_budget=memory_budget)
+        self._cache: dict[Any, Compiled] = {}
+        self._lock = threading.Lock()
+        self._last: Compiled | None = None
+        functools.update_wrapper(self, fn)
+
+    def _specialise(self, args: Sequence[Any]) -> tuple[Compiled, list[Any], list[Signature]]:
+        leaves, in_tree = tree.flatten(tuple(args))
+        sigs = [signature_of(x) for x in leaves]
+        backend = self._backend or DEFAULT_BACKEND
+        key = (backend, in_tree, tuple(sigs))
+        entry = self._cache.get(key)
+        if entry is None:
+            with self._lock:
+                entry = self._cache.get(key)
+                if entry is None:
+                    prog, out_tree, captured = trace_flat(self.fn, in_tree, sigs)
+                    if captured:
+                        raise JitgradError("a jitted function captured a value being traced "
+                                           "by an enclosing transformation; pass it as an "
+                                           "argument instead")
+                    prog = optimize(prog)
+                    entry = Compiled(prog, _compile(prog, backend, self.options), out_tree)
+                    self._cache[key] = entry
+        self._last = entry
+        return entry, leaves, sigs
+
+    def __call__(self, *args: Any) -> Any:
+        if any(isinstance(x, Tracer) for x in tree.flatten(args)[0]):
+            return self.fn(*args)  # inside another trace: inline, as jax.jit does
+        entry, leaves, sigs = self._specialise(args)
+        arrays = [_as_input_array(x, s) for x, s in zip(leaves, sigs, strict=True)]
+        return tree.unflatten(entry.out_tree, entry.executable.run(arrays))
+
+    def lower(self, *args: Any) -> Compiled:
+        """Trace and compile for these arguments without running."""
+        return self._specialise(args)[0]
+
+    def _described(self) -> Compiled:
+        if self._last is None:
+            raise JitgradError("nothing compiled yet: call the function or .lower(*args) first")
+        return self._last
+
+    program = property(lambda self: self._described().program)
+    plan = property(lambda self: self._described().plan)
+    source = property(lambda self: self._described().source)
+
+
+def jit(fn: Callable[..., Any], *, remat: Any = None, memory_budget: int | None = None,
+        backend: str | None = None, check_finite: bool = False) -> CompiledFunction:
+    """Compile fn: traced once per input signature, run natively (backend="numba")."""
+    return CompiledFunction(fn, remat=remat, memory_budget=memory_budget, backend=backend,
+                            check_finite=check_finite)
+
+
+def _leaf_ranges(args: Sequence[Any]) -> list[tuple[int, int, tree.TreeDef]]:
+    ranges, start = [], 0
+    for a in args:
+        leaves, td = tree.flatten(a)
+        ranges.append((start, start + len(leaves), td))
+        start += len(leaves)
+    return ranges
+
+
+def value_and_grad(fn: Callable[..., Any], argnums: int | Sequence[int] = 0,
+                   has_aux: bool = False) -> Callable[..., Any]:
+    """fn's value and its gradient with respect to argument(s) argnums (as jax.value_and_grad).
+
+    Returns (value, grads), or ((value, aux), grads) with has_aux. grads mirrors
+    the structure of the differentiated argument, or is a tuple of such for a
+    tuple argnums.
+    """
+    multi = not isinstance(argnums, int)
+    nums = tuple(argnums) if multi else (argnums,)
+
+    @functools.wraps(fn)
+    def value_and_grad_fn(*args: Any) -> Any:
+        leaves, in_tree = tree.flatten(tuple(args))
+        if not any(isinstance(x, Tracer) for x in leaves):
+            return compiled(*args)
+        for n in nums:
+            if not -len(args) <= n < len(args):
+                raise JitgradError(f"argnums {n} is out of range for {len(args)} arguments")
+        ranges = _leaf_ranges(args)
+        sigs = [signature_of(x) for x in leaves]
+        wrt = [i for n in nums for i in range(ranges[n][0], ranges[n][1])]
+        for i in wrt:
+            if sigs[i][1].kind != "f":
+                raise UndefinedGradientError(
+                    f"cannot differentiate with respect to an integer/boolean input "
+                    f"({np.dtype(sigs[i][1])}{sigs[i][0]} in argument "
+                    f"{next(n for n in nums if ranges[n][0] <= i < ranges[n][1])}): integer "
+                    "values carry no gradient")
+        prog, out_tree, captured = trace_flat(fn, in_tree, sigs)
+        if has_aux:
+            if out_tree[0] != "tuple" or len(out_tree[1]) != 2 or out_tree[1][0] != tree.LEAF:
+                raise JitgradError("with has_aux=True the function must return (scalar, aux)")
+        elif out_tree != tree.LEAF:
+            raise JitgradError(f"grad needs a function returning a scalar, got a "
+                               f"{tree.describe(out_tree)}; use has_aux=True for extra outputs")
+        gprog = grad_program(dce(prog), wrt, out_index=0)
+        outs = eval_program(gprog, list(leaves) + captured)
+        n_out = len(prog.outputs)
+        value = tree.unflatten(out_tree, outs[:n_out])
+        grads, pos = [], n_out
+        for n in nums:
+            start, stop, td = ranges[n]
+            grads.append(tree.unflatten(td, outs[pos:pos + stop - start]))
+            pos += stop - start
+        return value, (tuple(grads) if multi else grads[0])
+
+    compiled = jit(value_and_grad_fn)
+    return value_and_grad_fn
+
+
+def grad(fn: Callable[..., Any], argnums: int | Sequence[int] = 0,
+         has_aux: bool = False) -> Callable[..., Any]:
+    """The gradient of a scalar function (as jax.grad); (grads, aux) with has_aux."""
+    vg = value_and_grad(fn, argnums, has_aux)
+
+    @functools.wraps(fn)
+    def grad_fn(*args: Any) -> Any:
+        value, grads = vg(*args)
+        return (grads, value[1]) if has_aux else grads
+
+    return grad_fn

@@ -1,0 +1,267 @@
+"""Primitives, traces and `bind`: the one place where an operation becomes an instruction.
+
+`Primitive.bind` is the single entry point of every operation. With a traced
+argument it appends an Instr to that argument's Trace and returns Tracers; with
+only concrete arguments it runs the numpy reference implementation, so every
+primitive also works eagerly on numpy arrays. Replaying a Program through
+`bind` therefore either interprets it (numpy inputs) or copies it into the
+current trace (traced inputs) — the grad transform and `grad`-inside-`jit` are
+built on that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import JitgradError
+from .ir import Instr, Program, Var
+
+Aval = tuple[tuple[int, ...], np.dtype]
+
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_NUMPY_DIR = os.path.dirname(os.path.abspath(np.__file__))
+
+
+class Primitive:
+    """An operation of the IR. Rules are registered beside the primitive's definition.
+
+    grad: "rule" (has a VJP rule), "zero" (constant: no gradient flows, e.g.
+    stop_gradient), or "undefined" (piecewise constant: a requested gradient
+    through it raises UndefinedGradientError).
+    """
+
+    def __init__(self, name: str, family: str, *, n_outputs: int = 1, grad: str = "rule"):
+        self.name = name
+        self.family = family
+        self.n_outputs = n_outputs
+        self.grad = grad
+        self.impl: Callable[..., Any] | None = None
+        self.shape_rule: Callable[..., Any] | None = None
+        self.vjp: Callable[..., Any] | None = None
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def def_impl(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        self.impl = fn
+        return fn
+
+    def def_shape(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        self.shape_rule = fn
+        return fn
+
+    def def_vjp(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        self.vjp = fn
+        return fn
+
+    def abstract_eval(self, in_avals: Sequence[Aval], params: dict[str, Any]) -> list[Aval]:
+        out = self.shape_rule(*in_avals, **params)
+        outs = list(out) if self.n_outputs > 1 else [out]
+        return [(tuple(int(d) for d in s), np.dtype(d)) for s, d in outs]
+
+    def bind(self, *args: Any, **params: Any) -> Any:
+        trace = _innermost_trace(args)
+        if trace is None:
+            outs = self._eval_eager(args, params)
+        else:
+            outs = trace.emit(self, args, params)
+        return outs[0] if self.n_outputs == 1 else tuple(outs)
+
+    def _eval_eager(self, args: Sequence[Any], params: dict[str, Any]) -> list[np.ndarray]:
+        arrays = [np.asarray(a) for a in args]
+        avals = self.checked_abstract_eval([(a.shape, a.dtype) for a in arrays], params)
+        outs = self.impl(*arrays, **params)
+        outs = list(outs) if self.n_outputs > 1 else [outs]
+        return [np.asarray(o, dtype=d).reshape(s) for o, (s, d) in zip(outs, avals, strict=True)]
+
+    def checked_abstract_eval(self, in_avals: Sequence[Aval], params: dict[str, Any]) -> list[Aval]:
+        """abstract_eval whose errors name the primitive and the user's source line."""
+        try:
+            return self.abstract_eval(in_avals, params)
+        except JitgradError as e:
+            raise type(e)(f"{self.name}: {e} (at {current_loc()})") from None
+
+
+registry: dict[str, Primitive] = {}
+
+
+def primitive(name: str, family: str, **kw: Any) -> Primitive:
+    if name in registry:
+        raise JitgradError(f"primitive {name!r} defined twice")
+    p = Primitive(name, family, **kw)
+    registry[name] = p
+    return p
+
+
+# ---------------------------------------------------------------- source locations
+
+_state = threading.local()
+
+
+def _loc_override() -> str | None:
+    return getattr(_state, "loc", None)
+
+
+@contextlib.contextmanager
+def source_loc(loc: str | None) -> Iterator[None]:
+    """Attribute instructions emitted inside to `loc` (VJP rules, replayed programs)."""
+    old = _loc_override()
+    _state.loc = loc
+    try:
+        yield
+    finally:
+        _state.loc = old
+
+
+def user_frame_loc() -> str:
+    """file:line of the innermost frame outside jitgrad and numpy (the user's code)."""
+    f = sys._getframe(1)
+    while f is not None:
+        fname = f.f_code.co_filename
+        if not (fname.startswith(_PKG_DIR) or fname.startswith(_NUMPY_DIR)
+                or fname.startswith("<frozen")):
+            return f"{os.path.basename(fname)}:{f.f_lineno}"
+        f = f.f_back
+    return "<unknown>"
+
+
+def current_loc() -> str:
+    return _loc_override() or user_frame_loc()
+
+
+# ---------------------------------------------------------------- traces
+
+def _trace_stack() -> list[Trace]:
+    stack = getattr(_state, "traces", None)
+    if stack is None:
+        stack = _state.traces = []
+    return stack
+
+
+class Tracer:
+    """A value inside a trace: a Var plus the trace it belongs to.
+
+    `weak` marks Python scalars passed as arguments: like Python scalar
+    constants they take the dtype of what they meet (a float32 program stays
+    float32). Operators are attached in trace.py.
+    """
+
+    __slots__ = ("trace", "var", "weak")
+    __array_priority__ = 1000
+
+    def __init__(self, trace: Trace, var: Var, weak: bool = False):
+        self.trace = trace
+        self.var = var
+        self.weak = weak
+
+    shape = property(lambda self: self.var.shape)
+    dtype = property(lambda self: self.var.dtype)
+    ndim = property(lambda self: len(self.var.shape))
+    size = property(lambda self: self.var.size)
+
+    def __len__(self) -> int:
+        if not self.var.shape:
+            raise TypeError("len() of a 0-d traced value")
+        return self.var.shape[0]
+
+    def __repr__(self) -> str:
+        return f"Tracer<{self.var.type_str()}>"
+
+
+class Trace:
+    """Records instructions while a function runs on Tracers."""
+
+    def __init__(self) -> None:
+        self.instrs: list[Instr] = []
+        self.consts: dict[Var, np.ndarray] = {}
+        self.inputs: list[Var] = []
+        self.captured: dict[int, tuple[Tracer, Var]] = {}  # id(outer tracer) -> (it, our var)
+        self.level = -1
+
+    def __enter__(self) -> Trace:
+        stack = _trace_stack()
+        self.level = len(stack)
+        stack.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _trace_stack().pop()
+
+    def new_input(self, shape: tuple[int, ...], dtype: Any, weak: bool = False) -> Tracer:
+        var = Var(tuple(shape), np.dtype(dtype))
+        self.inputs.append(var)
+        return Tracer(self, var, weak)
+
+    def var_of(self, x: Any) -> Var:
+        """The Var standing for x here: our tracer, a lifted outer tracer, or a constant."""
+        if isinstance(x, Tracer):
+            if x.trace is self:
+                return x.var
+            # A value of an enclosing trace used inside this one: a constant input here.
+            hit = self.captured.get(id(x))
+            if hit is None:
+                hit = (x, Var(x.var.shape, x.var.dtype))
+                self.captured[id(x)] = hit
+            return hit[1]
+        arr = np.asarray(x)
+        if arr.dtype == object:
+            raise JitgradError(f"cannot use a {type(x).__name__} as an array "
+                               f"(at {current_loc()})")
+        if arr.ndim == 0:
+            from .ops.elementwise import const_p  # the const primitive lives with elementwise
+            return self.emit(const_p, (), {"value": arr.item(), "dtype": arr.dtype})[0].var
+        var = Var(arr.shape, arr.dtype)
+        self.consts[var] = arr
+        return var
+
+    def emit(self, prim: Primitive, args: Sequence[Any], params: dict[str, Any]) -> list[Tracer]:
+        in_vars = tuple(self.var_of(a) for a in args)
+        avals = prim.checked_abstract_eval([(v.shape, v.dtype) for v in in_vars], params)
+        outs = tuple(Var(s, d) for s, d in avals)
+        self.instrs.append(Instr(prim, in_vars, tuple(sorted(params.items())), outs,
+                                 current_loc()))
+        return [Tracer(self, o) for o in outs]
+
+    def to_program(self, outputs: Sequence[Any]) -> Program:
+        out_vars = [self.var_of(o) for o in outputs]
+        inputs = self.inputs + [v for _, v in self.captured.values()]
+        return Program(inputs, self.instrs, out_vars, self.consts)
+
+
+def _innermost_trace(args: Sequence[Any]) -> Trace | None:
+    best = None
+    for a in args:
+        if isinstance(a, Tracer) and (best is None or a.trace.level > best.level):
+            best = a.trace
+    return best
+
+
+def replay(prog: Program, args: Sequence[Any]) -> dict[Var, Any]:
+    """Run prog on args through bind; returns the value of every Var.
+
+    numpy args interpret the program; Tracers copy it into their trace, each
+    instruction keeping its source line.
+    """
+    if len(args) != len(prog.inputs):
+        raise JitgradError(f"program takes {len(prog.inputs)} inputs, got {len(args)}")
+    env: dict[Var, Any] = dict(zip(prog.inputs, args, strict=True))
+    env.update(prog.consts)
+    for ins in prog.instrs:
+        with source_loc(ins.loc):
+            outs = ins.prim.bind(*(env[v] for v in ins.inputs), **ins.kw)
+        if ins.prim.n_outputs == 1:
+            outs = (outs,)
+        env.update(zip(ins.outputs, outs, strict=True))
+    return env
+
+
+def eval_program(prog: Program, args: Sequence[Any]) -> list[Any]:
+    env = replay(prog, args)
+    return [env[v] for v in prog.outputs]

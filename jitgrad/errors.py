@@ -1,0 +1,17 @@
+"""jitgrad's exceptions. Every message names the problem and, where known, the user's line."""
+
+
+class JitgradError(ValueError):
+    """Base class of jitgrad's errors (a ValueError, so bad input reads as bad input)."""
+
+
+class UndefinedGradientError(JitgradError):
+    """A requested gradient flows through a primitive whose derivative is undefined."""
+
+
+class TracingError(JitgradError):
+    """A traced value was used where a concrete one is needed (e.g. Python `if`)."""
+
+
+class NonFiniteError(JitgradError):
+    """`check_finite` found a NaN or Inf; names the first instruction that produced one."""

@@ -1,0 +1,99 @@
+"""Neural-network primitives: fused softmax cross-entropy and its gradient; softmax."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..core import Tracer, primitive
+from ..errors import JitgradError
+from . import elementwise as E
+from . import reduce as R
+
+
+def _check_labels(labels: np.ndarray, n_classes: int) -> None:
+    bad = (labels < 0) | (labels >= n_classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise JitgradError(f"label {labels[i]} at index {i} is out of range for "
+                           f"{n_classes} classes")
+
+
+def _softmax_ref(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _sce_shape(logits, labels):
+    if len(logits[0]) != 2 or logits[1].kind != "f":
+        raise JitgradError(f"logits must be a 2-d float array, got {logits[0]} {logits[1]}")
+    if labels[1].kind not in "iu":
+        raise JitgradError(f"labels must be integers, got {labels[1]}")
+    if labels[0] != logits[0][:1]:
+        raise JitgradError(f"labels of shape {labels[0]} do not match logits of shape "
+                           f"{logits[0]} (one label per row)")
+
+
+softmax_cross_entropy_p = primitive("softmax_cross_entropy", "nn")
+
+
+@softmax_cross_entropy_p.def_impl
+def _sce_impl(logits, labels):
+    _check_labels(labels, logits.shape[1])
+    m = logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(logits - m).sum(axis=1)) + m[:, 0]
+    picked = logits[np.arange(len(labels)), labels]
+    return np.mean(lse - picked) if len(labels) else np.zeros((), logits.dtype)
+
+
+@softmax_cross_entropy_p.def_shape
+def _sce_fwd_shape(logits, labels):
+    _sce_shape(logits, labels)
+    return (), logits[1]
+
+
+@softmax_cross_entropy_p.def_vjp
+def _sce_vjp(cts, outs, ins):
+    return [softmax_cross_entropy_grad_p.bind(ins[0], ins[1]) * cts[0], None]
+
+
+softmax_cross_entropy_grad_p = primitive("softmax_cross_entropy_grad", "nn")
+
+
+@softmax_cross_entropy_grad_p.def_impl
+def _sce_grad_impl(logits, labels):
+    _check_labels(labels, logits.shape[1])
+    p = _softmax_ref(logits)
+    p[np.arange(len(labels)), labels] -= 1
+    return p / max(len(labels), 1)
+
+
+@softmax_cross_entropy_grad_p.def_shape
+def _sce_grad_shape(logits, labels):
+    _sce_shape(logits, labels)
+    return logits
+
+
+@softmax_cross_entropy_grad_p.def_vjp
+def _sce_grad_vjp(cts, outs, ins):
+    # d/dlogits of (softmax - onehot)/B applied to H: p * (H - sum(H * p)) / B.
+    logits, h = ins[0], cts[0]
+    p = softmax(logits, axis=-1)
+    inner = R.sum(h * p, axis=-1, keepdims=True)
+    return [p * (h - inner) * (1.0 / max(logits.shape[0], 1)), None]
+
+
+def softmax_cross_entropy(logits: Any, labels: Any) -> Any:
+    """Mean over the batch of -log softmax(logits)[label]; labels are integer class ids."""
+    if not isinstance(logits, Tracer):
+        logits = np.asarray(logits)
+    if not isinstance(labels, Tracer):
+        labels = np.asarray(labels)
+    return softmax_cross_entropy_p.bind(logits, labels)
+
+
+def softmax(x: Any, axis: int = -1) -> Any:
+    x = E.asdtype(x, E._float_dtype(x))
+    return E.exp(x - R.logsumexp(x, axis=axis, keepdims=True))

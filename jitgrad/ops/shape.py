@@ -1,0 +1,348 @@
+"""Shape primitives: reshape, transpose, broadcast_to, concatenate, slicing and gathers.
+
+Each gather has a scatter-add as its VJP, and each scatter-add a gather, so
+indexing stays differentiable to any order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..core import Tracer, primitive
+from ..errors import JitgradError
+
+
+def _as_array(x: Any) -> Any:
+    return x if isinstance(x, Tracer) else np.asarray(x)
+
+
+# ---------------------------------------------------------------- reshape / transpose
+
+reshape_p = primitive("reshape", "shape")
+reshape_p.def_impl(lambda x, *, shape: np.reshape(x, shape))
+
+
+@reshape_p.def_shape
+def _reshape_shape(x, *, shape):
+    if int(np.prod(shape, dtype=np.int64)) != int(np.prod(x[0], dtype=np.int64)):
+        raise JitgradError(f"cannot reshape an array of shape {x[0]} into shape {shape}")
+    return shape, x[1]
+
+
+reshape_p.def_vjp(lambda cts, outs, ins, *, shape: [reshape(cts[0], ins[0].shape)])
+
+
+def reshape(x: Any, shape: Any) -> Any:
+    x = _as_array(x)
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+    if shape.count(-1) > 1:
+        raise JitgradError(f"reshape to {shape}: at most one -1 is allowed")
+    if -1 in shape:
+        known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
+        if known == 0 or x.size % known:
+            raise JitgradError(f"cannot reshape an array of shape {x.shape} into shape {shape}")
+        shape = tuple(x.size // known if d == -1 else d for d in shape)
+    if shape == x.shape:
+        return x
+    return reshape_p.bind(x, shape=shape)
+
+
+transpose_p = primitive("transpose", "shape")
+transpose_p.def_impl(lambda x, *, perm: np.transpose(x, perm))
+transpose_p.def_shape(lambda x, *, perm: (tuple(x[0][p] for p in perm), x[1]))
+transpose_p.def_vjp(lambda cts, outs, ins, *, perm: [
+    transpose(cts[0], tuple(int(i) for i in np.argsort(perm)))])
+
+
+def transpose(x: Any, axes: Any = None) -> Any:
+    x = _as_array(x)
+    perm = tuple(reversed(range(x.ndim))) if axes is None else tuple(int(a) % max(x.ndim, 1)
+                                                                     for a in axes)
+    if sorted(perm) != list(range(x.ndim)):
+        raise JitgradError(f"axes {axes} are not a permutation of {x.ndim} dimensions")
+    if perm == tuple(range(x.ndim)):
+        return x
+    return transpose_p.bind(x, perm=perm)
+
+
+# ---------------------------------------------------------------- broadcast_to
+
+broadcast_to_p = primitive("broadcast_to", "shape")
+broadcast_to_p.def_impl(lambda x, *, shape: np.broadcast_to(x, shape).copy())
+
+
+@broadcast_to_p.def_shape
+def _broadcast_to_shape(x, *, shape):
+    try:
+        np.broadcast_shapes(x[0], shape)
+        ok = np.broadcast_shapes(x[0], shape) == shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise JitgradError(f"cannot broadcast shape {x[0]} to {shape}")
+    return shape, x[1]
+
+
+@broadcast_to_p.def_vjp
+def _broadcast_to_vjp(cts, outs, ins, *, shape):
+    from .elementwise import unbroadcast
+    return [unbroadcast(cts[0], ins[0].shape)]
+
+
+def broadcast_to(x: Any, shape: Any) -> Any:
+    x = _as_array(x)
+    shape = tuple(int(d) for d in shape)
+    return x if x.shape == shape else broadcast_to_p.bind(x, shape=shape)
+
+
+# ---------------------------------------------------------------- concatenate
+
+concatenate_p = primitive("concatenate", "shape")
+concatenate_p.def_impl(lambda *xs, axis: np.concatenate(xs, axis=axis))
+
+
+@concatenate_p.def_shape
+def _concatenate_shape(*xs, axis):
+    first = xs[0][0]
+    for s, d in xs:
+        if d != xs[0][1]:
+            raise JitgradError(f"cannot concatenate dtypes {xs[0][1]} and {d}")
+        if len(s) != len(first) or any(a != b for i, (a, b) in enumerate(zip(s, first))
+                                       if i != axis):
+            raise JitgradError(
+                f"shapes {[x[0] for x in xs]} differ outside the concatenation axis {axis}")
+    return (first[:axis] + (int(np.sum([s[axis] for s, _ in xs])),) + first[axis + 1:],
+            xs[0][1])
+
+
+@concatenate_p.def_vjp
+def _concatenate_vjp(cts, outs, ins, *, axis):
+    grads, start = [], 0
+    for x in ins:
+        stop = start + x.shape[axis]
+        index = tuple((start, stop, 1) if i == axis else (0, d, 1)
+                      for i, d in enumerate(outs[0].shape))
+        grads.append(slice_p.bind(cts[0], index=index))
+        start = stop
+    return grads
+
+
+def concatenate(xs: Any, axis: int = 0) -> Any:
+    from .elementwise import promote
+    xs = promote(*xs)
+    if not xs:
+        raise JitgradError("concatenate needs at least one array")
+    ndim = xs[0].ndim
+    if not -ndim <= axis < ndim:
+        raise JitgradError(f"axis {axis} is out of range for {ndim} dimensions")
+    return concatenate_p.bind(*xs, axis=axis % ndim)
+
+
+# ---------------------------------------------------------------- basic slicing
+
+def _slices(index):
+    return tuple(slice(a, None if b < 0 else b, c) for a, b, c in index)
+
+
+def _sliced_len(start: int, stop: int, step: int) -> int:
+    return len(range(start, stop, step))
+
+
+slice_p = primitive("slice", "shape")
+slice_p.def_impl(lambda x, *, index: x[_slices(index)])
+slice_p.def_shape(lambda x, *, index: (tuple(_sliced_len(*t) for t in index), x[1]))
+slice_p.def_vjp(lambda cts, outs, ins, *, index: [
+    pad_slice_p.bind(cts[0], shape=ins[0].shape, index=index)])
+
+
+pad_slice_p = primitive("pad_slice", "shape")
+
+
+@pad_slice_p.def_impl
+def _pad_slice_impl(g, *, shape, index):
+    out = np.zeros(shape, g.dtype)
+    out[_slices(index)] = g
+    return out
+
+
+@pad_slice_p.def_shape
+def _pad_slice_shape(g, *, shape, index):
+    if tuple(_sliced_len(*t) for t in index) != g[0]:
+        raise JitgradError(f"slice {index} of {shape} does not have shape {g[0]}")
+    return shape, g[1]
+
+
+pad_slice_p.def_vjp(lambda cts, outs, ins, *, shape, index: [slice_p.bind(cts[0], index=index)])
+
+
+# ---------------------------------------------------------------- gathers
+
+def _check_int(idx, what):
+    if idx[1].kind not in "iu":
+        raise JitgradError(f"{what} indices must be integers, got {idx[1]}")
+
+
+def _check_bounds(idx: np.ndarray, n: int) -> None:
+    if idx.size and (idx.min() < -n or idx.max() >= n):
+        bad = idx[(idx < -n) | (idx >= n)].flat[0]
+        raise JitgradError(f"index {bad} is out of bounds for an axis of size {n}")
+
+
+gather_p = primitive("gather", "shape")
+
+
+@gather_p.def_impl
+def _gather_impl(x, idx):
+    _check_bounds(idx, x.shape[0])
+    return x[idx]
+
+
+@gather_p.def_shape
+def _gather_shape(x, idx):
+    _check_int(idx, "gather")
+    if not x[0]:
+        raise JitgradError("cannot index a 0-d array")
+    return idx[0] + x[0][1:], x[1]
+
+
+gather_p.def_vjp(lambda cts, outs, ins: [
+    scatter_add_p.bind(cts[0], ins[1], n=ins[0].shape[0]), None])
+
+
+scatter_add_p = primitive("scatter_add", "shape")
+
+
+@scatter_add_p.def_impl
+def _scatter_add_impl(g, idx, *, n):
+    _check_bounds(idx, n)
+    out = np.zeros((n,) + g.shape[idx.ndim:], g.dtype)
+    np.add.at(out, idx, g)
+    return out
+
+
+@scatter_add_p.def_shape
+def _scatter_add_shape(g, idx, *, n):
+    _check_int(idx, "scatter_add")
+    if g[0][:len(idx[0])] != idx[0]:
+        raise JitgradError(f"updates of shape {g[0]} do not match indices of shape {idx[0]}")
+    return (n,) + g[0][len(idx[0]):], g[1]
+
+
+scatter_add_p.def_vjp(lambda cts, outs, ins, *, n: [gather_p.bind(cts[0], ins[1]), None])
+
+
+def _along_axis_index(idx: np.ndarray, axis: int) -> tuple[np.ndarray, ...]:
+    grid = list(np.indices(idx.shape, sparse=True))
+    grid[axis] = idx
+    return tuple(grid)
+
+
+def _along_axis_shape(x_shape, idx, axis, what):
+    _check_int(idx, what)
+    if len(idx[0]) != len(x_shape) or any(
+            a != b for i, (a, b) in enumerate(zip(idx[0], x_shape)) if i != axis):
+        raise JitgradError(f"indices of shape {idx[0]} do not match an array of shape "
+                           f"{x_shape} outside axis {axis}")
+
+
+take_along_axis_p = primitive("take_along_axis", "shape")
+
+
+@take_along_axis_p.def_impl
+def _take_along_axis_impl(x, idx, *, axis):
+    _check_bounds(idx, x.shape[axis])
+    return np.take_along_axis(x, idx, axis)
+
+
+@take_along_axis_p.def_shape
+def _take_along_axis_shape(x, idx, *, axis):
+    _along_axis_shape(x[0], idx, axis, "take_along_axis")
+    return idx[0], x[1]
+
+
+take_along_axis_p.def_vjp(lambda cts, outs, ins, *, axis: [
+    scatter_along_axis(cts[0], ins[1], ins[0].shape, axis), None])
+
+
+scatter_along_axis_p = primitive("scatter_along_axis", "shape")
+
+
+@scatter_along_axis_p.def_impl
+def _scatter_along_axis_impl(g, idx, *, shape, axis):
+    _check_bounds(idx, shape[axis])
+    out = np.zeros(shape, g.dtype)
+    np.add.at(out, _along_axis_index(idx, axis), g)
+    return out
+
+
+@scatter_along_axis_p.def_shape
+def _scatter_along_axis_shape(g, idx, *, shape, axis):
+    _along_axis_shape(shape, idx, axis, "scatter_along_axis")
+    if g[0] != idx[0]:
+        raise JitgradError(f"updates of shape {g[0]} do not match indices of shape {idx[0]}")
+    return shape, g[1]
+
+
+scatter_along_axis_p.def_vjp(lambda cts, outs, ins, *, shape, axis: [
+    take_along_axis_p.bind(cts[0], ins[1], axis=axis), None])
+
+
+def scatter_along_axis(g: Any, idx: Any, shape: tuple[int, ...], axis: int) -> Any:
+    """Zeros of `shape` with g added at idx along axis (the adjoint of take_along_axis)."""
+    return scatter_along_axis_p.bind(g, idx, shape=tuple(shape), axis=axis)
+
+
+def take_along_axis(x: Any, idx: Any, axis: int) -> Any:
+    x, idx = _as_array(x), _as_array(idx)
+    if not -x.ndim <= axis < x.ndim:
+        raise JitgradError(f"axis {axis} is out of range for {x.ndim} dimensions")
+    return take_along_axis_p.bind(x, idx, axis=axis % x.ndim)
+
+
+def getitem(x: Any, key: Any) -> Any:
+    """x[key] for basic indexing (ints, slices, None, ...) or one integer array on axis 0."""
+    x = _as_array(x)
+    if isinstance(key, Tracer) or (isinstance(key, (np.ndarray, list))):
+        idx = _as_array(np.asarray(key) if isinstance(key, list) else key)
+        if idx.dtype == np.dtype(bool):
+            raise JitgradError("boolean-mask indexing has a data-dependent shape; "
+                               "use jg.where(mask, x, 0) instead")
+        if idx.dtype.kind not in "iu":
+            raise JitgradError(f"array indices must be integers, got {idx.dtype}")
+        if isinstance(idx, np.ndarray):
+            _check_bounds(idx, x.shape[0] if x.ndim else 0)
+        return gather_p.bind(x, idx)
+    key = key if isinstance(key, tuple) else (key,)
+    if any(isinstance(k, (Tracer, np.ndarray, list)) for k in key):
+        raise JitgradError("only one integer array index, on its own (x[idx]), is supported")
+    n_real = sum(1 for k in key if k is not None and k is not Ellipsis)
+    if n_real > x.ndim:
+        raise JitgradError(f"too many indices ({n_real}) for an array of shape {x.shape}")
+    if Ellipsis in key:
+        i = key.index(Ellipsis)
+        key = key[:i] + (slice(None),) * (x.ndim - n_real) + key[i + 1:]
+    key = key + (slice(None),) * (x.ndim - n_real - key.count(Ellipsis))
+    index, out_shape, dim = [], [], 0
+    for k in key:
+        if k is None:
+            out_shape.append(1)
+            continue
+        n = x.shape[dim]
+        if isinstance(k, (int, np.integer)):
+            if not -n <= k < n:
+                raise JitgradError(f"index {k} is out of bounds for axis {dim} of size {n}")
+            k = int(k) % n
+            index.append((k, k + 1, 1))
+        elif isinstance(k, slice):
+            t = k.indices(n)
+            index.append(t)
+            out_shape.append(_sliced_len(*t))
+        else:
+            raise JitgradError(f"unsupported index {k!r} of type {type(k).__name__}")
+        dim += 1
+    out = x
+    if any(t != (0, d, 1) for t, d in zip(index, x.shape)):
+        out = slice_p.bind(x, index=tuple(index))
+    return reshape(out, tuple(out_shape))
