@@ -1,0 +1,468 @@
+"""Code generation: a Program becomes kernel calls over one arena, as Python/Numba source.
+
+Three steps: `prepare` rewrites the Program into the forms the kernels take
+(int64 indices, reductions over contiguous axes); `lower` turns the fused
+schedule into Steps, each one call of a library kernel or of a generated
+fused-elementwise kernel; `render_glue` writes the `@njit(cache=True)` entry
+function that makes those calls in order through external symbols.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import kernels
+from .fusion import Group, fuse, is_const
+from .ir import Instr, Program, Var, dtype_short
+from .memory import Plan
+
+# ---------------------------------------------------------------- prepare
+
+_INDEX_ARG = {"gather": 1, "scatter_add": 1, "take_along_axis": 1, "scatter_along_axis": 1,
+              "softmax_cross_entropy": 1, "softmax_cross_entropy_grad": 1}
+_REDUCTIONS = ("sum", "max", "logsumexp")
+
+
+def _emit(out: list[Instr], prim: Any, inputs: tuple[Var, ...], loc: str | None,
+          **params: Any) -> Var:
+    (shape, dtype), = prim.abstract_eval([(v.shape, v.dtype) for v in inputs], params)
+    var = Var(shape, dtype)
+    out.append(Instr(prim, inputs, tuple(sorted(params.items())), (var,), loc))
+    return var
+
+
+def prepare(prog: Program) -> Program:
+    """Rewrite into kernel-friendly forms; results are unchanged."""
+    from .core import registry
+    instrs: list[Instr] = []
+    for ins in prog.instrs:
+        name = ins.prim.name
+        inputs = list(ins.inputs)
+        if name in _INDEX_ARG:
+            k = _INDEX_ARG[name]
+            if inputs[k].dtype != np.int64:
+                inputs[k] = _emit(instrs, registry["cast"], (inputs[k],), ins.loc,
+                                  dtype=np.dtype(np.int64))
+        if name in _REDUCTIONS:
+            axes = ins.kw["axes"]
+            x = inputs[0]
+            if axes and axes != tuple(range(axes[0], axes[-1] + 1)):
+                rest = tuple(a for a in range(x.ndim) if a not in axes)
+                moved = _emit(instrs, registry["transpose"], (x,), ins.loc, perm=rest + axes)
+                new_axes = tuple(range(len(rest), x.ndim))
+                red = _emit(instrs, ins.prim, (moved,), ins.loc, axes=new_axes, keepdims=False)
+                instrs.append(Instr(registry["reshape"], (red,),
+                                    (("shape", ins.outputs[0].shape),), ins.outputs, ins.loc))
+                continue
+        instrs.append(Instr(ins.prim, tuple(inputs), ins.params, ins.outputs, ins.loc)
+                      if inputs != list(ins.inputs) else ins)
+    return Program(prog.inputs, instrs, prog.outputs, prog.consts)
+
+
+# ---------------------------------------------------------------- steps
+
+@dataclass
+class Step:
+    """One native call: `sym(*args)`; Var arguments become pointers once memory is planned."""
+
+    sym: str
+    args: list[Any]
+    writes: list[Var]
+    reads: list[Var]
+    label: str
+    scratch: list[Var] = field(default_factory=list)
+
+
+def _prod(xs: Any) -> int:
+    return int(np.prod(xs, dtype=np.int64))
+
+
+def _strides(shape: tuple[int, ...]) -> list[int]:
+    out, acc = [], 1
+    for d in reversed(shape):
+        out.append(acc)
+        acc *= d
+    return out[::-1]
+
+
+class Lowering:
+    def __init__(self) -> None:
+        self.steps: list[Step] = []
+        self.meta: list[int] = []
+        self.fused: dict[str, str] = {}  # symbol -> module source
+
+    def meta_block(self, values: list[int]) -> tuple[str, int]:
+        start = len(self.meta)
+        self.meta += [int(v) for v in values]
+        return f"meta + {8 * start}", len(values)
+
+    def call(self, sym: str, args: list[Any], writes: list[Var], reads: list[Var],
+             ins: Instr | None, scratch: list[Var] | None = None) -> None:
+        label = f"{ins.prim.name} at {ins.loc}" if ins is not None else sym
+        self.steps.append(Step(sym, args, writes, reads, label, scratch or []))
+
+    def copy(self, src: Var, dst: Var, shape: tuple[int, ...], src_strides: list[int],
+             dst_strides: list[int], src_off: int, dst_off: int, ins: Instr) -> None:
+        nd = len(shape)
+        pm, nm = self.meta_block([nd, *shape, *src_strides, *dst_strides, src_off, dst_off])
+        self.call(kernels.symbol("copy", src.dtype), [src, dst, pm, nm], [dst], [src], ins)
+
+    def zero(self, dst: Var, ins: Instr) -> None:
+        self.call(kernels.symbol("zero", dst.dtype), [dst, dst.size], [dst], [], ins)
+
+
+def _reduce_dims(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int, int]:
+    if not axes:
+        return _prod(shape), 1, 1
+    return _prod(shape[:axes[0]]), _prod(shape[axes[0]:axes[-1] + 1]), _prod(shape[axes[-1] + 1:])
+
+
+def lower(prog: Program) -> Lowering:
+    low = Lowering()
+    schedule = fuse(prog)
+    # softmax_cross_entropy and its gradient on the same inputs share one fused pass.
+    sce_pairs: dict[tuple[Var, ...], list[Instr]] = {}
+    for item in schedule:
+        if isinstance(item, Instr) and item.prim.name.startswith("softmax_cross_entropy"):
+            sce_pairs.setdefault(item.inputs, []).append(item)
+    done: set[int] = set()
+    for item in schedule:
+        if isinstance(item, Group):
+            _lower_group(low, item)
+        elif id(item) not in done:
+            if item.prim.name.startswith("softmax_cross_entropy"):
+                pair = sce_pairs[item.inputs]
+                done.update(id(i) for i in pair)
+                _lower_sce(low, pair)
+            else:
+                _LOWER[item.prim.name](low, item)
+    return low
+
+
+def _lower_sce(low: Lowering, pair: list[Instr]) -> None:
+    ins = pair[0]
+    z, labels = ins.inputs
+    loss = next((i.outputs[0] for i in pair if i.prim.name == "softmax_cross_entropy"), None)
+    dz = next((i.outputs[0] for i in pair if i.prim.name != "softmax_cross_entropy"), None)
+    writes = [v for v in (loss, dz) if v is not None]
+    low.call(kernels.symbol("sce", z.dtype),
+             [z, labels, loss if loss is not None else 0, dz if dz is not None else 0,
+              z.shape[0], z.shape[1], int(loss is not None), int(dz is not None)],
+             writes, [z, labels], ins)
+
+
+def _matmul(low: Lowering, ins: Instr) -> None:
+    a, b = ins.inputs
+    c = ins.outputs[0]
+    k = a.shape[0] if ins.kw["ta"] else a.shape[1]
+    low.call(kernels.symbol("gemm", a.dtype),
+             [a, b, c, c.shape[0], c.shape[1], k, int(ins.kw["ta"]), int(ins.kw["tb"])],
+             [c], [a, b], ins)
+
+
+def _reduction(kernel: str):
+    def lower_it(low: Lowering, ins: Instr) -> None:
+        x, y = ins.inputs[0], ins.outputs[0]
+        outer, n, inner = _reduce_dims(x.shape, ins.kw["axes"])
+        args: list[Any] = [x, y]
+        scratch = []
+        if kernel == "max":
+            idx = Var(y.shape, np.dtype(np.int64))
+            args.append(idx)
+            scratch.append(idx)
+        low.call(kernels.symbol(kernel, x.dtype), args + [outer, n, inner], [y] + scratch, [x],
+                 ins, scratch)
+    return lower_it
+
+
+def _argmax_like(low: Lowering, ins: Instr) -> None:
+    x = ins.inputs[0]
+    axis = ins.kw["axis"]
+    if ins.prim.name == "max_argmax":
+        y, idx = ins.outputs
+        scratch = []
+    else:
+        idx = ins.outputs[0]
+        y = Var(idx.shape, x.dtype)
+        scratch = [y]
+    outer, n, inner = _reduce_dims(x.shape, (axis,))
+    low.call(kernels.symbol("max", x.dtype), [x, y, idx, outer, n, inner], [y, idx], [x], ins,
+             scratch)
+
+
+def _reshape(low: Lowering, ins: Instr) -> None:
+    x, y = ins.inputs[0], ins.outputs[0]
+    low.copy(x, y, (x.size,), [1], [1], 0, 0, ins)
+
+
+def _transpose(low: Lowering, ins: Instr) -> None:
+    x, y = ins.inputs[0], ins.outputs[0]
+    xs = _strides(x.shape)
+    low.copy(x, y, y.shape, [xs[p] for p in ins.kw["perm"]], _strides(y.shape), 0, 0, ins)
+
+
+def _broadcast_to(low: Lowering, ins: Instr) -> None:
+    x, y = ins.inputs[0], ins.outputs[0]
+    lead = y.ndim - x.ndim
+    xs = _strides(x.shape)
+    src = [0] * lead + [0 if x.shape[i] == 1 else xs[i] for i in range(x.ndim)]
+    low.copy(x, y, y.shape, src, _strides(y.shape), 0, 0, ins)
+
+
+def _slice_geometry(shape: tuple[int, ...], index: tuple) -> tuple[list[int], int]:
+    st = _strides(shape)
+    return [s * step for s, (_, _, step) in zip(st, index)], sum(
+        s * start for s, (start, _, _) in zip(st, index))
+
+
+def _slice(low: Lowering, ins: Instr) -> None:
+    x, y = ins.inputs[0], ins.outputs[0]
+    strides, off = _slice_geometry(x.shape, ins.kw["index"])
+    low.copy(x, y, y.shape, strides, _strides(y.shape), off, 0, ins)
+
+
+def _pad_slice(low: Lowering, ins: Instr) -> None:
+    g, y = ins.inputs[0], ins.outputs[0]
+    low.zero(y, ins)
+    strides, off = _slice_geometry(y.shape, ins.kw["index"])
+    low.copy(g, y, g.shape, _strides(g.shape), strides, 0, off, ins)
+
+
+def _concatenate(low: Lowering, ins: Instr) -> None:
+    y = ins.outputs[0]
+    axis = ins.kw["axis"]
+    ys = _strides(y.shape)
+    start = 0
+    for x in ins.inputs:
+        low.copy(x, y, x.shape, _strides(x.shape), ys, 0, start * ys[axis], ins)
+        start += x.shape[axis]
+
+
+def _gather(low: Lowering, ins: Instr) -> None:
+    x, idx = ins.inputs
+    y = ins.outputs[0]
+    low.call(kernels.symbol("gather", x.dtype),
+             [x, idx, y, idx.size, x.shape[0], _prod(x.shape[1:])], [y], [x, idx], ins)
+
+
+def _scatter_add(low: Lowering, ins: Instr) -> None:
+    g, idx = ins.inputs
+    y = ins.outputs[0]
+    low.call(kernels.symbol("scatter_add", g.dtype),
+             [g, idx, y, idx.size, y.shape[0], _prod(y.shape[1:])], [y], [g, idx], ins)
+
+
+def _along(kernel: str):
+    def lower_it(low: Lowering, ins: Instr) -> None:
+        a, idx = ins.inputs
+        y = ins.outputs[0]
+        axis = ins.kw["axis"]
+        full = y if kernel == "scatter_along" else a
+        outer, inner = _prod(full.shape[:axis]), _prod(full.shape[axis + 1:])
+        low.call(kernels.symbol(kernel, a.dtype),
+                 [a, idx, y, outer, full.shape[axis], idx.shape[axis], inner], [y], [a, idx], ins)
+    return lower_it
+
+
+_LOWER = {
+    "matmul": _matmul, "sum": _reduction("sum"), "max": _reduction("max"),
+    "logsumexp": _reduction("logsumexp"), "argmax": _argmax_like, "max_argmax": _argmax_like,
+    "reshape": _reshape, "transpose": _transpose, "broadcast_to": _broadcast_to,
+    "slice": _slice, "pad_slice": _pad_slice, "concatenate": _concatenate, "gather": _gather,
+    "scatter_add": _scatter_add, "take_along_axis": _along("take_along"),
+    "scatter_along_axis": _along("scatter_along"),
+}
+
+
+# ---------------------------------------------------------------- fused elementwise kernels
+
+_NP = {"float32": "np.float32", "float64": "np.float64", "int64": "np.int64",
+       "int32": "np.int32", "bool": "np.bool_", "uint8": "np.uint8", "int8": "np.int8",
+       "int16": "np.int16", "uint16": "np.uint16", "uint32": "np.uint32",
+       "uint64": "np.uint64", "float16": "np.float16"}
+
+
+def _literal(value: Any, dtype: np.dtype) -> str:
+    if dtype == np.bool_:
+        return repr(bool(value))
+    if dtype.kind == "f":
+        value = float(value)
+        if not np.isfinite(value):
+            value = {True: "np.inf", False: "-np.inf"}.get(value > 0, "np.nan") \
+                if not np.isnan(value) else "np.nan"
+            return f"{_NP[dtype.name]}({value})"
+    return f"{_NP[dtype.name]}({value!r})"
+
+
+def _scalar_expr(ins: Instr, a: list[str]) -> str:
+    name = ins.prim.name
+    dt = ins.outputs[0].dtype
+    zero = _literal(0, dt)
+    binary = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**", "lt": "<",
+              "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
+    if name in binary:
+        return f"({a[0]} {binary[name]} {a[1]})"
+    if name == "const":
+        return _literal(ins.kw["value"], dt)
+    if name == "cast":
+        if dt == np.bool_:
+            return f"({a[0]} != 0)"
+        if ins.inputs[0].dtype == np.bool_:
+            return f"({_literal(1, dt)} if {a[0]} else {zero})"
+        return f"{_NP[dt.name]}({a[0]})"
+    unary = {"neg": "(-{0})", "exp": "np.exp({0})", "log": "np.log({0})",
+             "tanh": "np.tanh({0})", "sqrt": "np.sqrt({0})", "abs": "abs({0})",
+             "floor": "np.floor({0})", "ceil": "np.ceil({0})", "round": "np.rint({0})",
+             "sign": "np.sign({0})", "stop_gradient": "{0}",
+             "relu": "_relu({0}, " + zero + ")", "sigmoid": "_sigmoid({0})",
+             "maximum": "_maximum({0}, {1})", "where": "({1} if {0} else {2})"}
+    return unary[name].format(*a)
+
+
+_FUSED_PRELUDE = '''\
+import numpy as np
+from numba import carray, cfunc, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _vp(typingctx, addr):
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return types.voidptr(addr), codegen
+
+
+@njit(inline="always")
+def _relu(x, zero):
+    return x if x > zero else zero
+
+
+@njit(inline="always")
+def _maximum(a, b):
+    return a if (a >= b or a != a) else b
+
+
+@njit(inline="always")
+def _sigmoid(x):
+    if x >= 0:
+        return 1 / (1 + np.exp(-x))
+    e = np.exp(x)
+    return e / (1 + e)
+
+
+I = types.int64
+'''
+
+
+def _coalesce(out_shape: tuple[int, ...], leaves: list[Var]) -> tuple[list[int], list[list[bool]]]:
+    """Output dims and per-leaf broadcast masks, with size-1 dims dropped and adjacent dims
+    that every leaf treats alike merged (so most loops are 1-d or 2-d)."""
+    r = len(out_shape)
+    masks_full = []
+    for v in leaves:
+        padded = (1,) * (r - v.ndim) + v.shape
+        masks_full.append([padded[d] == 1 and out_shape[d] != 1 for d in range(r)])
+    dims: list[int] = []
+    masks: list[list[bool]] = [[] for _ in leaves]
+    for d in range(r):
+        if out_shape[d] == 1:
+            continue
+        col = [m[d] for m in masks_full]
+        if dims and all(masks[j][-1] == col[j] for j in range(len(leaves))):
+            dims[-1] *= out_shape[d]
+            continue
+        dims.append(out_shape[d])
+        for j in range(len(leaves)):
+            masks[j].append(col[j])
+    return dims, masks
+
+
+def _group_expr(group: Group, leaf_names: dict[Var, str]) -> str:
+    def expr(v: Var) -> str:
+        if v in leaf_names:
+            return leaf_names[v]
+        ins = group.members[v]
+        return _scalar_expr(ins, [expr(x) for x in ins.inputs])
+    return expr(group.out)
+
+
+def fused_kernel(group: Group) -> tuple[str, str, list[int]]:
+    """(symbol, module source, runtime dims) of the loop computing a fused group."""
+    out = group.out
+    dims, masks = _coalesce(out.shape, group.leaves)
+    k = len(dims)
+    loop_vars = [f"i{d}" for d in range(k)]
+
+    def index(mask: list[bool]) -> str:
+        terms, stride = [], []
+        for d in reversed(range(k)):
+            if not mask[d]:
+                terms.append("*".join([loop_vars[d]] + stride))
+                stride = stride + [f"n{d}"]
+        return " + ".join(reversed(terms)) or "0"
+
+    def size(mask: list[bool]) -> str:
+        return "*".join([f"n{d}" for d in range(k) if not mask[d]] or ["1"])
+
+    names = {v: f"x{j}[{index(masks[j])}]" for j, v in enumerate(group.leaves)}
+    body_expr = _group_expr(group, names)
+    args = ["py"] + [f"p{j}" for j in range(len(group.leaves))] + [f"n{d}" for d in range(k)]
+    lines = [f"y = carray(_vp(py), {size([False] * k)}, {_NP[out.dtype.name]})"]
+    for j, v in enumerate(group.leaves):
+        lines.append(f"x{j} = carray(_vp(p{j}), {size(masks[j])}, {_NP[v.dtype.name]})")
+    indent = ""
+    for d in range(k):
+        lines.append(f"{indent}for i{d} in range(n{d}):")
+        indent += "    "
+    lines.append(f"{indent}y[{index([False] * k)}] = {body_expr}")
+    lines.append("return 0")
+    # The symbol names the kernel's meaning (expression, dtypes, broadcast pattern) only,
+    # so every layer of a deep network shares one compiled loop.
+    signature = "\n".join(lines)
+    from .cache import module_key
+    sym = f"jg_fused_{dtype_short(out.dtype)}_{module_key(signature)[:16]}"
+    source = (_FUSED_PRELUDE + f"\n\n@cfunc(types.int64({', '.join(['I'] * len(args))}), "
+              f"cache=True, error_model='numpy')\ndef {sym}({', '.join(args)}):\n"
+              + "\n".join("    " + ln for ln in lines) + "\n")
+    return sym, source, dims
+
+
+def _lower_group(low: Lowering, group: Group) -> None:
+    sym, source, dims = fused_kernel(group)
+    low.fused[sym] = source
+    ops = ", ".join(m.prim.name for m in group.members.values() if not is_const(m)) or "const"
+    low.steps.append(Step(sym, [group.out, *group.leaves, *dims], [group.out],
+                          list(group.leaves), f"fused[{ops}] at {group.root.loc}"))
+
+
+# ---------------------------------------------------------------- glue
+
+def render_glue(low: Lowering, plan: Plan, external: dict[Var, int]) -> str:
+    """The entry function: `run(ptrs)` with ptrs = [arena, meta, external arrays...]."""
+    def arg(x: Any) -> str:
+        if isinstance(x, Var):
+            if x in external:
+                return f"p{external[x]}"
+            return f"arena + {plan.buffers[x].offset}" if plan.buffers[x].offset else "arena"
+        return str(x)
+
+    syms = sorted({s.sym for s in low.steps})
+    lines = ["import numpy as np", "from numba import njit, types", "", "I = types.int64"]
+    for sym in syms:
+        n = len(next(s for s in low.steps if s.sym == sym).args)
+        lines.append(f'{sym} = types.ExternalFunction("{sym}", types.int64('
+                     f'{", ".join(["I"] * n)}))')
+    lines += ["", "", "@njit(cache=True)", "def run(ptrs):",
+              "    arena = ptrs[0]", "    meta = ptrs[1]"]
+    for i in range(len(external)):
+        lines.append(f"    p{i} = ptrs[{i + 2}]")
+    for i, step in enumerate(low.steps):
+        lines.append(f"    if {step.sym}({', '.join(arg(a) for a in step.args)}):  "
+                     f"# {step.label}")
+        lines.append(f"        return {i + 1}")
+    lines.append("    return 0")
+    return "\n".join(lines) + "\n"

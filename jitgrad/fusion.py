@@ -1,0 +1,84 @@
+"""Elementwise fusion: chains of elementwise instructions become one loop.
+
+A group is a tree of elementwise instructions whose interior values have a
+single use; only its root is materialised. Scalar constants are folded into
+every group that reads them as literals. relu-backward (`where(y > 0, g, 0)`),
+bias + activation and the optimizer update all come out of this one rule as
+single-pass loops.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from .ir import Instr, Program, Var
+
+MAX_LEAVES = 12  # keeps kernel signatures short; a larger tree is split at a leaf
+
+
+@dataclass
+class Group:
+    root: Instr
+    members: dict[Var, Instr]  # every output Var of the tree -> its instruction
+    leaves: list[Var]          # materialised inputs, in first-use order
+
+    @property
+    def out(self) -> Var:
+        return self.root.outputs[0]
+
+
+def is_elementwise(ins: Instr) -> bool:
+    return ins.prim.family == "elementwise"
+
+
+def is_const(ins: Instr | None) -> bool:
+    return ins is not None and ins.prim.name == "const"
+
+
+def fuse(prog: Program) -> list[Instr | Group]:
+    """The program as a schedule of single instructions and fused elementwise groups."""
+    producer = prog.producers()
+    uses: Counter[Var] = Counter(v for ins in prog.instrs for v in ins.inputs)
+    uses.update(prog.outputs)
+    outputs = set(prog.outputs)
+    group_of: dict[Var, Group] = {}
+    absorbed: set[int] = set()  # ids of groups merged into a later one
+    schedule: list[Instr | Group] = []
+
+    def leaves_of(ins: Instr, members: dict[Var, Instr]) -> list[Var]:
+        out: list[Var] = []
+        for v in ins.inputs:
+            p = members.get(v)
+            if p is None:
+                if not is_const(producer.get(v)) and v not in out:
+                    out.append(v)
+            else:
+                out += [x for x in leaves_of(p, members) if x not in out]
+        return out
+
+    for ins in prog.instrs:
+        if not is_elementwise(ins):
+            schedule.append(ins)
+            continue
+        members = {ins.outputs[0]: ins}
+        for v in ins.inputs:
+            p = producer.get(v)
+            if p is None or not is_elementwise(p):
+                continue
+            if is_const(p):
+                members[v] = p
+                continue
+            g = group_of.get(v)
+            if g is not None and uses[v] == 1 and v not in outputs:
+                trial = {**members, **g.members}
+                if len(leaves_of(ins, trial)) <= MAX_LEAVES:
+                    members = trial
+                    absorbed.add(id(g))
+        group = Group(ins, members, leaves_of(ins, members))
+        group_of[ins.outputs[0]] = group
+        schedule.append(group)
+    # A constant needs its own buffer only where a non-elementwise op or the caller reads it.
+    needed = outputs | {v for ins in prog.instrs if not is_elementwise(ins) for v in ins.inputs}
+    return [s for s in schedule if not (isinstance(s, Group) and (
+        id(s) in absorbed or (is_const(s.root) and s.out not in needed)))]

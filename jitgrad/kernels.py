@@ -1,0 +1,361 @@
+"""The fixed kernel library: array kernels as @njit helpers, exported as C-ABI symbols.
+
+Generated code never calls these helpers directly. Each kernel is wrapped in a
+`numba.cfunc` with an all-integer C signature (addresses as intp, sizes as
+int64, scalars as float64) and registered with LLVM by name
+(`llvmlite.binding.add_symbol`); generated glue declares it as an external
+function. LLVM therefore cannot inline kernels into the glue, which keeps the
+glue's compile time linear in program length (NUMBA_NOTES.md: an inlined glue
+of 200 calls compiled in 21 s, an external-call glue in 0.8 s), and the glue
+stays cacheable because it binds symbols by name, not by address.
+
+The wrapper module is generated (one cfunc per kernel and dtype, each with its
+own name so Numba caches each) and loaded through cache.load_module; its key
+includes this file's hash, so a changed kernel is never served stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import numpy as np
+from numba import njit
+
+# ---------------------------------------------------------------- matmul
+
+# np.dot inside Numba calls BLAS (scipy's OpenBLAS) with transpose flags for .T views,
+# so no transpose is ever materialised.
+
+
+@njit(cache=True)
+def gemm(a, b, c, ta, tb):
+    if ta and tb:
+        np.dot(a.T, b.T, c)
+    elif ta:
+        np.dot(a.T, b, c)
+    elif tb:
+        np.dot(a, b.T, c)
+    else:
+        np.dot(a, b, c)
+
+
+# ---------------------------------------------------------------- reductions over (outer, n, inner)
+
+@njit(cache=True)
+def reduce_sum(x, y):
+    outer, n, inner = x.shape
+    for o in range(outer):
+        for i in range(inner):
+            y[o, i] = 0
+        for k in range(n):
+            for i in range(inner):
+                y[o, i] += x[o, k, i]
+
+
+@njit(cache=True)
+def reduce_max(x, y, idx):
+    outer, n, inner = x.shape
+    for o in range(outer):
+        for i in range(inner):
+            y[o, i] = x[o, 0, i]
+            idx[o, i] = 0
+        for k in range(1, n):
+            for i in range(inner):
+                v = x[o, k, i]
+                # NaN wins, as in numpy's max/argmax
+                if v > y[o, i] or (v != v and y[o, i] == y[o, i]):
+                    y[o, i] = v
+                    idx[o, i] = k
+
+
+@njit(cache=True)
+def reduce_logsumexp(x, y):
+    outer, n, inner = x.shape
+    m = np.empty(inner, x.dtype)
+    for o in range(outer):
+        for i in range(inner):
+            m[i] = x[o, 0, i]
+            y[o, i] = 0
+        for k in range(1, n):
+            for i in range(inner):
+                if x[o, k, i] > m[i]:
+                    m[i] = x[o, k, i]
+        for i in range(inner):
+            if not np.isfinite(m[i]):
+                m[i] = 0
+        for k in range(n):
+            for i in range(inner):
+                y[o, i] += np.exp(x[o, k, i] - m[i])
+        for i in range(inner):
+            y[o, i] = np.log(y[o, i]) + m[i]
+
+
+# ---------------------------------------------------------------- softmax cross-entropy
+
+@njit(cache=True)
+def softmax_xent(z, labels, loss, dz, want_loss, want_grad):
+    """Loss (mean over rows) and/or its gradient (softmax - onehot) / rows, fused."""
+    rows, cols = z.shape
+    for r in range(rows):
+        if labels[r] < 0 or labels[r] >= cols:
+            return r + 1
+    total = 0.0
+    inv_rows = 1.0 / max(rows, 1)
+    for r in range(rows):
+        m = z[r, 0]
+        for j in range(1, cols):
+            if z[r, j] > m:
+                m = z[r, j]
+        s = 0.0
+        for j in range(cols):
+            e = np.exp(z[r, j] - m)
+            if want_grad:
+                dz[r, j] = e
+            s += e
+        if want_grad:
+            scale = inv_rows / s
+            for j in range(cols):
+                dz[r, j] *= scale
+            dz[r, labels[r]] -= inv_rows
+        total += np.log(s) + m - z[r, labels[r]]
+    if want_loss:
+        loss[0] = total * inv_rows
+    return 0
+
+
+# ---------------------------------------------------------------- data movement (by itemsize)
+
+@njit(cache=True)
+def copy_strided(src, dst, meta):
+    """dst[dst_off + i·dst_strides] = src[src_off + i·src_strides] over an N-d index space.
+
+    meta = [ndim, shape..., src_strides..., dst_strides..., src_off, dst_off] (elements).
+    Serves transpose, broadcast_to, slice, pad_slice and concatenate.
+    """
+    nd = meta[0]
+    shape = meta[1:1 + nd]
+    ss = meta[1 + nd:1 + 2 * nd]
+    ds = meta[1 + 2 * nd:1 + 3 * nd]
+    so = meta[1 + 3 * nd]
+    do = meta[2 + 3 * nd]
+    total = 1
+    for d in range(nd):
+        total *= shape[d]
+    if total == 0:
+        return
+    if nd == 0:
+        dst[do] = src[so]
+        return
+    last = nd - 1
+    n_last, s_last, d_last = shape[last], ss[last], ds[last]
+    idx = np.zeros(nd, np.int64)
+    for _ in range(total // n_last):
+        s, t = so, do
+        for d in range(last):
+            s += idx[d] * ss[d]
+            t += idx[d] * ds[d]
+        for j in range(n_last):
+            dst[t + j * d_last] = src[s + j * s_last]
+        d = last - 1
+        while d >= 0:
+            idx[d] += 1
+            if idx[d] < shape[d]:
+                break
+            idx[d] = 0
+            d -= 1
+
+
+@njit(cache=True)
+def fill_zero(dst):
+    for i in range(dst.size):
+        dst[i] = 0
+
+
+@njit(cache=True)
+def gather_rows(x, idx, y):
+    n = x.shape[0]
+    for r in range(idx.size):
+        k = idx[r]
+        if k < -n or k >= n:
+            return r + 1
+        if k < 0:
+            k += n
+        y[r, :] = x[k, :]
+    return 0
+
+
+@njit(cache=True)
+def scatter_add_rows(g, idx, y):
+    n = y.shape[0]
+    y[:] = 0
+    for r in range(idx.size):
+        k = idx[r]
+        if k < -n or k >= n:
+            return r + 1
+        if k < 0:
+            k += n
+        y[k, :] += g[r, :]
+    return 0
+
+
+@njit(cache=True)
+def take_along(x, idx, y):
+    outer, n, inner = x.shape
+    m = idx.shape[1]
+    for o in range(outer):
+        for j in range(m):
+            for i in range(inner):
+                k = idx[o, j, i]
+                if k < -n or k >= n:
+                    return 1
+                if k < 0:
+                    k += n
+                y[o, j, i] = x[o, k, i]
+    return 0
+
+
+@njit(cache=True)
+def scatter_along(g, idx, y):
+    outer, n, inner = y.shape
+    m = idx.shape[1]
+    y[:] = 0
+    for o in range(outer):
+        for j in range(m):
+            for i in range(inner):
+                k = idx[o, j, i]
+                if k < -n or k >= n:
+                    return 1
+                if k < 0:
+                    k += n
+                y[o, k, i] += g[o, j, i]
+    return 0
+
+
+# ---------------------------------------------------------------- the exported C-ABI wrappers
+
+# name -> (argument names and C types: p pointer, i int64, ({dt} is filled per dtype), body).
+# A kernel returns int64: 0, or a nonzero code naming the bad index/label row.
+FLOAT_KERNELS = {
+    "gemm": ("pa pb pc m n k ta tb", "iiiiiiii",
+             "a = carray(_vp(pa), (k, m) if ta else (m, k), {dt})\n"
+             "b = carray(_vp(pb), (n, k) if tb else (k, n), {dt})\n"
+             "K.gemm(a, b, carray(_vp(pc), (m, n), {dt}), ta, tb)\nreturn 0"),
+    "sum": ("px py outer n inner", "iiiii",
+            "K.reduce_sum(carray(_vp(px), (outer, n, inner), {dt}), "
+            "carray(_vp(py), (outer, inner), {dt}))\nreturn 0"),
+    "max": ("px py pi outer n inner", "iiiiii",
+            "K.reduce_max(carray(_vp(px), (outer, n, inner), {dt}), "
+            "carray(_vp(py), (outer, inner), {dt}), carray(_vp(pi), (outer, inner), np.int64))"
+            "\nreturn 0"),
+    "logsumexp": ("px py outer n inner", "iiiii",
+                  "K.reduce_logsumexp(carray(_vp(px), (outer, n, inner), {dt}), "
+                  "carray(_vp(py), (outer, inner), {dt}))\nreturn 0"),
+    "sce": ("pz pl ploss pdz rows cols want_loss want_grad", "iiiiiiii",
+            "return K.softmax_xent(carray(_vp(pz), (rows, cols), {dt}), "
+            "carray(_vp(pl), rows, np.int64), carray(_vp(ploss), 1, {dt}), "
+            "carray(_vp(pdz), (rows, cols), {dt}), want_loss, want_grad)"),
+    "scatter_add": ("pg pi py nidx nrows row", "iiiiii",
+                    "return K.scatter_add_rows(carray(_vp(pg), (nidx, row), {dt}), "
+                    "carray(_vp(pi), nidx, np.int64), carray(_vp(py), (nrows, row), {dt}))"),
+    "scatter_along": ("pg pi py outer n m inner", "iiiiiii",
+                      "return K.scatter_along(carray(_vp(pg), (outer, m, inner), {dt}), "
+                      "carray(_vp(pi), (outer, m, inner), np.int64), "
+                      "carray(_vp(py), (outer, n, inner), {dt}))"),
+}
+FLOAT_DTYPES = {"f32": "np.float32", "f64": "np.float64"}
+
+# Data movement only needs the item size.
+MOVE_KERNELS = {
+    "copy": ("px py pmeta nmeta", "iiii",
+             "K.copy_strided(carray(_vp(px), 1 << 40, {dt}), carray(_vp(py), 1 << 40, {dt}), "
+             "carray(_vp(pmeta), nmeta, np.int64))\nreturn 0"),
+    "zero": ("py n", "ii", "K.fill_zero(carray(_vp(py), n, {dt}))\nreturn 0"),
+    "gather": ("px pi py nidx nrows row", "iiiiii",
+               "return K.gather_rows(carray(_vp(px), (nrows, row), {dt}), "
+               "carray(_vp(pi), nidx, np.int64), carray(_vp(py), (nidx, row), {dt}))"),
+    "take_along": ("px pi py outer n m inner", "iiiiiii",
+                   "return K.take_along(carray(_vp(px), (outer, n, inner), {dt}), "
+                   "carray(_vp(pi), (outer, m, inner), np.int64), "
+                   "carray(_vp(py), (outer, m, inner), {dt}))"),
+}
+MOVE_DTYPES = {"b1": "np.uint8", "b4": "np.uint32", "b8": "np.uint64"}
+
+HEADER = '''\
+import numpy as np
+from numba import carray, cfunc, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from jitgrad import kernels as K
+
+
+@intrinsic
+def _vp(typingctx, addr):
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return types.voidptr(addr), codegen
+
+
+I = types.int64
+'''
+
+
+def symbol(kernel: str, dtype: np.dtype) -> str:
+    """The C symbol of a library kernel for a dtype (float kernels) or item size (moves)."""
+    dtype = np.dtype(dtype)
+    if kernel in FLOAT_KERNELS:
+        return f"jg_{kernel}_{'f32' if dtype == np.float32 else 'f64'}"
+    return f"jg_{kernel}_b{dtype.itemsize}"
+
+
+def external_decl(sym: str) -> str:
+    """Source declaring a library symbol in generated glue."""
+    kernel = sym[3:sym.rindex("_")]
+    table = FLOAT_KERNELS if kernel in FLOAT_KERNELS else MOVE_KERNELS
+    n = len(table[kernel][1])
+    return f'{sym} = types.ExternalFunction("{sym}", types.int64({", ".join(["I"] * n)}))'
+
+
+def library_source() -> str:
+    parts = [HEADER]
+    for table, dtypes in ((FLOAT_KERNELS, FLOAT_DTYPES), (MOVE_KERNELS, MOVE_DTYPES)):
+        for kernel, (args, sig, body) in table.items():
+            for suffix, dt in dtypes.items():
+                name = f"jg_{kernel}_{suffix}"
+                lines = body.format(dt=dt).split("\n")
+                parts.append(f"\n\n@cfunc(types.int64({', '.join(['I'] * len(sig))}), "
+                             f"cache=True)\ndef {name}({', '.join(args.split())}):\n"
+                             + "\n".join("    " + ln for ln in lines) + "\n")
+    return "".join(parts)
+
+
+def library_hash() -> str:
+    """Identifies this kernel library: any change to it changes every generated key."""
+    with open(__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+_loaded = False
+_lock = threading.Lock()
+
+
+def ensure_loaded() -> None:
+    """Compile (or load from cache) the kernel library and register its symbols."""
+    global _loaded
+    if _loaded:
+        return
+    with _lock:
+        if _loaded:
+            return
+        from . import cache, threads
+        threads.init()
+        mod = cache.load_module("kernels", library_source(), extra_key=library_hash())
+        import llvmlite.binding as llb
+        for name in dir(mod):
+            if name.startswith("jg_"):
+                llb.add_symbol(name, getattr(mod, name).address)
+        _loaded = True
+
+
+__all__ = ["ensure_loaded", "symbol", "external_decl"]
