@@ -1,5 +1,6 @@
 """jitgrad: reverse-mode autodiff for the CPU, traced once and compiled with Numba."""
 
+from . import optim
 from . import trace as _trace  # noqa: F401  (attaches operators to Tracer)
 from .api import CompiledFunction, grad, jit, value_and_grad
 from .errors import JitgradError, NonFiniteError, TracingError, UndefinedGradientError
@@ -24,6 +25,7 @@ from .ops.linalg import matmul
 from .ops.nn import softmax, softmax_cross_entropy
 from .ops.reduce import argmax, logsumexp, max, max_argmax, mean, sum
 from .ops.shape import concatenate, reshape, take_along_axis, transpose
+from .train import TrainStep, train_step
 
 __version__ = "0.1.0"
 
@@ -32,5 +34,5 @@ __all__ = [
     "UndefinedGradientError", "Var", "abs", "argmax", "ceil", "concatenate", "exp", "floor",
     "grad", "jit", "log", "logsumexp", "matmul", "max", "max_argmax", "maximum", "mean", "relu",
     "reshape", "round", "sigmoid", "sign", "softmax", "softmax_cross_entropy", "sqrt",
-    "stop_gradient", "sum", "take_along_axis", "tanh", "transpose", "value_and_grad", "where",
+    "stop_gradient", "sum", "take_along_axis", "tanh", "transpose", "value_and_grad", "where", "optim", "train_step", "TrainStep",
 ]

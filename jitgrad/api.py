@@ -17,7 +17,7 @@ from .ir import Program
 from .passes import dce, optimize
 from .trace import Signature, signature_of, trace_flat
 
-DEFAULT_BACKEND = "interpret"
+DEFAULT_BACKEND = "numba"
 
 
 def _compile(prog: Program, backend: str, options: dict[str, Any]) -> Any:

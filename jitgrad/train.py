@@ -1,0 +1,70 @@
+"""`jg.train_step`: forward, backward and the optimizer update compiled as one program."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import tree
+from .api import jit, value_and_grad
+from .errors import JitgradError
+from .optim import Optimizer
+
+
+def _check_params(params: Any) -> list[np.ndarray]:
+    leaves, _ = tree.flatten(params)
+    if not leaves:
+        raise JitgradError("train_step needs at least one parameter array")
+    for p in leaves:
+        if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
+            raise JitgradError(f"parameters must be float numpy arrays, got "
+                               f"{type(p).__name__} {getattr(p, 'dtype', '')}")
+        if not p.flags.writeable:
+            raise JitgradError("parameter arrays must be writeable: train_step updates them")
+    return leaves
+
+
+class TrainStep:
+    """Call with a batch; returns the loss and updates params and optimizer state in place.
+
+    The compiled program returns the new values and they are copied into the
+    caller's arrays only after the native call succeeded (and, with
+    check_finite, after the loss and new values were found finite), so a
+    failed step leaves every parameter untouched.
+    """
+
+    def __init__(self, loss_fn: Any, params: Any, optimizer: Optimizer, **jit_options: Any):
+        self.params = params
+        self.optimizer = optimizer
+        self.state = optimizer.init(params)
+        self.t = 0
+        self.check_finite = bool(jit_options.get("check_finite"))
+        _check_params(params)
+
+        def step(params: Any, state: Any, hyper: Any, *batch: Any) -> Any:
+            loss, grads = value_and_grad(loss_fn)(params, *batch)
+            new_params, new_state = optimizer.update(params, grads, state, hyper)
+            return loss, new_params, new_state
+
+        self.compiled = jit(step, **jit_options)
+
+    def __call__(self, *batch: Any) -> np.ndarray:
+        hyper = self.optimizer.hyper(self.t + 1)
+        loss, new_params, new_state = self.compiled(self.params, self.state, hyper, *batch)
+        if self.check_finite and not np.isfinite(loss):
+            raise JitgradError(f"non-finite loss {float(loss)} at step {self.t + 1}; "
+                               "parameters were not updated")
+        for dst, src in zip(tree.flatten((self.params, self.state))[0],
+                            tree.flatten((new_params, new_state))[0], strict=True):
+            np.copyto(dst, src)
+        self.t += 1
+        return loss
+
+    def lower(self, *batch: Any) -> Any:
+        return self.compiled.lower(self.params, self.state, self.optimizer.hyper(1), *batch)
+
+
+def train_step(loss_fn: Any, params: Any, optimizer: Optimizer, **jit_options: Any) -> TrainStep:
+    """Compile `loss_fn(params, *batch)` + backward + optimizer update into one program."""
+    return TrainStep(loss_fn, params, optimizer, **jit_options)
