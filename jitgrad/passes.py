@@ -1,6 +1,6 @@
 """Program-to-Program optimisations. Each is pure, switchable and never changes results.
 
-- simplify: drops stop_gradient (it only matters to differentiation) and folds
+- simplify: drops stop_gradient (it only matters to differentiation) and `x * 1`, and folds
   2-d transposes into matmul's transpose flags, so `A.T @ G` reaches GEMM
   without a copy;
 - cse: one instruction per distinct (primitive, inputs, params);
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .ir import Instr, Program, Var
-from .ops.elementwise import stop_gradient_p
+from .ops.elementwise import mul_p, stop_gradient_p
 from .ops.linalg import matmul_p
 from .ops.shape import transpose_p
 
@@ -65,6 +65,11 @@ def simplify(prog: Program) -> Program:
         if ins.prim is stop_gradient_p:
             subst[ins.outputs[0]] = ins.inputs[0]
             continue
+        if ins.prim is mul_p:
+            same = _multiplied_by_one(ins, producer)
+            if same is not None:
+                subst[ins.outputs[0]] = same
+                continue
         if ins.prim is matmul_p:
             kw = ins.kw
             a, b = ins.inputs
@@ -78,6 +83,16 @@ def simplify(prog: Program) -> Program:
             producer[o] = ins
         instrs.append(ins)
     return _finish(prog, instrs, subst)
+
+
+def _multiplied_by_one(ins: Instr, producer: dict[Var, Instr]) -> Var | None:
+    """x for `x * 1` (the seed of every gradient) when that changes no shape or dtype."""
+    for one, x in (ins.inputs, ins.inputs[::-1]):
+        p = producer.get(one)
+        if (p is not None and p.prim.name == "const" and p.kw["value"] == 1
+                and x.shape == ins.outputs[0].shape and x.dtype == ins.outputs[0].dtype):
+            return x
+    return None
 
 
 DEFAULT_PASSES: tuple[Callable[[Program], Program], ...] = (simplify, cse, dce)
