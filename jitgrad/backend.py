@@ -21,14 +21,21 @@ _registered: set[str] = set()
 _register_lock = threading.Lock()
 
 
-def _load_fused(fused: dict[str, str]) -> None:
+def _register_symbols(module: Any, prefix: str) -> None:
+    """Make the module's C-ABI functions callable by name from generated code."""
     import llvmlite.binding as llb
     with _register_lock:
-        for sym, source in fused.items():
-            if sym not in _registered:
-                mod = cache.load_module("fused", source, extra_key=kernels.library_hash())
-                llb.add_symbol(sym, getattr(mod, sym).address)
-                _registered.add(sym)
+        for name in dir(module):
+            if name.startswith(prefix) and name not in _registered:
+                llb.add_symbol(name, getattr(module, name).address)
+                _registered.add(name)
+
+
+def _load_fused(fused: dict[str, str]) -> None:
+    for sym, source in fused.items():
+        if sym not in _registered:
+            module = cache.load_module("fused", source, extra_key=kernels.library_hash())
+            _register_symbols(module, sym)
 
 
 def _address(a: np.ndarray) -> int:
@@ -50,8 +57,12 @@ class NumbaExecutable:
                                 set(external), [s.label for s in low.steps])
         self._labels = [s.label for s in low.steps]
         _load_fused(low.fused)
-        self.source = render_glue(low, self.plan, external)
-        self._run = cache.load_module("step", self.source, extra_key=kernels.library_hash()).run
+        # The chunk symbols are named by the program's content, so equal programs share them.
+        key = cache.module_key(str(prepared) + str(sorted(low.fused)))[:16]
+        self.source = render_glue(low, self.plan, external, key)
+        module = cache.load_module("step", self.source, extra_key=kernels.library_hash())
+        _register_symbols(module, "jg_chunk_")
+        self._run = module.run
         self._meta = np.array(low.meta or [0], np.int64)
         self._consts = [np.ascontiguousarray(c) for c in prepared.consts.values()]
         self._n_inputs = len(prepared.inputs)
@@ -61,6 +72,7 @@ class NumbaExecutable:
         self._ptrs = np.zeros(2 + len(external), np.int64)
         self._ptrs[0] = _address(self._arena_raw) + pad
         self._ptrs[1] = _address(self._meta)
+        self._ptrs_addr = _address(self._ptrs)
         for i, c in enumerate(self._consts):
             self._ptrs[2 + self._n_inputs + i] = _address(c)
         self._outputs = [self._output_spec(v, external) for v in prepared.outputs]
@@ -85,7 +97,7 @@ class NumbaExecutable:
             ptrs = self._ptrs
             for i, a in enumerate(args):
                 ptrs[2 + i] = _address(a)
-            status = self._run(ptrs)
+            status = self._run(self._ptrs_addr)
             if status:
                 raise JitgradError(f"index or label out of range in {self._labels[status - 1]}")
             outs = [self._collect(args, s) for s in self._outputs]

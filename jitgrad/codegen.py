@@ -75,6 +75,10 @@ class Step:
     label: str
     scratch: list[Var] = field(default_factory=list)
 
+    @property
+    def can_fail(self) -> bool:
+        return any(k in self.sym for k in ("_sce_", "gather", "scatter", "take_along"))
+
 
 def _prod(xs: Any) -> int:
     return int(np.prod(xs, dtype=np.int64))
@@ -441,8 +445,33 @@ def _lower_group(low: Lowering, group: Group) -> None:
 
 # ---------------------------------------------------------------- glue
 
-def render_glue(low: Lowering, plan: Plan, external: dict[Var, int]) -> str:
-    """The entry function: `run(ptrs)` with ptrs = [arena, meta, external arrays...]."""
+CHUNK_STEPS = 48  # steps per compiled chunk: LLVM's cost grows faster than linearly per function
+
+_GLUE_PRELUDE = '''\
+import numpy as np
+from numba import carray, cfunc, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _vp(typingctx, addr):
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return types.voidptr(addr), codegen
+
+
+I = types.int64
+'''
+
+
+def render_glue(low: Lowering, plan: Plan, external: dict[Var, int], key: str) -> str:
+    """The entry function `run(pp)`; pp is the address of [arena, meta, external arrays...].
+
+    Steps are split into chunks, each a C-ABI function of its own, which the entry
+    calls by symbol: every chunk compiles separately and is never inlined, so
+    compile time stays linear in the number of steps.
+    """
     def arg(x: Any) -> str:
         if isinstance(x, Var):
             if x in external:
@@ -450,19 +479,33 @@ def render_glue(low: Lowering, plan: Plan, external: dict[Var, int]) -> str:
             return f"arena + {plan.buffers[x].offset}" if plan.buffers[x].offset else "arena"
         return str(x)
 
-    syms = sorted({s.sym for s in low.steps})
-    lines = ["import numpy as np", "from numba import njit, types", "", "I = types.int64"]
-    for sym in syms:
+    n_ptrs = 2 + len(external)
+    lines = [_GLUE_PRELUDE]
+    for sym in sorted({s.sym for s in low.steps}):
         n = len(next(s for s in low.steps if s.sym == sym).args)
         lines.append(f'{sym} = types.ExternalFunction("{sym}", types.int64('
                      f'{", ".join(["I"] * n)}))')
-    lines += ["", "", "@njit(cache=True)", "def run(ptrs):",
-              "    arena = ptrs[0]", "    meta = ptrs[1]"]
-    for i in range(len(external)):
-        lines.append(f"    p{i} = ptrs[{i + 2}]")
-    for i, step in enumerate(low.steps):
-        lines.append(f"    if {step.sym}({', '.join(arg(a) for a in step.args)}):  "
-                     f"# {step.label}")
-        lines.append(f"        return {i + 1}")
+    chunks = [low.steps[i:i + CHUNK_STEPS] for i in range(0, len(low.steps), CHUNK_STEPS)]
+    names = [f"jg_chunk_{key}_{c}" for c in range(len(chunks))]
+    for c, (name, chunk) in enumerate(zip(names, chunks)):
+        used = {a for s in chunk for a in s.args if isinstance(a, Var) and a in external}
+        lines += ["", "", "@cfunc(types.int64(I), cache=True)", f"def {name}(pp):",
+                  f"    ptrs = carray(_vp(pp), {n_ptrs}, np.int64)",
+                  "    arena = ptrs[0]", "    meta = ptrs[1]"]
+        lines += [f"    p{i} = ptrs[{i + 2}]" for i in sorted(external[v] for v in used)]
+        for i, step in enumerate(chunk, start=c * CHUNK_STEPS):
+            call = f"{step.sym}({', '.join(arg(a) for a in step.args)})"
+            # Only kernels that check data (indices, labels) can fail; branches cost compile time.
+            if step.can_fail:
+                lines += [f"    if {call}:  # {step.label}", f"        return {i + 1}"]
+            else:
+                lines.append(f"    {call}  # {step.label}")
+        lines.append("    return 0")
+    lines.append("")
+    for c, name in enumerate(names):
+        lines.append(f'call_chunk{c} = types.ExternalFunction("{name}", types.int64(I))')
+    lines += ["", "", "@njit(cache=True)", "def run(pp):"]
+    for c in range(len(names)):
+        lines += [f"    status = call_chunk{c}(pp)", "    if status:", "        return status"]
     lines.append("    return 0")
     return "\n".join(lines) + "\n"

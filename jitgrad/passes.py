@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 from .ir import Instr, Program, Var
 from .ops.elementwise import mul_p, stop_gradient_p
@@ -40,13 +42,18 @@ def dce(prog: Program) -> Program:
     return Program(list(prog.inputs), kept[::-1], list(prog.outputs), consts)
 
 
+def _param_key(v: Any) -> Any:
+    # -0.0 == 0.0 (same hash) in Python, but they are different constants: 1/-0.0 = -inf.
+    return (v, math.copysign(1.0, v)) if isinstance(v, float) else v
+
+
 def cse(prog: Program) -> Program:
     seen: dict[tuple, Instr] = {}
     subst: dict[Var, Var] = {}
     instrs: list[Instr] = []
     for ins in prog.instrs:
         ins = _rename(ins, subst)
-        key = (ins.prim, ins.inputs, ins.params)
+        key = (ins.prim, ins.inputs, tuple((k, _param_key(v)) for k, v in ins.params))
         prev = seen.get(key)
         if prev is None:
             seen[key] = ins

@@ -83,7 +83,8 @@ _METHODS: dict[str, Any] = {
     "__array__": _no_concrete("conversion to a numpy array"),
     "__iter__": _no_concrete("iteration"),
     "astype": E.cast,
-    "sum": R.sum, "mean": R.mean, "max": R.max, "argmax": R.argmax,
+    "sum": R.sum, "mean": R.mean, "max": R.max,
+    "argmax": lambda x, axis=None: R.argmax(x, axis),  # numpy's default: flattened
     "transpose": lambda x, *axes: S.transpose(
         x, axes[0] if len(axes) == 1 and not isinstance(axes[0], int) else (axes or None)),
     "reshape": lambda x, *shape: S.reshape(
@@ -121,7 +122,8 @@ def _dot(a: Any, b: Any) -> Any:
 
 
 _FUNCTIONS: dict[Any, Callable[..., Any]] = {
-    np.sum: R.sum, np.mean: R.mean, np.max: R.max, np.amax: R.max, np.argmax: R.argmax,
+    np.sum: R.sum, np.mean: R.mean, np.max: R.max, np.amax: R.max,
+    np.argmax: lambda x, axis=None: R.argmax(x, axis),  # numpy's default: flattened
     np.where: _where, np.dot: _dot, np.reshape: S.reshape, np.transpose: S.transpose,
     np.concatenate: S.concatenate, np.take_along_axis: S.take_along_axis,
     np.round: lambda x, decimals=0: _round(x, decimals), np.around: lambda x, decimals=0:

@@ -117,9 +117,12 @@ def _argmax_shape(x, *, axis):
     return reduced_shape(x[0], (axis,), False), np.int64
 
 
-def argmax(x: Any, axis: int = -1) -> Any:
-    """Index of the first maximum along axis (int64, never differentiated)."""
+def argmax(x: Any, axis: int | None = -1) -> Any:
+    """Index of the first maximum along axis (int64, never differentiated); axis=None
+    indexes the flattened array, as numpy does."""
     x = _as_array(x)
+    if axis is None:
+        x, axis = S.reshape(x, (-1,)), 0
     return argmax_p.bind(x, axis=_single_axis(x, axis))
 
 
@@ -148,9 +151,11 @@ def _max_argmax_vjp(cts, outs, ins, *, axis):
     return [S.scatter_along_axis(g, idx, x.shape, axis)]
 
 
-def max_argmax(x: Any, axis: int = -1) -> tuple[Any, Any]:
-    """(max, argmax) along axis, computed in one pass over memory."""
+def max_argmax(x: Any, axis: int | None = -1) -> tuple[Any, Any]:
+    """(max, argmax) along axis, computed in one pass over memory (axis=None: flattened)."""
     x = _as_array(x)
+    if axis is None:
+        x, axis = S.reshape(x, (-1,)), 0
     return max_argmax_p.bind(x, axis=_single_axis(x, axis))
 
 

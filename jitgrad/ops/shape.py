@@ -323,7 +323,7 @@ def getitem(x: Any, key: Any) -> Any:
     if Ellipsis in key:
         i = key.index(Ellipsis)
         key = key[:i] + (slice(None),) * (x.ndim - n_real) + key[i + 1:]
-    key = key + (slice(None),) * (x.ndim - n_real - key.count(Ellipsis))
+    key = key + (slice(None),) * (x.ndim - sum(1 for k in key if k is not None))
     index, out_shape, dim = [], [], 0
     for k in key:
         if k is None:
