@@ -23,7 +23,8 @@ DEFAULT_BACKEND = "numba"
 def _compile(prog: Program, backend: str, options: dict[str, Any]) -> Any:
     if backend == "interpret":
         from .interp import InterpretedExecutable
-        return InterpretedExecutable(prog, check_finite=options["check_finite"])
+        return InterpretedExecutable(prog, check_finite=options["check_finite"],
+                                     donate=options.get("donate"))
     if backend == "numba":
         from .backend import compile_program
         return compile_program(prog, **options)
@@ -60,12 +61,16 @@ class CompiledFunction:
     """
 
     def __init__(self, fn: Callable[..., Any], *, remat: Any = None, memory_budget: Any = None,
-                 backend: str | None = None, check_finite: bool = False):
+                 backend: str | None = None, check_finite: bool = False,
+                 donate: dict[int, int] | None = None):
+        """donate maps result leaf -> argument leaf whose array receives it (train_step)."""
         self.fn = fn
         self._backend = backend
         self.options = {"check_finite": bool(check_finite)}
         if remat is not None or memory_budget is not None:
             self.options.update(remat=remat, memory_budget=memory_budget)
+        if donate:
+            self.options["donate"] = dict(donate)
         self._cache: dict[Any, Compiled] = {}
         self._lock = threading.Lock()
         self._last: Compiled | None = None

@@ -42,9 +42,23 @@ def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
+def _donatable(steps: list[Any], out: Var, into: Var) -> bool:
+    """Can the step computing `out` write straight into the memory of input `into`?
+
+    Only if no later step reads the old value, and the writing step itself reads
+    `into` (if at all) element by element where it writes.
+    """
+    writer = next((i for i, s in enumerate(steps) if out in s.writes), None)
+    if writer is None or into.shape != out.shape or into.dtype != out.dtype:
+        return False
+    if any(into in s.reads for s in steps[writer + 1:]):
+        return False
+    return into not in steps[writer].reads or steps[writer].elementwise
+
+
 class NumbaExecutable:
     def __init__(self, prog: Program, check_finite: bool = False, remat: Any = None,
-                 memory_budget: Any = None):
+                 memory_budget: Any = None, donate: dict[int, int] | None = None):
         if remat is not None or memory_budget is not None:
             raise JitgradError("recomputation (remat/memory_budget) is not implemented yet")
         kernels.ensure_loaded()
@@ -53,8 +67,22 @@ class NumbaExecutable:
         prepared = prepare(prog)
         low = lower(prepared)
         external = {v: i for i, v in enumerate(list(prepared.inputs) + list(prepared.consts))}
+        # Donated results are computed in the input's own memory where that is safe
+        # (the optimizer update writes the parameters in place); the rest are copied
+        # there after the call.
+        self._donate_copy: list[tuple[int, int]] = []
+        for out_i, in_i in (donate or {}).items():
+            out, into = prepared.outputs[out_i], prepared.inputs[in_i]
+            if (out not in external and prepared.outputs.count(out) == 1
+                    and into not in prepared.outputs and _donatable(low.steps, out, into)):
+                external[out] = in_i
+            else:
+                self._donate_copy.append((out_i, in_i))
         self.plan = memory.plan([(s.writes, s.reads) for s in low.steps], prepared.outputs,
                                 set(external), [s.label for s in low.steps])
+        self._donated_in_place = {i for i, v in enumerate(prepared.outputs)
+                                  if v in external and v not in prepared.inputs
+                                  and v not in prepared.consts}
         self._labels = [s.label for s in low.steps]
         _load_fused(low.fused)
         # The chunk symbols are named by the program's content, so equal programs share them.
@@ -84,11 +112,12 @@ class NumbaExecutable:
         b = self.plan.buffers[v]
         return ("arena", b.offset, v.nbytes, v.dtype, v.shape)
 
-    def _collect(self, args: Sequence[np.ndarray], spec: tuple[Any, ...]) -> np.ndarray:
+    def _collect(self, args: Sequence[np.ndarray], spec: tuple[Any, ...],
+                 in_place: bool) -> np.ndarray:
         if spec[0] == "external":
             i = spec[1]
             src = args[i] if i < self._n_inputs else self._consts[i - self._n_inputs]
-            return np.array(src, copy=True)
+            return src if in_place else np.array(src, copy=True)
         _, offset, nbytes, dtype, shape = spec
         return self._arena[offset:offset + nbytes].view(dtype).reshape(shape).copy()
 
@@ -99,8 +128,12 @@ class NumbaExecutable:
                 ptrs[2 + i] = _address(a)
             status = self._run(self._ptrs_addr)
             if status:
-                raise JitgradError(f"index or label out of range in {self._labels[status - 1]}")
-            outs = [self._collect(args, s) for s in self._outputs]
+                self._explain_failure(args, status)
+            outs = [self._collect(args, s, i in self._donated_in_place)
+                    for i, s in enumerate(self._outputs)]
+            for out_i, in_i in self._donate_copy:
+                np.copyto(args[in_i], outs[out_i])
+                outs[out_i] = args[in_i]
         if self.check_finite and any(o.dtype.kind == "f" and not np.all(np.isfinite(o))
                                      for o in outs):
             from . import interp
@@ -108,6 +141,14 @@ class NumbaExecutable:
         return outs
 
 
+    def _explain_failure(self, args: Sequence[np.ndarray], status: int) -> None:
+        """A kernel rejected an index or label; the interpreter names the value and line."""
+        from . import interp
+        interp.run(self.program, args)
+        raise JitgradError(f"index or label out of range in {self._labels[status - 1]}")
+
+
 def compile_program(prog: Program, check_finite: bool = False, remat: Any = None,
-                    memory_budget: Any = None) -> NumbaExecutable:
-    return NumbaExecutable(prog, check_finite, remat, memory_budget)
+                    memory_budget: Any = None, donate: dict[int, int] | None = None
+                    ) -> NumbaExecutable:
+    return NumbaExecutable(prog, check_finite, remat, memory_budget, donate)

@@ -76,6 +76,11 @@ class Step:
     scratch: list[Var] = field(default_factory=list)
 
     @property
+    def elementwise(self) -> bool:
+        """Reads each input element only where it writes the same output element."""
+        return self.sym.startswith("jg_fused_")
+
+    @property
     def can_fail(self) -> bool:
         return any(k in self.sym for k in ("_sce_", "gather", "scatter", "take_along"))
 

@@ -29,13 +29,18 @@ def run(prog: Program, args: Sequence[np.ndarray], check_finite: bool = False) -
 class InterpretedExecutable:
     """A Program run by the numpy interpreter (backend="interpret")."""
 
-    def __init__(self, prog: Program, check_finite: bool = False):
+    def __init__(self, prog: Program, check_finite: bool = False,
+                 donate: dict[int, int] | None = None):
         self.program = prog
         self.check_finite = check_finite
+        self.donate = donate or {}
         self.plan = None
         self.source = str(prog)
 
     def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
-        outs = run(self.program, args, self.check_finite)
         # Results are fresh arrays the caller owns, never views of inputs or constants.
-        return [np.array(o, copy=True) for o in outs]
+        outs = [np.array(o, copy=True) for o in run(self.program, args, self.check_finite)]
+        for out_i, in_i in self.donate.items():  # donated results land in the input's memory
+            np.copyto(args[in_i], outs[out_i])
+            outs[out_i] = args[in_i]
+        return outs

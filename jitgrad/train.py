@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from . import tree
-from .api import jit, value_and_grad
+from .api import CompiledFunction, value_and_grad
 from .errors import JitgradError
 from .optim import Optimizer
 
@@ -28,10 +28,11 @@ def _check_params(params: Any) -> list[np.ndarray]:
 class TrainStep:
     """Call with a batch; returns the loss and updates params and optimizer state in place.
 
-    The compiled program returns the new values and they are copied into the
-    caller's arrays only after the native call succeeded (and, with
-    check_finite, after the loss and new values were found finite), so a
-    failed step leaves every parameter untouched.
+    The new parameters and state are donated to the caller's arrays: the fused
+    update kernels write them in place as the last steps of the native call,
+    after every kernel that can fail (label and index checks) has run, so a
+    failed step leaves every parameter untouched. With check_finite the
+    results are instead copied in only once the loss was found finite.
     """
 
     def __init__(self, loss_fn: Any, params: Any, optimizer: Optimizer, **jit_options: Any):
@@ -40,14 +41,21 @@ class TrainStep:
         self.state = optimizer.init(params)
         self.t = 0
         self.check_finite = bool(jit_options.get("check_finite"))
-        _check_params(params)
+        leaves = _check_params(params)
+        for p in leaves:
+            if not p.flags.c_contiguous:
+                raise JitgradError("parameters must be C-contiguous arrays "
+                                   "(np.ascontiguousarray) so that they can be updated in place")
 
         def step(params: Any, state: Any, hyper: Any, *batch: Any) -> Any:
             loss, grads = value_and_grad(loss_fn)(params, *batch)
             new_params, new_state = optimizer.update(params, grads, state, hyper)
             return loss, new_params, new_state
 
-        self.compiled = jit(step, **jit_options)
+        n_state = len(leaves) + len(tree.flatten(self.state)[0])
+        # Result leaves are (loss, params..., state...); argument leaves start (params, state).
+        donate = None if self.check_finite else {1 + i: i for i in range(n_state)}
+        self.compiled = CompiledFunction(step, donate=donate, **jit_options)
 
     def __call__(self, *batch: Any) -> np.ndarray:
         hyper = self.optimizer.hyper(self.t + 1)
@@ -55,9 +63,10 @@ class TrainStep:
         if self.check_finite and not np.isfinite(loss):
             raise JitgradError(f"non-finite loss {float(loss)} at step {self.t + 1}; "
                                "parameters were not updated")
-        for dst, src in zip(tree.flatten((self.params, self.state))[0],
-                            tree.flatten((new_params, new_state))[0], strict=True):
-            np.copyto(dst, src)
+        if self.check_finite:
+            for dst, src in zip(tree.flatten((self.params, self.state))[0],
+                                tree.flatten((new_params, new_state))[0], strict=True):
+                np.copyto(dst, src)
         self.t += 1
         return loss
 
