@@ -42,18 +42,18 @@ def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-def _donatable(steps: list[Any], out: Var, into: Var) -> bool:
+def _donatable(uses: list[memory.StepUse], steps: list[Any], out: Var, into: Var) -> bool:
     """Can the step computing `out` write straight into the memory of input `into`?
 
     Only if no later step reads the old value, and the writing step itself reads
     `into` (if at all) element by element where it writes.
     """
-    writer = next((i for i, s in enumerate(steps) if out in s.writes), None)
+    writer = next((i for i, u in enumerate(uses) if out in u.writes), None)
     if writer is None or into.shape != out.shape or into.dtype != out.dtype:
         return False
-    if any(into in s.reads for s in steps[writer + 1:]):
+    if any(into in u.reads for u in uses[writer + 1:]):
         return False
-    return into not in steps[writer].reads or steps[writer].elementwise
+    return into not in uses[writer].reads or steps[writer].elementwise
 
 
 class NumbaExecutable:
@@ -67,20 +67,23 @@ class NumbaExecutable:
         prepared = prepare(prog)
         low = lower(prepared)
         external = {v: i for i, v in enumerate(list(prepared.inputs) + list(prepared.consts))}
+        root = low.root
+        uses = [memory.StepUse([root(v) for v in s.writes], [root(v) for v in s.reads],
+                               [(root(a), root(b)) for a, b in s.in_place]) for s in low.steps]
+        outputs = [root(v) for v in prepared.outputs]
         # Donated results are computed in the input's own memory where that is safe
         # (the optimizer update writes the parameters in place); the rest are copied
         # there after the call.
         self._donate_copy: list[tuple[int, int]] = []
         for out_i, in_i in (donate or {}).items():
-            out, into = prepared.outputs[out_i], prepared.inputs[in_i]
-            if (out not in external and prepared.outputs.count(out) == 1
-                    and into not in prepared.outputs and _donatable(low.steps, out, into)):
+            out, into = outputs[out_i], prepared.inputs[in_i]
+            if (out not in external and outputs.count(out) == 1
+                    and into not in outputs and _donatable(uses, low.steps, out, into)):
                 external[out] = in_i
             else:
                 self._donate_copy.append((out_i, in_i))
-        self.plan = memory.plan([(s.writes, s.reads) for s in low.steps], prepared.outputs,
-                                set(external), [s.label for s in low.steps])
-        self._donated_in_place = {i for i, v in enumerate(prepared.outputs)
+        self.plan = memory.plan(uses, outputs, set(external), [s.label for s in low.steps])
+        self._donated_in_place = {i for i, v in enumerate(outputs)
                                   if v in external and v not in prepared.inputs
                                   and v not in prepared.consts}
         self._labels = [s.label for s in low.steps]
@@ -103,21 +106,23 @@ class NumbaExecutable:
         self._ptrs_addr = _address(self._ptrs)
         for i, c in enumerate(self._consts):
             self._ptrs[2 + self._n_inputs + i] = _address(c)
-        self._outputs = [self._output_spec(v, external) for v in prepared.outputs]
+        self._outputs = [self._output_spec(r, v.shape, external)
+                         for r, v in zip(outputs, prepared.outputs, strict=True)]
         self._lock = threading.Lock()
 
-    def _output_spec(self, v: Var, external: dict[Var, int]) -> tuple[Any, ...]:
+    def _output_spec(self, v: Var, shape: tuple[int, ...],
+                     external: dict[Var, int]) -> tuple[Any, ...]:
         if v in external:
-            return ("external", external[v])
+            return ("external", external[v], shape)
         b = self.plan.buffers[v]
-        return ("arena", b.offset, v.nbytes, v.dtype, v.shape)
+        return ("arena", b.offset, v.nbytes, v.dtype, shape)
 
     def _collect(self, args: Sequence[np.ndarray], spec: tuple[Any, ...],
                  in_place: bool) -> np.ndarray:
         if spec[0] == "external":
-            i = spec[1]
+            _, i, shape = spec
             src = args[i] if i < self._n_inputs else self._consts[i - self._n_inputs]
-            return src if in_place else np.array(src, copy=True)
+            return src if in_place else np.array(src, copy=True).reshape(shape)
         _, offset, nbytes, dtype, shape = spec
         return self._arena[offset:offset + nbytes].view(dtype).reshape(shape).copy()
 

@@ -74,6 +74,7 @@ class Step:
     reads: list[Var]
     label: str
     scratch: list[Var] = field(default_factory=list)
+    in_place: list[tuple[Var, Var]] = field(default_factory=list)
 
     @property
     def elementwise(self) -> bool:
@@ -102,6 +103,12 @@ class Lowering:
         self.steps: list[Step] = []
         self.meta: list[int] = []
         self.fused: dict[str, str] = {}  # symbol -> module source
+        self.alias: dict[Var, Var] = {}  # reshape result -> the value whose memory it reuses
+
+    def root(self, v: Var) -> Var:
+        while v in self.alias:
+            v = self.alias[v]
+        return v
 
     def meta_block(self, values: list[int]) -> tuple[str, int]:
         start = len(self.meta)
@@ -203,8 +210,8 @@ def _argmax_like(low: Lowering, ins: Instr) -> None:
 
 
 def _reshape(low: Lowering, ins: Instr) -> None:
-    x, y = ins.inputs[0], ins.outputs[0]
-    low.copy(x, y, (x.size,), [1], [1], 0, 0, ins)
+    # Row-major data is unchanged by a reshape: the result is the same memory.
+    low.alias[ins.outputs[0]] = ins.inputs[0]
 
 
 def _transpose(low: Lowering, ins: Instr) -> None:
@@ -444,8 +451,10 @@ def _lower_group(low: Lowering, group: Group) -> None:
     sym, source, dims = fused_kernel(group)
     low.fused[sym] = source
     ops = ", ".join(m.prim.name for m in group.members.values() if not is_const(m)) or "const"
-    low.steps.append(Step(sym, [group.out, *group.leaves, *dims], [group.out],
-                          list(group.leaves), f"fused[{ops}] at {group.root.loc}"))
+    out = group.out
+    same = [(out, v) for v in group.leaves if v.shape == out.shape and v.dtype == out.dtype]
+    low.steps.append(Step(sym, [out, *group.leaves, *dims], [out], list(group.leaves),
+                          f"fused[{ops}] at {group.root.loc}", in_place=same))
 
 
 # ---------------------------------------------------------------- glue
@@ -479,6 +488,7 @@ def render_glue(low: Lowering, plan: Plan, external: dict[Var, int], key: str) -
     """
     def arg(x: Any) -> str:
         if isinstance(x, Var):
+            x = low.root(x)
             if x in external:
                 return f"p{external[x]}"
             return f"arena + {plan.buffers[x].offset}" if plan.buffers[x].offset else "arena"
@@ -493,7 +503,8 @@ def render_glue(low: Lowering, plan: Plan, external: dict[Var, int], key: str) -
     chunks = [low.steps[i:i + CHUNK_STEPS] for i in range(0, len(low.steps), CHUNK_STEPS)]
     names = [f"jg_chunk_{key}_{c}" for c in range(len(chunks))]
     for c, (name, chunk) in enumerate(zip(names, chunks)):
-        used = {a for s in chunk for a in s.args if isinstance(a, Var) and a in external}
+        used = {low.root(a) for s in chunk for a in s.args if isinstance(a, Var)}
+        used &= set(external)
         lines += ["", "", "@cfunc(types.int64(I), cache=True)", f"def {name}(pp):",
                   f"    ptrs = carray(_vp(pp), {n_ptrs}, np.int64)",
                   "    arena = ptrs[0]", "    meta = ptrs[1]"]

@@ -77,7 +77,10 @@ class Primitive:
     def _eval_eager(self, args: Sequence[Any], params: dict[str, Any]) -> list[np.ndarray]:
         arrays = [np.asarray(a) for a in args]
         avals = self.checked_abstract_eval([(a.shape, a.dtype) for a in arrays], params)
-        outs = self.impl(*arrays, **params)
+        try:
+            outs = self.impl(*arrays, **params)
+        except JitgradError as e:  # data errors (labels, indices): name the line
+            raise type(e)(f"{self.name}: {e} (at {current_loc()})") from None
         outs = list(outs) if self.n_outputs > 1 else [outs]
         return [np.asarray(o, dtype=d).reshape(s) for o, (s, d) in zip(outs, avals, strict=True)]
 

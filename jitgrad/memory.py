@@ -11,7 +11,7 @@ once, so the gap between the two is fragmentation.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .ir import Var
 
@@ -24,11 +24,12 @@ def aligned(nbytes: int) -> int:
 
 @dataclass
 class Buffer:
-    var: Var
+    var: Var      # the first value stored here; `shared` lists values updated in place into it
     nbytes: int   # aligned size
     start: int    # step that first writes it
     end: int      # last step that reads it (inclusive)
     offset: int = -1
+    shared: list[Var] = field(default_factory=list)
 
     def overlaps_in_time(self, other: Buffer) -> bool:
         return self.start <= other.end and other.start <= self.end
@@ -36,51 +37,81 @@ class Buffer:
 
 @dataclass
 class Plan:
-    buffers: dict[Var, Buffer]
+    buffers: dict[Var, Buffer]  # every arena value -> its buffer (in-place values share one)
     peak_bytes: int
     lower_bound: int
     n_steps: int
     step_names: list[str]
 
+    def unique_buffers(self) -> list[Buffer]:
+        return list({id(b): b for b in self.buffers.values()}.values())
+
     def live_bytes(self) -> list[int]:
         """Bytes live at each step (the memory timeline)."""
         live = [0] * self.n_steps
-        for b in self.buffers.values():
+        for b in self.unique_buffers():
             for s in range(b.start, b.end + 1):
                 live[s] += b.nbytes
         return live
 
+    @property
+    def in_place(self) -> int:
+        return sum(len(b.shared) for b in self.unique_buffers())
+
     def __str__(self) -> str:
-        rows = [f"{'buffer':>8}  {'type':<18} {'offset':>10} {'bytes':>10}  live (steps)"]
-        for b in sorted(self.buffers.values(), key=lambda b: (b.offset, b.start)):
+        rows = [f"{'buffer':>8}  {'type':<18} {'offset':>10} {'bytes':>10}  {'live':<11} in place"]
+        for b in sorted(self.unique_buffers(), key=lambda b: (b.offset, b.start)):
+            shared = " ".join(f"%{v.id}" for v in b.shared)
             rows.append(f"{'%' + str(b.var.id):>8}  {b.var.type_str():<18} {b.offset:>10} "
-                        f"{b.nbytes:>10}  {b.start}..{b.end}")
+                        f"{b.nbytes:>10}  {f'{b.start}..{b.end}':<11} {shared}")
         rows.append(f"arena (peak_bytes): {self.peak_bytes} bytes; lower bound (most bytes live "
-                    f"at once): {self.lower_bound} bytes; {len(self.buffers)} buffers, "
+                    f"at once): {self.lower_bound} bytes; {len(self.unique_buffers())} buffers "
+                    f"for {len(self.buffers)} values ({self.in_place} updated in place); "
                     f"{self.n_steps} steps")
         return "\n".join(rows)
 
     __repr__ = __str__
 
 
-def plan(steps: Sequence[tuple[Iterable[Var], Iterable[Var]]], keep: Iterable[Var],
-         external: set[Var], step_names: list[str] | None = None) -> Plan:
-    """steps: (vars written, vars read) per step; keep: live to the end (the results);
-    external: values that live outside the arena (inputs, constants)."""
+@dataclass
+class StepUse:
+    writes: list[Var]
+    reads: list[Var]
+    # (result, input) pairs the step may compute in place: it reads the input element by
+    # element exactly where it writes the result, so the two can share memory.
+    in_place: list[tuple[Var, Var]] = field(default_factory=list)
+
+
+def plan(steps: Sequence[StepUse], keep: Iterable[Var], external: set[Var],
+         step_names: list[str] | None = None, in_place: bool = True) -> Plan:
+    """keep: values live to the end (the results); external: values outside the arena
+    (inputs, constants, donated results)."""
+    keep = set(keep)
+    last_read = {v: i for i, step in enumerate(steps) for v in step.reads}
     buffers: dict[Var, Buffer] = {}
-    for i, (writes, reads) in enumerate(steps):
-        for v in writes:
-            if v not in external and v not in buffers:
-                buffers[v] = Buffer(v, aligned(v.nbytes), i, i)
-        for v in reads:
+    for i, step in enumerate(steps):
+        for v in step.reads:
             if v in buffers:
                 buffers[v].end = max(buffers[v].end, i)
+        for v in step.writes:
+            if v in external or v in buffers:
+                continue
+            donor = next((x for out, x in step.in_place if out is v and in_place
+                          and x in buffers and last_read[x] == i and x not in keep
+                          and x.dtype == v.dtype and x.nbytes == v.nbytes), None)
+            if donor is not None:
+                # The input dies here: the result takes over its buffer (in-place update).
+                buffers[v] = buffers[donor]
+                buffers[v].shared.append(v)
+            else:
+                buffers[v] = Buffer(v, aligned(v.nbytes), i, i)
     last = max(len(steps) - 1, 0)
     for v in keep:
         if v in buffers:
             buffers[v].end = last
+    unique = list({id(b): b for b in buffers.values()}.values())
     placed: list[Buffer] = []
-    for b in sorted(buffers.values(), key=lambda b: (-b.nbytes, b.start)):
+    for b in sorted(unique, key=lambda b: (-b.nbytes, b.start)):
         busy = sorted((p.offset, p.offset + p.nbytes) for p in placed if p.overlaps_in_time(b))
         offset = 0
         for lo, hi in busy:
