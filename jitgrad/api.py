@@ -11,7 +11,7 @@ import numpy as np
 
 from . import tree
 from .autodiff import grad_program
-from .core import Tracer, eval_program
+from .core import Tracer, _trace_stack, eval_program
 from .errors import JitgradError, UndefinedGradientError
 from .ir import Program
 from .passes import dce, optimize
@@ -74,7 +74,9 @@ class CompiledFunction:
         self._cache: dict[Any, Compiled] = {}
         self._lock = threading.Lock()
         self._last: Compiled | None = None
-        functools.update_wrapper(self, fn)
+        # updated=(): copying fn.__dict__ would clobber our attributes when fn is itself
+        # a CompiledFunction (or wraps one), e.g. jg.grad(jg.jit(f)).
+        functools.update_wrapper(self, fn, updated=())
 
     def _specialise(self, args: Sequence[Any]) -> tuple[Compiled, list[Any], list[Signature]]:
         leaves, in_tree = tree.flatten(tuple(args))
@@ -98,8 +100,10 @@ class CompiledFunction:
         return entry, leaves, sigs
 
     def __call__(self, *args: Any) -> Any:
-        if any(isinstance(x, Tracer) for x in tree.flatten(args)[0]):
-            return self.fn(*args)  # inside another trace: inline, as jax.jit does
+        if _trace_stack() or any(isinstance(x, Tracer) for x in tree.flatten(args)[0]):
+            # inside another trace (even with constant arguments, as fn may close over
+            # traced values): inline, as jax.jit does
+            return self.fn(*args)
         entry, leaves, sigs = self._specialise(args)
         arrays = [_as_input_array(x, s) for x, s in zip(leaves, sigs, strict=True)]
         return tree.unflatten(entry.out_tree, entry.executable.run(arrays))
@@ -148,7 +152,7 @@ def value_and_grad(fn: Callable[..., Any], argnums: int | Sequence[int] = 0,
     @functools.wraps(fn)
     def value_and_grad_fn(*args: Any) -> Any:
         leaves, in_tree = tree.flatten(tuple(args))
-        if not any(isinstance(x, Tracer) for x in leaves):
+        if not _trace_stack() and not any(isinstance(x, Tracer) for x in leaves):
             return compiled(*args)
         for n in nums:
             if not -len(args) <= n < len(args):

@@ -1,0 +1,361 @@
+"""Property tests: random programs, run eagerly on numpy arrays and jitted, differentiated.
+
+A hypothesis strategy draws a random DAG over 1-3 float64 inputs: unary and
+binary elementwise operations (with broadcasting), reductions over random axes
+with keepdims, matmul, reshape/transpose, slicing, concatenation, `where` on
+comparisons, max_argmax (values, and the indices reused by take_along_axis),
+logsumexp, with values used several times. For each program:
+
+- the jitted result equals the same function run eagerly on numpy arrays;
+- the gradient of sum(output * fixed random weights) with respect to every input
+  equals central finite differences.
+
+Values stay in safe ranges by construction (exp only of bounded values, log and
+sqrt of 1 + x*x, divisions by 1 + x*x), and the inputs are re-drawn until every
+kink (relu, abs, maximum, where, max) is at least MARGIN away, so finite
+differences never straddle one.
+
+The number of examples is JITGRAD_PROPERTY_EXAMPLES (default 100); the search
+is derandomized, so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from gradcheck import assert_grads_close, numeric_grad
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import jitgrad as jg
+from jitgrad.ir import validate
+
+MAX_EXAMPLES = int(os.environ.get("JITGRAD_PROPERTY_EXAMPLES", "100"))
+MARGIN = 1e-3  # minimum distance of any kink from its argument
+MAX_ABS = 1e3  # intermediate values stay below this
+GRAD_RTOL = 1e-5
+
+# Input shapes come from one family, so that they broadcast against each other.
+FAMILIES = [
+    [(3, 4), (4,), (3, 1), (1, 4), ()],
+    [(2, 3, 4), (3, 4), (4,), (2, 1, 4), (3, 1), ()],
+    [(5,), (1,), ()],
+]
+
+UNARY = {
+    "neg": lambda x: -x,
+    "tanh": jg.tanh,
+    "sigmoid": jg.sigmoid,
+    "exp_tanh": lambda x: jg.exp(jg.tanh(x)),
+    "exp_neg_sq": lambda x: jg.exp(-(x * x)),
+    "log1p_sq": lambda x: jg.log(1.0 + x * x),
+    "sqrt1p_sq": lambda x: jg.sqrt(1.0 + x * x),
+    "square": lambda x: x * x,
+    "pow_pos": lambda x: (1.0 + x * x) ** 0.75,
+    "affine": lambda x: 0.5 * x - 1.0,
+    "abs": jg.abs,
+    "relu": jg.relu,
+}
+BINARY = {
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / (1.0 + b * b),
+    "pow": lambda a, b: (1.0 + a * a) ** jg.tanh(b),
+    "maximum": jg.maximum,
+}
+REDUCE = {"sum": jg.sum, "mean": jg.mean, "max": jg.max, "logsumexp": jg.logsumexp}
+CMP = {"lt": lambda a, b: a < b, "le": lambda a, b: a <= b,
+       "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b}
+
+
+@dataclass(frozen=True)
+class Spec:
+    in_shapes: tuple[tuple[int, ...], ...]
+    ops: tuple[tuple, ...]          # each op reads earlier nodes (inputs are nodes 0..n-1)
+    outputs: tuple[int, ...]        # node ids returned (the last node is always one)
+    argmax_out: bool                # also return argmax(last node, axis=-1) (an int output)
+    seed: int
+
+    def __repr__(self) -> str:
+        lines = [f"inputs {list(self.in_shapes)}"]
+        n = len(self.in_shapes)
+        for i, op in enumerate(self.ops):
+            lines.append(f"  %{n + i} = {op}")
+        lines.append(f"  return {list(self.outputs)} argmax={self.argmax_out} seed={self.seed}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- running a spec
+
+def _axes(axis: Any, ndim: int) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    axis = (axis,) if isinstance(axis, int) else axis
+    return tuple(sorted(a % ndim for a in axis))
+
+
+def _top2_gap(x: np.ndarray, axes: tuple[int, ...]) -> float:
+    """Smallest gap between the largest and second largest entries over `axes`."""
+    if not axes:
+        return np.inf
+    moved = np.moveaxis(x, axes, tuple(range(-len(axes), 0)))
+    flat = moved.reshape(moved.shape[:moved.ndim - len(axes)] + (-1,))
+    if flat.shape[-1] < 2:
+        return np.inf
+    s = np.sort(flat, axis=-1)
+    return float(np.min(s[..., -1] - s[..., -2]))
+
+
+def _min_abs(x: Any) -> float:
+    x = np.asarray(x)
+    return float(np.min(np.abs(x))) if x.size else np.inf
+
+
+def apply(op: tuple, vals: list[Any], margins: list[float] | None) -> Any:
+    kind = op[0]
+    check = margins is not None
+    if kind == "unary":
+        _, name, i = op
+        if check and name in ("abs", "relu"):
+            margins.append(_min_abs(vals[i]))
+        return UNARY[name](vals[i])
+    if kind == "binary":
+        _, name, i, j = op
+        if check and name == "maximum":
+            margins.append(_min_abs(np.asarray(vals[i]) - np.asarray(vals[j])))
+        return BINARY[name](vals[i], vals[j])
+    if kind == "scalar":
+        _, name, i, c = op
+        return BINARY[name](vals[i], c) if name != "rsub" else c - vals[i]
+    if kind == "reduce":
+        _, name, i, axis, keepdims = op
+        if check and name == "max":
+            margins.append(_top2_gap(np.asarray(vals[i]), _axes(axis, np.ndim(vals[i]))))
+        return REDUCE[name](vals[i], axis=axis, keepdims=keepdims)
+    if kind == "matmul":
+        _, i, j, transpose_b = op
+        b = vals[j].T if transpose_b else vals[j]
+        return vals[i] @ b
+    if kind == "reshape":
+        _, i, shape = op
+        return jg.reshape(vals[i], shape)
+    if kind == "transpose":
+        _, i, perm = op
+        return jg.transpose(vals[i], perm)
+    if kind == "slice":
+        _, i, key = op
+        return vals[i][key]
+    if kind == "concat":
+        _, i, axis = op
+        return jg.concatenate([vals[i], jg.tanh(vals[i])], axis=axis)
+    if kind == "where":
+        _, cmp, i, j = op
+        a, b = vals[i], vals[j]
+        if check:
+            margins.append(_min_abs(np.asarray(a) - np.asarray(b)))
+        return jg.where(CMP[cmp](a, b), a, jg.tanh(b))
+    if kind == "max_argmax":
+        _, i, axis = op
+        x = vals[i]
+        if check:
+            margins.append(_top2_gap(np.asarray(x), (axis % np.ndim(x),)))
+        values, idx = jg.max_argmax(x, axis=axis)
+        picked = jg.take_along_axis(jg.tanh(x), jg.reshape(idx, _keep_shape(x.shape, axis)), axis)
+        return values + jg.reshape(picked, values.shape)
+    raise AssertionError(f"unknown op {op}")
+
+
+def _keep_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    axis %= len(shape)
+    return shape[:axis] + (1,) + shape[axis + 1:]
+
+
+def run(spec: Spec, *inputs: Any, margins: list[float] | None = None) -> tuple:
+    vals = list(inputs)
+    for op in spec.ops:
+        vals.append(apply(op, vals, margins))
+    if margins is not None:
+        margins.append(MAX_ABS - max(float(np.max(np.abs(v), initial=0.0)) for v in vals))
+    outs = tuple(vals[i] for i in spec.outputs)
+    if spec.argmax_out:
+        if margins is not None:
+            margins.append(_top2_gap(np.asarray(vals[-1]), (np.ndim(vals[-1]) - 1,)))
+        outs += (jg.argmax(vals[-1], axis=-1),)
+    return outs
+
+
+# ---------------------------------------------------------------- the strategy
+
+def _operands(op: tuple) -> tuple[int, ...]:
+    kind = op[0]
+    if kind in ("binary", "where"):
+        return op[2], op[3]
+    if kind in ("unary", "scalar"):
+        return (op[2],)
+    if kind == "matmul":
+        return op[1], op[2]
+    return (op[1] if kind != "reduce" else op[2],)
+
+
+def _broadcastable(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    try:
+        return tuple(np.broadcast_shapes(a, b))
+    except ValueError:
+        return None
+
+
+def _reduced(shape, axis, keepdims):
+    axes = _axes(axis, len(shape))
+    if keepdims:
+        return tuple(1 if i in axes else d for i, d in enumerate(shape))
+    return tuple(d for i, d in enumerate(shape) if i not in axes)
+
+
+@st.composite
+def programs(draw) -> Spec:
+    family = draw(st.sampled_from(FAMILIES))
+    n_inputs = draw(st.integers(1, 3))
+    shapes: list[tuple[int, ...]] = [draw(st.sampled_from(family)) for _ in range(n_inputs)]
+    in_shapes = tuple(shapes)
+    ops = []
+    kinds = ["unary", "binary", "scalar", "reduce", "matmul", "reshape", "transpose", "slice",
+             "concat", "where", "max_argmax"]
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(kinds))
+        i = draw(st.integers(0, len(shapes) - 1))
+        s = shapes[i]
+        op, out = None, None
+        if kind in ("binary", "where"):
+            partners = [j for j in range(len(shapes)) if _broadcastable(s, shapes[j]) is not None]
+            j = draw(st.sampled_from(partners))  # i itself is always a partner
+            out = _broadcastable(s, shapes[j])
+            op = (("binary", draw(st.sampled_from(sorted(BINARY))), i, j) if kind == "binary"
+                  else ("where", draw(st.sampled_from(sorted(CMP))), i, j))
+        elif kind == "scalar":
+            name = draw(st.sampled_from(["add", "mul", "rsub"]))
+            op, out = ("scalar", name, i, draw(st.sampled_from([0.5, -1.5, 2.0]))), s
+        elif kind == "reduce":
+            choices = [None] + list(range(-len(s), len(s)))
+            if len(s) >= 2:
+                choices.append((0, len(s) - 1))
+            axis = draw(st.sampled_from(choices))
+            keepdims = draw(st.booleans())
+            op = ("reduce", draw(st.sampled_from(sorted(REDUCE))), i, axis, keepdims)
+            out = _reduced(s, axis, keepdims)
+        elif kind == "matmul" and 1 <= len(s) <= 2:
+            k = s[-1]
+            partners = [j for j in range(len(shapes)) if 1 <= len(shapes[j]) <= 2
+                        and shapes[j][0] == k and not (len(s) == 1 and len(shapes[j]) == 1
+                                                       and k == 1)]
+            if partners:
+                j = draw(st.sampled_from(partners))
+                op, out = ("matmul", i, j, False), s[:-1] + shapes[j][1:]
+            elif len(s) == 2:
+                op, out = ("matmul", i, i, True), (s[0], s[0])
+        elif kind == "reshape" and len(s) >= 1:
+            n = int(np.prod(s))
+            divisors = [d for d in range(1, n + 1) if n % d == 0]
+            d = draw(st.sampled_from(divisors))
+            new = draw(st.sampled_from([(-1,), (d, n // d), (n // d, 1, d)]))
+            op = ("reshape", i, new)
+            out = (n,) if new == (-1,) else new
+        elif kind == "transpose" and len(s) >= 2:
+            perm = tuple(draw(st.permutations(range(len(s)))))
+            op, out = ("transpose", i, perm), tuple(s[p] for p in perm)
+        elif kind == "slice" and len(s) >= 1:
+            key, out_l = [], []
+            for d in s:
+                options = [slice(None), slice(None, None, -1), slice(None, None, 2)]
+                if d > 1:
+                    options += [slice(1, None), slice(None, -1)]
+                sl = draw(st.sampled_from(options))
+                key.append(sl)
+                out_l.append(len(range(*sl.indices(d))))
+            op, out = ("slice", i, tuple(key)), tuple(out_l)
+        elif kind == "concat" and len(s) >= 1:
+            axis = draw(st.integers(-len(s), len(s) - 1))
+            out = tuple(2 * d if k == axis % len(s) else d for k, d in enumerate(s))
+            op = ("concat", i, axis)
+        elif kind == "max_argmax" and len(s) >= 1:
+            axis = draw(st.integers(-len(s), len(s) - 1))
+            op, out = ("max_argmax", i, axis), _reduced(s, axis, False)
+        if op is None:  # the drawn kind does not apply to this node's shape
+            op, out = ("unary", draw(st.sampled_from(sorted(UNARY))), i), s
+        ops.append(op)
+        shapes.append(out)
+    # Return every computed value nobody consumes (so no operation is dead code), plus
+    # possibly one more (a value that is both used and returned).
+    last = len(shapes) - 1
+    used = {v for op in ops for v in _operands(op)}
+    outputs = tuple(k for k in range(n_inputs, last + 1) if k not in used)
+    if draw(st.booleans()):
+        extra = draw(st.integers(0, last))
+        outputs += (extra,) if extra not in outputs else ()
+    argmax_out = len(shapes[last]) >= 1 and draw(st.booleans())
+    seed = draw(st.integers(0, 2 ** 20))
+    return Spec(in_shapes, tuple(ops), outputs, argmax_out, seed)
+
+
+def safe_inputs(spec: Spec) -> list[np.ndarray] | None:
+    """Inputs for which every kink is at least MARGIN away and values stay bounded."""
+    for attempt in range(30):
+        rng = np.random.default_rng(spec.seed + 7919 * attempt)
+        inputs = [rng.normal(size=s) for s in spec.in_shapes]
+        margins: list[float] = []
+        with np.errstate(all="raise"):
+            try:
+                run(spec, *inputs, margins=margins)
+            except FloatingPointError:
+                continue
+        if min(margins, default=np.inf) >= MARGIN:
+            return inputs
+    return None
+
+
+# ---------------------------------------------------------------- the property
+
+@settings(max_examples=MAX_EXAMPLES, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(spec=programs())
+def test_random_programs_jit_equals_eager_and_gradients_equal_finite_differences(spec, backend):
+    inputs = safe_inputs(spec)
+    assume(inputs is not None)
+
+    def fn(*xs):
+        return run(spec, *xs)
+
+    eager = fn(*inputs)
+    cf = jg.jit(fn)
+    jitted = cf(*inputs)
+    validate(cf.program)
+    assert len(jitted) == len(eager)
+    for got, want in zip(jitted, eager, strict=True):
+        want = np.asarray(want)
+        assert isinstance(got, np.ndarray)
+        assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape)
+        if want.dtype.kind == "f":
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        else:
+            np.testing.assert_array_equal(got, want)
+
+    rng = np.random.default_rng(spec.seed + 1)
+    weights = [rng.normal(size=np.shape(o)) for o in eager if np.asarray(o).dtype.kind == "f"]
+
+    def loss(*xs):
+        total = 0.0
+        for o, w in zip([o for o in fn(*xs) if o.dtype.kind == "f"], weights, strict=True):
+            total = total + jg.sum(o * w)
+        return total
+
+    argnums = tuple(range(len(inputs)))
+    gcf = jg.jit(jg.grad(loss, argnums=argnums))
+    grads = gcf(*inputs)
+    validate(gcf.program)
+    for n, g in zip(argnums, grads, strict=True):
+        assert g.shape == inputs[n].shape and g.dtype == np.float64
+        assert_grads_close(g, numeric_grad(loss, inputs, n), rtol=GRAD_RTOL, atol=GRAD_RTOL,
+                           what=f"d/d(input {n}) of\n{spec!r}\n")
