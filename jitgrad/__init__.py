@@ -34,5 +34,6 @@ __all__ = [
     "UndefinedGradientError", "Var", "abs", "argmax", "ceil", "concatenate", "exp", "floor",
     "grad", "jit", "log", "logsumexp", "matmul", "max", "max_argmax", "maximum", "mean", "relu",
     "reshape", "round", "sigmoid", "sign", "softmax", "softmax_cross_entropy", "sqrt",
-    "stop_gradient", "sum", "take_along_axis", "tanh", "transpose", "value_and_grad", "where", "optim", "train_step", "TrainStep",
+    "stop_gradient", "sum", "take_along_axis", "tanh", "transpose", "value_and_grad", "where",
+    "optim", "train_step", "TrainStep",
 ]

@@ -1,0 +1,144 @@
+"""Small functional building blocks for neural networks: initialisers, layers, losses.
+
+Parameters are plain pytrees of numpy arrays (an MLP is ``{"W0", "b0", "W1", ...}``),
+layers are functions of ``(params, x)``, and everything here works both on numpy
+arrays and inside ``jg.jit`` / ``jg.grad`` / ``jg.train_step``. Weight matrices
+are laid out ``[fan_in, fan_out]`` so a layer is ``x @ W + b``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import DTypeLike
+
+from .errors import JitgradError
+from .ops.elementwise import relu, tanh
+from .ops.nn import softmax_cross_entropy
+from .ops.reduce import sum as _sum
+
+__all__ = [
+    "ACTIVATIONS", "accuracy", "glorot_uniform", "he_normal", "linear", "mlp_apply",
+    "mlp_init", "mlp_loss", "num_layers",
+]
+
+ACTIVATIONS = {"relu": relu, "tanh": tanh}
+
+
+def _rng(rng: np.random.Generator | int | None) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def _fans(shape: Sequence[int]) -> tuple[int, int]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or min(shape) < 1:
+        raise JitgradError(f"initialisers need a weight shape [fan_in, fan_out, ...] with "
+                           f"positive sizes, got {shape}")
+    receptive = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    return shape[0] * receptive, shape[1] * receptive
+
+
+def _float(dtype: DTypeLike) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt.kind != "f":
+        raise JitgradError(f"parameters must have a floating-point dtype, got {dt}")
+    return dt
+
+
+def he_normal(rng: np.random.Generator | int | None, shape: Sequence[int],
+              dtype: DTypeLike = np.float32) -> np.ndarray:
+    """He (Kaiming) normal init for ReLU layers: N(0, 2 / fan_in).
+
+    Same as ``torch.nn.init.kaiming_normal_(w, nonlinearity="relu")`` for a
+    weight stored ``[fan_in, fan_out]``.
+    """
+    fan_in, _ = _fans(shape)
+    std = np.sqrt(2.0 / fan_in)
+    return (_rng(rng).standard_normal(tuple(shape)) * std).astype(_float(dtype))
+
+
+def glorot_uniform(rng: np.random.Generator | int | None, shape: Sequence[int],
+                   dtype: DTypeLike = np.float32) -> np.ndarray:
+    """Glorot (Xavier) uniform init: U(-a, a) with a = sqrt(6 / (fan_in + fan_out))."""
+    fan_in, fan_out = _fans(shape)
+    a = np.sqrt(6.0 / (fan_in + fan_out))
+    return _rng(rng).uniform(-a, a, size=tuple(shape)).astype(_float(dtype))
+
+
+_INITS = {"he": he_normal, "glorot": glorot_uniform}
+
+
+def mlp_init(sizes: Sequence[int], rng: np.random.Generator | int | None = 0,
+             dtype: DTypeLike = np.float32, init: str = "he") -> dict[str, np.ndarray]:
+    """Parameters of an MLP with layer widths ``sizes`` = [in, hidden..., out].
+
+    Returns ``{"W0": [in, h1], "b0": [h1], "W1": ..., ...}``; biases start at zero,
+    weights use ``init`` ("he" for ReLU networks, "glorot" for tanh).
+    """
+    sizes = [int(s) for s in sizes]
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise JitgradError(f"an MLP needs at least [in, out] positive layer sizes, got {sizes}")
+    if init not in _INITS:
+        raise JitgradError(f"unknown init {init!r}: use one of {sorted(_INITS)}")
+    rng, dt = _rng(rng), _float(dtype)
+    params: dict[str, np.ndarray] = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        params[f"W{i}"] = _INITS[init](rng, (fan_in, fan_out), dt)
+        params[f"b{i}"] = np.zeros(fan_out, dt)
+    return params
+
+
+def num_layers(params: dict[str, Any]) -> int:
+    """Number of linear layers in an ``mlp_init`` parameter dict (checked to be complete)."""
+    n = sum(1 for k in params if k.startswith("W"))
+    expected = {f"{p}{i}" for i in range(n) for p in "Wb"}
+    if n == 0 or set(params) != expected:
+        raise JitgradError(f"MLP parameters must be W0, b0, ..., W{max(n - 1, 0)}, "
+                           f"b{max(n - 1, 0)}; got {sorted(params)}")
+    return n
+
+
+def linear(W: Any, b: Any, x: Any) -> Any:
+    """An affine layer ``x @ W + b`` (W is [fan_in, fan_out])."""
+    return x @ W + b
+
+
+def mlp_apply(params: dict[str, Any], x: Any, activation: str = "relu") -> Any:
+    """Logits of the MLP: linear layers with ``activation`` between them, none after the last."""
+    if activation not in ACTIVATIONS:
+        raise JitgradError(f"unknown activation {activation!r}: use one of {sorted(ACTIVATIONS)}")
+    act = ACTIVATIONS[activation]
+    n = num_layers(params)
+    for i in range(n):
+        x = linear(params[f"W{i}"], params[f"b{i}"], x)
+        if i < n - 1:
+            x = act(x)
+    return x
+
+
+def mlp_loss(params: dict[str, Any], x: Any, y: Any, weight_decay: float = 0.0,
+             activation: str = "relu") -> Any:
+    """Mean softmax cross-entropy of the MLP on (x, y), plus ``weight_decay/2 * sum(W**2)``.
+
+    The L2 term covers weights only (not biases); its gradient is
+    ``weight_decay * W``, the same as the optimizers' ``weight_decay`` option.
+    """
+    loss = softmax_cross_entropy(mlp_apply(params, x, activation), y)
+    if weight_decay:
+        for i in range(num_layers(params)):
+            W = params[f"W{i}"]
+            loss = loss + (0.5 * weight_decay) * _sum(W * W)
+    return loss
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows whose arg-max logit equals the label (numpy, not traced)."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise JitgradError(f"accuracy needs logits [n, classes] and labels [n], got "
+                           f"{logits.shape} and {labels.shape}")
+    if len(labels) == 0:
+        return float("nan")
+    return float(np.mean(np.argmax(logits, axis=1) == labels))
