@@ -78,8 +78,9 @@ class CompiledFunction:
         # a CompiledFunction (or wraps one), e.g. jg.grad(jg.jit(f)).
         functools.update_wrapper(self, fn, updated=())
 
-    def _specialise(self, args: Sequence[Any]) -> tuple[Compiled, list[Any], list[Signature]]:
-        leaves, in_tree = tree.flatten(tuple(args))
+    def _specialise(self, args: Sequence[Any], flat: Any = None
+                    ) -> tuple[Compiled, list[Any], list[Signature]]:
+        leaves, in_tree = flat or tree.flatten(tuple(args))
         sigs = [signature_of(x) for x in leaves]
         backend = self._backend or DEFAULT_BACKEND
         key = (backend, in_tree, tuple(sigs))
@@ -100,11 +101,12 @@ class CompiledFunction:
         return entry, leaves, sigs
 
     def __call__(self, *args: Any) -> Any:
-        if _trace_stack() or any(isinstance(x, Tracer) for x in tree.flatten(args)[0]):
+        if _trace_stack():
             # inside another trace (even with constant arguments, as fn may close over
             # traced values): inline, as jax.jit does
             return self.fn(*args)
-        entry, leaves, sigs = self._specialise(args)
+        flat = tree.flatten(args)
+        entry, leaves, sigs = self._specialise(args, flat)
         arrays = [_as_input_array(x, s) for x, s in zip(leaves, sigs, strict=True)]
         return tree.unflatten(entry.out_tree, entry.executable.run(arrays))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 TreeDef = tuple  # ("leaf",) | ("none",) | ("tuple"|"list", children) | ("dict", keys, children)
 
 LEAF: TreeDef = ("leaf",)
@@ -15,6 +17,9 @@ def flatten(tree: Any) -> tuple[list[Any], TreeDef]:
 
 
 def _flatten(tree: Any, leaves: list[Any]) -> TreeDef:
+    if type(tree) is np.ndarray:  # the common case first: this runs on every call
+        leaves.append(tree)
+        return LEAF
     if tree is None:
         return ("none",)
     if isinstance(tree, (tuple, list)) and not hasattr(tree, "_fields"):
