@@ -338,19 +338,7 @@ def _scalar_expr(ins: Instr, a: list[str]) -> str:
     return unary[name].format(*a)
 
 
-_FUSED_PRELUDE = '''\
-import numpy as np
-from numba import carray, cfunc, njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
-
-
-@intrinsic
-def _vp(typingctx, addr):
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-    return types.voidptr(addr), codegen
-
+_FUSED_PRELUDE = kernels.CFUNC_PRELUDE + '''
 
 @njit(inline="always")
 def _relu(x, zero):
@@ -368,9 +356,6 @@ def _sigmoid(x):
         return 1 / (1 + np.exp(-x))
     e = np.exp(x)
     return e / (1 + e)
-
-
-I = types.int64
 '''
 
 
@@ -461,24 +446,6 @@ def _lower_group(low: Lowering, group: Group) -> None:
 
 CHUNK_STEPS = 48  # steps per compiled chunk: LLVM's cost grows faster than linearly per function
 
-_GLUE_PRELUDE = '''\
-import numpy as np
-from numba import carray, cfunc, njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
-
-
-@intrinsic
-def _vp(typingctx, addr):
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-    return types.voidptr(addr), codegen
-
-
-I = types.int64
-'''
-
-
 def render_glue(low: Lowering, plan: Plan, external: dict[Var, int], key: str) -> str:
     """The entry function `run(pp)`; pp is the address of [arena, meta, external arrays...].
 
@@ -495,7 +462,7 @@ def render_glue(low: Lowering, plan: Plan, external: dict[Var, int], key: str) -
         return str(x)
 
     n_ptrs = 2 + len(external)
-    lines = [_GLUE_PRELUDE]
+    lines = [kernels.CFUNC_PRELUDE]
     for sym in sorted({s.sym for s in low.steps}):
         n = len(next(s for s in low.steps if s.sym == sym).args)
         lines.append(f'{sym} = types.ExternalFunction("{sym}", types.int64('

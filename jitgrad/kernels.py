@@ -281,13 +281,13 @@ MOVE_KERNELS = {
 }
 MOVE_DTYPES = {"b1": "np.uint8", "b4": "np.uint32", "b8": "np.uint64"}
 
-HEADER = '''\
+# The start of every generated module of C-ABI functions: `_vp` turns an address
+# (int64) into a pointer that numba.carray can view as an array.
+CFUNC_PRELUDE = '''\
 import numpy as np
-from numba import carray, cfunc, types
+from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
-
-from jitgrad import kernels as K
 
 
 @intrinsic
@@ -309,16 +309,8 @@ def symbol(kernel: str, dtype: np.dtype) -> str:
     return f"jg_{kernel}_b{dtype.itemsize}"
 
 
-def external_decl(sym: str) -> str:
-    """Source declaring a library symbol in generated glue."""
-    kernel = sym[3:sym.rindex("_")]
-    table = FLOAT_KERNELS if kernel in FLOAT_KERNELS else MOVE_KERNELS
-    n = len(table[kernel][1])
-    return f'{sym} = types.ExternalFunction("{sym}", types.int64({", ".join(["I"] * n)}))'
-
-
 def library_source() -> str:
-    parts = [HEADER]
+    parts = [CFUNC_PRELUDE, "from jitgrad import kernels as K\n"]
     for table, dtypes in ((FLOAT_KERNELS, FLOAT_DTYPES), (MOVE_KERNELS, MOVE_DTYPES)):
         for kernel, (args, sig, body) in table.items():
             for suffix, dt in dtypes.items():
@@ -358,4 +350,4 @@ def ensure_loaded() -> None:
         _loaded = True
 
 
-__all__ = ["ensure_loaded", "symbol", "external_decl"]
+__all__ = ["ensure_loaded", "symbol", "library_hash", "library_source"]
