@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,17 @@ from .passes import dce, optimize
 from .trace import Signature, signature_of, trace_flat
 
 DEFAULT_BACKEND = "numba"
+
+
+@contextlib.contextmanager
+def default_backend(name: str) -> Iterator[None]:
+    """Within the block, jit without an explicit backend uses `name` (tests, comparisons)."""
+    global DEFAULT_BACKEND
+    old, DEFAULT_BACKEND = DEFAULT_BACKEND, name
+    try:
+        yield
+    finally:
+        DEFAULT_BACKEND = old
 
 
 def _compile(prog: Program, backend: str, options: dict[str, Any]) -> Any:

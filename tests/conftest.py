@@ -1,8 +1,10 @@
 """Shared test fixtures.
 
-Tests that take the `backend` fixture run once per backend. On CI the Numba
-side runs a representative subset (JITGRAD_TEST_BACKENDS unset); set
-JITGRAD_TEST_BACKENDS=interpret,numba to run everything on both.
+Tests that take the `backend` fixture run once per backend. By default (and in
+CI) the Numba side runs a representative subset: cases marked `numba_full`
+(e.g. every gradcheck row after the first of its primitive) run on the
+interpreter only. `JITGRAD_TEST_FULL=1 python -m pytest` runs everything on both;
+JITGRAD_TEST_BACKENDS=interpret (or numba) restricts the backends.
 """
 
 import os
@@ -20,13 +22,29 @@ def _backends() -> tuple[str, ...]:
     return tuple(env.split(",")) if env else ALL_BACKENDS
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "numba_full: on the Numba backend only with "
+                            "JITGRAD_TEST_FULL=1 (CI runs a representative subset there)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("JITGRAD_TEST_FULL"):
+        return
+    keep, drop = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        on_numba = params is not None and params.params.get("backend") == "numba"
+        (drop if on_numba and item.get_closest_marker("numba_full") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(params=_backends())
 def backend(request):
     """Runs the test with jit's default backend set to each backend in turn."""
-    old = jg.api.DEFAULT_BACKEND
-    jg.api.DEFAULT_BACKEND = request.param
-    yield request.param
-    jg.api.DEFAULT_BACKEND = old
+    with jg.api.default_backend(request.param):
+        yield request.param
 
 
 @pytest.fixture
