@@ -447,11 +447,12 @@ def _lower_group(low: Lowering, group: Group) -> None:
 CHUNK_STEPS = 48  # steps per compiled chunk: LLVM's cost grows faster than linearly per function
 
 def render_glue(low: Lowering, plan: Plan, external: dict[Var, int], key: str) -> str:
-    """The entry function `run(pp)`; pp is the address of [arena, meta, external arrays...].
+    """The program as C-ABI chunk functions `jg_chunk_<key>_<i>(pp)`, run in order.
 
-    Steps are split into chunks, each a C-ABI function of its own, which the entry
-    calls by symbol: every chunk compiles separately and is never inlined, so
-    compile time stays linear in the number of steps.
+    pp is the address of [arena, meta, external arrays...]. Each chunk of steps is
+    a function of its own, compiled separately, so compile time stays linear in
+    the number of steps; a chunk returns 0, or 1 + the index of a step whose
+    kernel rejected its data.
     """
     def arg(x: Any) -> str:
         if isinstance(x, Var):
@@ -484,11 +485,4 @@ def render_glue(low: Lowering, plan: Plan, external: dict[Var, int], key: str) -
             else:
                 lines.append(f"    {call}  # {step.label}")
         lines.append("    return 0")
-    lines.append("")
-    for c, name in enumerate(names):
-        lines.append(f'call_chunk{c} = types.ExternalFunction("{name}", types.int64(I))')
-    lines += ["", "", "@njit(cache=True)", "def run(pp):"]
-    for c in range(len(names)):
-        lines += [f"    status = call_chunk{c}(pp)", "    if status:", "        return status"]
-    lines.append("    return 0")
     return "\n".join(lines) + "\n"

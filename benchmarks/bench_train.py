@@ -1,0 +1,52 @@
+"""asv: the full SGD training step (forward, softmax-xent + L2, backward, update) of the five
+MLP configs, float32 and float64. Compilation (or the cache load) happens in setup."""
+
+from . import _common as C
+
+
+class TrainStep:
+    params = (list(C.CONFIGS), ["float32", "float64"])
+    param_names = ["config", "dtype"]
+    timeout = 600
+
+    def setup(self, config, dtype):
+        C.pin_threads()
+        self.step, self.p, self.x, self.y = C.make_jitgrad_step(config, dtype)
+        self.step(self.x, self.y)  # trace + compile (or load from the cache): not timed
+
+    def time_train_step(self, config, dtype):
+        self.step(self.x, self.y)
+
+
+class TrainStepNative:
+    """The same step as one bare native call (no Python wrapper, no copy of the new
+    parameters): the gap to time_train_step is jitgrad's per-call Python overhead."""
+
+    params = (list(C.CONFIGS), ["float32"])
+    param_names = ["config", "dtype"]
+    timeout = 600
+
+    def setup(self, config, dtype):
+        C.pin_threads()
+        step, p, x, y = C.make_jitgrad_step(config, dtype)
+        step(x, y)
+        self.run, self.keep = C.native_runner(step.compiled, p, step.state,
+                                              step.optimizer.hyper(1), x, y)
+
+    def time_native_step(self, config, dtype):
+        self.run()
+
+
+class NumpyTrainStep:
+    """Hand-written numpy backprop of the same step, for ratios."""
+
+    params = (list(C.CONFIGS), ["float32"])
+    param_names = ["config", "dtype"]
+
+    def setup(self, config, dtype):
+        C.pin_threads()
+        self.step, self.p, self.x, self.y = C.numpy_step_factory(config, dtype)
+        self.step(self.x, self.y)
+
+    def time_numpy_train_step(self, config, dtype):
+        self.step(self.x, self.y)

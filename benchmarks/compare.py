@@ -1,0 +1,492 @@
+"""Side-by-side MLP training-step benchmark: jitgrad vs hand-written numpy, PyTorch, JAX.
+
+    python benchmarks/compare.py [--configs tiny,small,medium,deep,large] [--rounds 3]
+                                 [--impls jitgrad,numpy,torch,jax] [--markdown] [--json FILE]
+    python benchmarks/compare.py --profile medium      # jitgrad per-kernel profile of one step
+
+Each implementation × config runs in its own fresh process (`--worker IMPL CONFIG`, which
+prints one JSON line), and the implementations alternate over the rounds: two BLAS/OpenMP
+thread pools in one process distort each other, and the shared machine drifts
+(NUMBA_NOTES.md). The step is the full float32 SGD step (forward, softmax cross-entropy +
+L2 weight decay 1e-4, backward, update). Every worker runs with 2 threads and without
+OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE in its environment.
+
+Reported per config: median µs per step over rounds (each round's figure is itself the
+median of several timing repeats), ratio to numpy and to JAX (the peer to beat), GFLOP/s
+(6·B·Σ in·out per step), and for jitgrad the time to first result in a fresh process
+(cache hit: a warm-up process runs first), the native call alone (no Python wrapper), and
+the GEMM floor: the step's matmuls alone through jitgrad's own gemm kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+T_START = time.perf_counter()
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import _common as C  # noqa: E402
+
+IMPLS = ("jitgrad", "numpy", "torch", "jax")
+PEER = "jax"
+
+
+# ---------------------------------------------------------------- timing
+
+def measure_calls(fn, target_s: float = 0.1, repeats: int = 7, min_calls: int = 1) -> list[float]:
+    """Per-call µs for `repeats` samples of n calls each, n chosen so a sample takes ~target_s."""
+    t = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t < 0.03 or n < 2:
+        fn()
+        n += 1
+    per = (time.perf_counter() - t) / n
+    calls = max(min_calls, int(target_s / per))
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append(1e6 * (time.perf_counter() - t) / calls)
+    return out
+
+
+# ---------------------------------------------------------------- workers
+
+def worker_numpy(config: str) -> dict:
+    import numpy as np  # noqa: F401
+    step, params, x, y = C.numpy_step_factory(config)
+    loss0 = step(x, y)
+    first = time.perf_counter() - T_START
+    C.pin_threads()
+    return {"loss0": float(loss0), "first_s": first, "us": measure_calls(lambda: step(x, y))}
+
+
+def worker_torch(config: str) -> dict:
+    import torch
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", C.THREADS)))
+    params = [torch.tensor(p, requires_grad=True) for p in C.make_params(config)]
+    xn, yn = C.make_batch(config)
+    x, y = torch.from_numpy(xn), torch.from_numpy(yn)
+    opt = torch.optim.SGD(params, lr=C.LR)
+    n = len(params) // 2
+
+    def step():
+        h = x
+        for i in range(n):
+            h = torch.addmm(params[2 * i + 1], h, params[2 * i])
+            if i < n - 1:
+                h = torch.relu(h)
+        l2 = sum((params[2 * i] * params[2 * i]).sum() for i in range(n))
+        loss = torch.nn.functional.cross_entropy(h, y) + 0.5 * C.WEIGHT_DECAY * l2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    loss0 = step()
+    first = time.perf_counter() - T_START
+    return {"loss0": float(loss0), "first_s": first, "us": measure_calls(step),
+            "version": torch.__version__}
+
+
+def worker_jax(config: str) -> dict:
+    import warnings
+    warnings.filterwarnings("ignore", message=".*donat.*")
+    import jax
+    import jax.numpy as jnp
+    n = len(C.layer_dims(config))
+
+    def loss_fn(params, x, y):
+        h = x
+        for i in range(n):
+            h = h @ params[2 * i] + params[2 * i + 1]
+            if i < n - 1:
+                h = jax.nn.relu(h)
+        lse = jax.nn.logsumexp(h, axis=1)
+        picked = jnp.take_along_axis(h, y[:, None], axis=1)[:, 0]
+        l2 = sum(jnp.sum(params[2 * i] * params[2 * i]) for i in range(n))
+        return jnp.mean(lse - picked) + 0.5 * C.WEIGHT_DECAY * l2
+
+    def step_fn(params, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        return loss, [p - C.LR * g for p, g in zip(params, grads, strict=False)]
+
+    step_jit = jax.jit(step_fn, donate_argnums=0)
+    params = [jnp.asarray(p) for p in C.make_params(config)]
+    xn, yn = C.make_batch(config)
+    x, y = jnp.asarray(xn), jnp.asarray(yn.astype("int32"))
+    state = {"p": params}
+
+    def step():
+        loss, state["p"] = step_jit(state["p"], x, y)
+        return loss.block_until_ready()
+
+    loss0 = step()
+    first = time.perf_counter() - T_START
+    return {"loss0": float(loss0), "first_s": first, "us": measure_calls(step),
+            "version": jax.__version__}
+
+
+def gemm_floor_fn(config: str, dtype="float32"):
+    """A function running exactly the step's matmuls (forward X@W, backward X.T@G and G@W.T,
+    the latter not for the first layer) through jitgrad's own gemm kernel symbol, in one
+    native call, on buffers of the step's shapes."""
+    import numpy as np
+    from numba import njit, types
+
+    from jitgrad import kernels
+    kernels.ensure_loaded()
+    sym = kernels.symbol("gemm", np.dtype(dtype))
+    gemm = types.ExternalFunction(sym, types.int64(*[types.int64] * 8))
+
+    @njit
+    def run(spec):
+        for i in range(spec.shape[0]):
+            gemm(spec[i, 0], spec[i, 1], spec[i, 2], spec[i, 3], spec[i, 4], spec[i, 5],
+                 spec[i, 6], spec[i, 7])
+        return 0
+
+    rng = np.random.default_rng(0)
+    _, batch = C.CONFIGS[config]
+    keep, rows = [], []
+
+    def buf(*shape):
+        a = (rng.standard_normal(shape) * 0.1).astype(dtype)
+        keep.append(a)
+        return a.ctypes.data
+
+    for li, (i, o) in enumerate(C.layer_dims(config)):
+        X, W, Z, G, dW = buf(batch, i), buf(i, o), buf(batch, o), buf(batch, o), buf(i, o)
+        rows.append((X, W, Z, batch, o, i, 0, 0))          # Z = X @ W
+        rows.append((X, G, dW, i, o, batch, 1, 0))         # dW = X.T @ G
+        if li > 0:
+            dX = buf(batch, i)
+            rows.append((G, W, dX, batch, i, o, 0, 1))     # dX = G @ W.T
+    spec = np.array(rows, np.int64)
+    run(spec)
+    return (lambda: run(spec)), keep
+
+
+def worker_jitgrad(config: str, profile: bool = False) -> dict:
+    """jitgrad's train_step; plus the bare native call, the GEMM floor (and a profile)."""
+    import jitgrad  # noqa: F401  (timed: part of the time to first result)
+    step, params, x, y = C.make_jitgrad_step(config)
+    loss0 = step(x, y)
+    first = time.perf_counter() - T_START
+    C.pin_threads()
+    out = {"loss0": float(loss0), "first_s": first, "us": measure_calls(lambda: step(x, y))}
+    try:
+        call, (keep, ptrs, ex) = C.native_runner(step.compiled, params, step.state,
+                                                 step.optimizer.hyper(1), x, y)
+        out["native_us"] = measure_calls(call)
+        out["peak_bytes"] = int(ex.plan.peak_bytes)
+        out["n_steps"] = len(ex._labels)
+        if profile:
+            out["profile"] = profile_steps(ex, ptrs)
+    except Exception as e:  # internals moved: keep the headline numbers
+        out["native_error"] = repr(e)
+    floor, keep2 = gemm_floor_fn(config)
+    out["gemm_floor_us"] = measure_calls(floor)
+    return out
+
+
+# ---------------------------------------------------------------- per-kernel profile
+
+def profile_steps(ex, ptrs, reps: int = 30) -> dict:
+    """Time every kernel call of the compiled step separately (through ctypes, in program
+    order, on the real arena), minus the measured ctypes call overhead."""
+    import re
+
+    import numpy as np
+    mods = [m for n, m in list(sys.modules.items()) if n.startswith("jg_")]
+
+    def cfunc(sym):
+        for m in mods:
+            f = getattr(m, sym, None)
+            if f is not None and hasattr(f, "ctypes"):
+                return f.ctypes
+        raise KeyError(sym)
+
+    env = {"arena": int(ptrs[0]), "meta": int(ptrs[1])}
+    for i in range(len(ptrs) - 2):
+        env[f"p{i}"] = int(ptrs[i + 2])
+    calls = []
+    pat = re.compile(r"^\s+if (jg_\w+)\((.*)\):\s+# (.*)$")
+    for line in ex.source.splitlines():
+        m = pat.match(line)
+        if m:
+            sym, args, label = m.groups()
+            vals = [int(eval(a, {}, env)) for a in args.split(", ")] if args else []
+            calls.append((sym, cfunc(sym), vals, label))
+    # ctypes overhead: a zero-length fill
+    zero = cfunc("jg_zero_b4")
+    scratch = np.zeros(1, np.float32)
+    t = time.perf_counter_ns()
+    for _ in range(2000):
+        zero(scratch.ctypes.data, 0)
+    overhead = (time.perf_counter_ns() - t) / 2000 / 1e3
+    times = np.zeros((reps, len(calls)))
+    for r in range(reps + 3):
+        for j, (_, f, vals, _) in enumerate(calls):
+            t = time.perf_counter_ns()
+            f(*vals)
+            dt = (time.perf_counter_ns() - t) / 1e3
+            if r >= 3:
+                times[r - 3, j] = dt
+    med = np.median(times, axis=0) - overhead
+    rows = []
+    for (sym, _, vals, label), us in zip(calls, med, strict=False):
+        kind = sym[3:]
+        if sym.startswith("jg_gemm"):
+            m, n, k, ta, tb = vals[3:8]
+            kind = f"gemm {'TN' if ta else ('NT' if tb else 'NN')}"
+            label = f"gemm m={m} n={n} k={k} ta={ta} tb={tb}"
+        elif sym.startswith("jg_fused"):
+            kind = "fused " + label.split(" at ")[0][len("fused"):]
+        rows.append({"sym": sym, "kind": kind, "label": label, "us": float(max(us, 0.0))})
+    return {"overhead_us": overhead, "calls": rows}
+
+
+# ---------------------------------------------------------------- parent
+
+def machine() -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Flags") and "avx512f" in line:
+                info["isa"] = "AVX-512"
+    except OSError:
+        pass
+    return info
+
+
+def available(impl: str) -> bool:
+    mod = {"jitgrad": "jitgrad", "numpy": "numpy", "torch": "torch", "jax": "jax"}[impl]
+    import importlib.util
+    return importlib.util.find_spec(mod) is not None
+
+
+WORKER_THREADS = C.THREADS
+
+
+def run_worker(impl: str, config: str, extra: list[str] | None = None,
+               env: dict | None = None) -> dict:
+    env = env or C.thread_env(threads=WORKER_THREADS)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, config] + (extra or [])
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                       timeout=1800)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode or not lines:
+        return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(lines[-1])
+
+
+def summarize(results: dict, configs: list[str], impls: list[str]) -> list[dict]:
+    rows = []
+    for cfg in configs:
+        med = {}
+        for impl in impls:
+            rs = [r for r in results[(impl, cfg)] if "us" in r]
+            if rs:
+                med[impl] = statistics.median(statistics.median(r["us"]) for r in rs)
+        for impl in impls:
+            rs = [r for r in results[(impl, cfg)] if "us" in r]
+            if not rs:
+                err = next((r.get("error") for r in results[(impl, cfg)]), None)
+                rows.append({"config": cfg, "impl": impl, "error": err})
+                continue
+            us = med[impl]
+            row = {"config": cfg, "impl": impl, "us": us,
+                   "rounds": [statistics.median(r["us"]) for r in rs],
+                   "vs_numpy": us / med["numpy"] if "numpy" in med else None,
+                   "vs_peer": us / med[PEER] if PEER in med else None,
+                   "gflops": C.step_flops(cfg) / us / 1e3,
+                   "first_s": statistics.median(r["first_s"] for r in rs),
+                   "loss0": rs[0]["loss0"],
+                   "load1": statistics.median(r.get("load1", 0.0) for r in rs)}
+            if impl == "jitgrad":
+                for key in ("native_us", "gemm_floor_us"):
+                    if all(key in r for r in rs):
+                        row[key] = statistics.median(statistics.median(r[key]) for r in rs)
+                row["peak_bytes"] = rs[0].get("peak_bytes")
+                row["n_steps"] = rs[0].get("n_steps")
+            rows.append(row)
+    return rows
+
+
+def fmt(v, spec):
+    return "—" if v is None else format(v, spec)
+
+
+def print_table(rows: list[dict], info: dict, markdown: bool, new_compile: dict) -> None:
+    head = ["config", "impl", "µs/step", "÷ numpy", "÷ JAX", "GFLOP/s", "1st result s",
+            "native µs", "GEMM floor µs"]
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append([r["config"], r["impl"], f"error: {r['error']}"] + [""] * 6)
+            continue
+        lines.append([r["config"], r["impl"], fmt(r["us"], ",.0f"), fmt(r["vs_numpy"], ".2f"),
+                      fmt(r["vs_peer"], ".2f"), fmt(r["gflops"], ".1f"),
+                      fmt(r["first_s"], ".2f"), fmt(r.get("native_us"), ",.0f"),
+                      fmt(r.get("gemm_floor_us"), ",.0f")])
+    if markdown:
+        print(f"Measured on {info['cpu']} ({info['cores']} cores"
+              f"{', ' + info['isa'] if 'isa' in info else ''}), "
+              f"{info.get('threads', 2)} threads per implementation, "
+              f"float32, Python {info['python']}; {info.get('versions', '')}.\n")
+        print("| " + " | ".join(head) + " |")
+        print("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
+        for ln in lines:
+            print("| " + " | ".join(ln) + " |")
+    else:
+        print(f"machine: {info['cpu']}, {info['cores']} cores; {info.get('versions', '')}")
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=False)]
+        for ln in [head] + lines:
+            print("  ".join(str(x).rjust(w) if i > 1 else str(x).ljust(w)
+                            for i, (x, w) in enumerate(zip(ln, widths, strict=False))))
+    if new_compile:
+        print()
+        print("jitgrad time to first result in a fresh process: "
+              + ", ".join(f"{c} {v:.2f} s" for c, v in new_compile.items())
+              + " (warm-up process; a new program unless this cache already held it)."
+              " '1st result s' above is the median over rounds, a cache hit.")
+
+
+def versions(impls: list[str]) -> str:
+    code = ("import importlib, json; out = {{}}\n"
+            "for m in {!r}:\n"
+            "    try: out[m] = importlib.import_module(m).__version__\n"
+            "    except Exception: pass\n"
+            "print(json.dumps(out))").format(["numpy", "numba"] + [i for i in impls
+                                                             if i in ("torch", "jax")],)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=C.thread_env())
+    try:
+        return ", ".join(f"{k} {v}" for k, v in json.loads(p.stdout).items())
+    except ValueError:
+        return ""
+
+
+def print_profile(config: str, res: dict) -> None:
+    prof = res["profile"]
+    calls = prof["calls"]
+    total = sum(c["us"] for c in calls)
+    by_kind: dict[str, list[float]] = {}
+    for c in calls:
+        by_kind.setdefault(c["kind"], []).append(c["us"])
+    step_us = statistics.median(res["us"])
+    native = statistics.median(res["native_us"])
+    floor = statistics.median(res["gemm_floor_us"])
+    print(f"jitgrad per-kernel profile, {config}: {len(calls)} kernel calls; "
+          f"train_step {step_us:,.0f} µs, native call {native:,.0f} µs, "
+          f"sum of kernels {total:,.0f} µs (ctypes overhead {prof['overhead_us']:.2f} µs/call "
+          f"subtracted), GEMM floor {floor:,.0f} µs")
+    print(f"{'kernel kind':58} {'calls':>5} {'µs':>10} {'share':>6}")
+    for kind, us in sorted(by_kind.items(), key=lambda kv: -sum(kv[1])):
+        print(f"{kind[:58]:58} {len(us):5d} {sum(us):10,.1f} {100 * sum(us) / total:5.1f}%")
+    print(f"{'Python wrapper (train_step − native call)':58} {'':5} "
+          f"{step_us - native:10,.1f}")
+    print("\ntop 12 calls:")
+    for c in sorted(calls, key=lambda c: -c["us"])[:12]:
+        print(f"  {c['us']:9,.1f} µs  {c['label'][:100]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=",".join(C.CONFIGS))
+    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--threads", type=int, default=C.THREADS,
+                    help="threads for every implementation (default 2)")
+    ap.add_argument("--json", help="also write the raw results to this file")
+    ap.add_argument("--profile", metavar="CONFIG", help="per-kernel profile of jitgrad's step")
+    ap.add_argument("--worker", nargs=2, metavar=("IMPL", "CONFIG"), help=argparse.SUPPRESS)
+    ap.add_argument("--with-profile", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+
+    if a.worker:
+        impl, cfg = a.worker
+        fn = {"jitgrad": worker_jitgrad, "numpy": worker_numpy, "torch": worker_torch,
+              "jax": worker_jax}[impl]
+        res = fn(cfg, profile=True) if impl == "jitgrad" and a.with_profile else fn(cfg)
+        res["load1"] = os.getloadavg()[0]  # the machine is shared: record how busy it was
+        print(json.dumps(res))
+        return 0
+
+    if a.profile:
+        res = run_worker("jitgrad", a.profile, ["--with-profile"])
+        if "error" in res:
+            print("profile failed:", res["error"])
+            return 1
+        print_profile(a.profile, res)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
+
+    global WORKER_THREADS
+    WORKER_THREADS = a.threads
+    configs = [c for c in a.configs.split(",") if c]
+    for c in configs:
+        if c not in C.CONFIGS:
+            ap.error(f"unknown config {c!r}; choose from {', '.join(C.CONFIGS)}")
+    impls = [i for i in a.impls.split(",") if i]
+    skipped = [i for i in impls if not available(i)]
+    impls = [i for i in impls if i not in skipped]
+    if skipped:
+        print(f"(not installed, skipped: {', '.join(skipped)})", file=sys.stderr)
+    info = machine()
+    info["versions"] = versions(impls)
+    info["threads"] = a.threads
+
+    new_compile = {}
+    if "jitgrad" in impls:  # warm the cache; its first-result time is the new-program time
+        for cfg in configs:
+            r = run_worker("jitgrad", cfg)
+            if "first_s" in r:
+                new_compile[cfg] = r["first_s"]
+            print(f"warm-up jitgrad {cfg}: "
+                  f"{r.get('first_s', r.get('error'))}", file=sys.stderr)
+    results = {(i, c): [] for i in impls for c in configs}
+    for rnd in range(a.rounds):
+        for cfg in configs:
+            order = impls[rnd % len(impls):] + impls[:rnd % len(impls)]  # rotate who goes first
+            for impl in order:
+                r = run_worker(impl, cfg)
+                results[(impl, cfg)].append(r)
+                print(f"round {rnd + 1} {cfg:6} {impl:7} "
+                      f"{statistics.median(r['us']) if 'us' in r else r.get('error')}",
+                      file=sys.stderr)
+    rows = summarize(results, configs, impls)
+    print_table(rows, info, a.markdown, new_compile)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": info, "rows": rows, "new_compile_s": new_compile,
+                       "raw": {f"{i}/{c}": v for (i, c), v in results.items()}}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
