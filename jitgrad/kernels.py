@@ -362,6 +362,7 @@ def ensure_loaded() -> None:
         from . import cache, threads
         threads.init()
         mod = cache.load_module("kernels", library_source(), extra_key=library_hash())
+        threads.limit_blas()  # now that Numba has loaded scipy's BLAS, threadpoolctl can see it
         import llvmlite.binding as llb
         for name in dir(mod):
             if name.startswith("jg_"):

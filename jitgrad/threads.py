@@ -33,11 +33,11 @@ def init() -> None:
                       "falling back to Numba's default layer", stacklevel=2)
         numba.config.THREADING_LAYER = "default"
         numba.get_num_threads()
-    n = num_threads()
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(n, user_api="blas")
-    except ImportError:
-        pass
+    numba.set_num_threads(min(num_threads(), numba.config.NUMBA_NUM_THREADS))
     _initialised = True
+
+
+def limit_blas() -> None:
+    """Give every loaded BLAS (numpy's and scipy's OpenBLAS, MKL) the same thread count."""
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(num_threads(), user_api="blas")
