@@ -1,0 +1,159 @@
+"""The Numba backend's own contracts: the memory plan, in-place updates, generated code,
+the on-disk cache, and kernels against numpy."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import jitgrad as jg
+from jitgrad.memory import ALIGN
+
+
+def _mlp_loss(p, x, y):
+    h = jg.relu(x @ p["W1"] + p["b1"])
+    return jg.softmax_cross_entropy(h @ p["W2"], y) + 1e-3 * jg.sum(p["W1"] * p["W1"])
+
+
+def _mlp(rng, dtype=np.float32):
+    return ({"W1": rng.normal(size=(12, 16)).astype(dtype) * 0.3,
+             "b1": np.zeros(16, dtype),
+             "W2": rng.normal(size=(16, 5)).astype(dtype) * 0.3},
+            rng.normal(size=(8, 12)).astype(dtype), rng.integers(0, 5, 8))
+
+
+@pytest.fixture(scope="module")
+def mlp_grad():
+    rng = np.random.default_rng(0)
+    params, x, y = _mlp(rng)
+    cf = jg.jit(jg.value_and_grad(_mlp_loss), backend="numba")
+    cf(params, x, y)
+    return cf, params, x, y
+
+
+def test_plan_never_overlaps_live_buffers(mlp_grad):
+    plan = mlp_grad[0].plan
+    buffers = plan.unique_buffers()
+    assert buffers
+    for b in buffers:
+        assert b.offset % ALIGN == 0 and b.offset + b.nbytes <= plan.peak_bytes
+    for i, a in enumerate(buffers):
+        for b in buffers[i + 1:]:
+            if a.overlaps_in_time(b):
+                assert a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset
+    assert plan.lower_bound <= plan.peak_bytes
+    assert "peak_bytes" in str(plan)
+
+
+def test_dying_inputs_are_updated_in_place(mlp_grad):
+    plan = mlp_grad[0].plan
+    # relu's backward (where(y > 0, g, 0)) may overwrite g or y: at least one value in place
+    assert plan.in_place >= 1
+    assert plan.peak_bytes < sum(b.nbytes for b in plan.unique_buffers()) + 1
+
+
+def test_compiled_equals_interpreted(mlp_grad):
+    cf, params, x, y = mlp_grad
+    value, grads = cf(params, x, y)
+    ref_value, ref_grads = jg.jit(jg.value_and_grad(_mlp_loss), backend="interpret")(params, x, y)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for k in params:
+        np.testing.assert_allclose(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6)
+
+
+def test_transposed_matmuls_reach_gemm_without_a_copy(mlp_grad):
+    source = mlp_grad[0].source
+    assert "jg_gemm_f32" in source
+    # the weight gradient X.T @ G and the input gradient G @ W.T carry flags, not copies
+    assert ", 1, 0)" in source and ", 0, 1)" in source
+    assert "jg_copy" not in source
+
+
+def test_results_never_alias_the_arena(mlp_grad):
+    cf, params, x, y = mlp_grad
+    first = cf(params, x, y)[1]["W1"]
+    saved = first.copy()
+    cf(params, x * 2, y)
+    np.testing.assert_array_equal(first, saved)
+
+
+@pytest.mark.parametrize("opt", [jg.optim.SGD(lr=0.1, momentum=0.9),
+                                 jg.optim.Adam(lr=0.01, weight_decay=1e-3)],
+                         ids=["sgd-momentum", "adam"])
+def test_train_step_updates_params_in_place_like_the_interpreter(opt):
+    rng = np.random.default_rng(1)
+    p_numba, x, y = _mlp(rng, np.float64)
+    p_interp = {k: v.copy() for k, v in p_numba.items()}
+    ids = {k: id(v) for k, v in p_numba.items()}
+    step = jg.train_step(_mlp_loss, p_numba, opt, backend="numba")
+    ref = jg.train_step(_mlp_loss, p_interp, opt, backend="interpret")
+    for _ in range(3):
+        np.testing.assert_allclose(step(x, y), ref(x, y), rtol=1e-12)
+    for k in p_numba:
+        assert id(p_numba[k]) == ids[k]
+        np.testing.assert_allclose(p_numba[k], p_interp[k], rtol=1e-10, atol=1e-14)
+    # the update kernels wrote the parameters directly: nothing was copied back
+    executable = step.compiled._last.executable
+    assert executable._donate_copy == []
+
+
+def test_failed_step_leaves_params_and_state_untouched():
+    rng = np.random.default_rng(2)
+    params, x, y = _mlp(rng)
+    step = jg.train_step(_mlp_loss, params, jg.optim.SGD(lr=0.1, momentum=0.9),
+                         backend="numba")
+    step(x, y)
+    before = {k: v.copy() for k, v in params.items()}
+    momentum = {k: v.copy() for k, v in step.state["momentum"].items()}
+    bad = y.copy()
+    bad[3] = 7
+    with pytest.raises(jg.JitgradError, match="label 7 at index 3"):
+        step(x, bad)
+    for k in params:
+        np.testing.assert_array_equal(params[k], before[k])
+        np.testing.assert_array_equal(step.state["momentum"][k], momentum[k])
+
+
+def test_float32_sum_of_many_terms_is_accurate():
+    x = np.random.default_rng(3).normal(size=(1 << 20,)).astype(np.float32) + 1
+    got = jg.jit(jg.sum, backend="numba")(x)
+    want = np.sum(x.astype(np.float64))
+    assert abs(float(got) - want) <= 1e-6 * abs(want)
+
+
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_layouts_match_numpy(ta, tb, dtype):
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(7, 5) if ta else (5, 7)).astype(dtype)
+    b = rng.normal(size=(3, 7) if tb else (7, 3)).astype(dtype)
+    fn = jg.jit(lambda a, b: (a.T if ta else a) @ (b.T if tb else b), backend="numba")
+    want = (a.T if ta else a) @ (b.T if tb else b)
+    np.testing.assert_allclose(fn(a, b), want, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    assert "jg_copy" not in fn.source  # the transposes became GEMM flags
+
+
+_CHILD = textwrap.dedent("""
+    import numpy as np, jitgrad as jg
+    f = jg.jit(lambda x: jg.sum(jg.tanh(x) * 3.25), backend="numba")
+    print(float(f(np.arange(6.0))))
+""")
+
+
+def test_second_process_loads_compiled_code_from_the_cache(tmp_path):
+    cache_dir = tmp_path / "cache"  # created by jitgrad, private to the user
+    env = {**os.environ, "JITGRAD_CACHE_DIR": str(cache_dir), "NUMBA_DEBUG_CACHE": "1"}
+    runs = [subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,
+                           text=True, timeout=600) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    value = float(runs[1].stdout.strip().splitlines()[-1])
+    assert value == pytest.approx(np.sum(np.tanh(np.arange(6.0)) * 3.25))
+    # the second process compiled nothing: every function came from the cache
+    assert "[cache] data saved" in runs[0].stdout
+    assert "[cache] data saved" not in runs[1].stdout
+    assert "[cache] data loaded" in runs[1].stdout
+    assert oct(os.stat(cache_dir).st_mode & 0o777) == "0o700"
