@@ -246,11 +246,12 @@ def _innermost_trace(args: Sequence[Any]) -> Trace | None:
     return best
 
 
-def replay(prog: Program, args: Sequence[Any]) -> dict[Var, Any]:
+def replay(prog: Program, args: Sequence[Any],
+           on_result: Callable[[Instr, Var, Any], None] | None = None) -> dict[Var, Any]:
     """Run prog on args through bind; returns the value of every Var.
 
     numpy args interpret the program; Tracers copy it into their trace, each
-    instruction keeping its source line.
+    instruction keeping its source line. on_result sees every value produced.
     """
     if len(args) != len(prog.inputs):
         raise JitgradError(f"program takes {len(prog.inputs)} inputs, got {len(args)}")
@@ -262,6 +263,9 @@ def replay(prog: Program, args: Sequence[Any]) -> dict[Var, Any]:
         if ins.prim.n_outputs == 1:
             outs = (outs,)
         env.update(zip(ins.outputs, outs, strict=True))
+        if on_result is not None:
+            for var, val in zip(ins.outputs, outs, strict=True):
+                on_result(ins, var, val)
     return env
 
 

@@ -6,23 +6,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .core import source_loc
+from .core import replay
 from .errors import NonFiniteError
-from .ir import Program, Var, format_instr
+from .ir import Instr, Program, Var, format_instr
 
 
 def run(prog: Program, args: Sequence[np.ndarray], check_finite: bool = False) -> list[np.ndarray]:
-    env: dict[Var, np.ndarray] = dict(zip(prog.inputs, args, strict=True))
-    env.update(prog.consts)
-    for ins in prog.instrs:
-        with source_loc(ins.loc):
-            outs = ins.prim.bind(*(env[v] for v in ins.inputs), **ins.kw)
-        outs = outs if ins.prim.n_outputs > 1 else (outs,)
-        for var, val in zip(ins.outputs, outs, strict=True):
-            if check_finite and var.dtype.kind == "f" and not np.all(np.isfinite(val)):
-                raise NonFiniteError(f"non-finite value produced by instruction "
-                                     f"`{format_instr(ins, {})}` at {ins.loc}")
-            env[var] = val
+    def check(ins: Instr, var: Var, val: np.ndarray) -> None:
+        if var.dtype.kind == "f" and not np.all(np.isfinite(val)):
+            raise NonFiniteError(f"non-finite value produced by instruction "
+                                 f"`{format_instr(ins, {})}` at {ins.loc}")
+
+    env = replay(prog, args, check if check_finite else None)
     return [env[v] for v in prog.outputs]
 
 
