@@ -38,7 +38,7 @@ EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # Per-optimizer defaults for the flags whose sensible value depends on the optimizer.
 OPTIMIZER_DEFAULTS = {
-    "sgd": {"lr": 0.05, "weight_decay": 5e-4},
+    "sgd": {"lr": 0.05, "weight_decay": 2e-3},
     "adam": {"lr": 1e-3, "weight_decay": 0.0},
     "adamw": {"lr": 1e-3, "weight_decay": 1e-2},
 }
