@@ -80,7 +80,9 @@ class CompiledFunction:
         self._backend = backend
         self.options = {"check_finite": bool(check_finite)}
         if remat is not None or memory_budget is not None:
-            self.options.update(remat=remat, memory_budget=memory_budget)
+            # Checked here, not at the first call, so that nothing half-works on any backend.
+            raise JitgradError("recomputation checkpointing (remat=, memory_budget=) is not "
+                               "implemented yet; every activation is stored")
         if donate:
             self.options["donate"] = dict(donate)
         self._cache: dict[Any, Compiled] = {}

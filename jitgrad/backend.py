@@ -57,10 +57,8 @@ def _donatable(uses: list[memory.StepUse], steps: list[Any], out: Var, into: Var
 
 
 class NumbaExecutable:
-    def __init__(self, prog: Program, check_finite: bool = False, remat: Any = None,
-                 memory_budget: Any = None, donate: dict[int, int] | None = None):
-        if remat is not None or memory_budget is not None:
-            raise JitgradError("recomputation (remat/memory_budget) is not implemented yet")
+    def __init__(self, prog: Program, check_finite: bool = False,
+                 donate: dict[int, int] | None = None):
         kernels.ensure_loaded()
         self.program = prog
         self.check_finite = check_finite
@@ -163,7 +161,6 @@ class NumbaExecutable:
         raise JitgradError(f"index or label out of range in {self._labels[status - 1]}")
 
 
-def compile_program(prog: Program, check_finite: bool = False, remat: Any = None,
-                    memory_budget: Any = None, donate: dict[int, int] | None = None
-                    ) -> NumbaExecutable:
-    return NumbaExecutable(prog, check_finite, remat, memory_budget, donate)
+def compile_program(prog: Program, check_finite: bool = False,
+                    donate: dict[int, int] | None = None) -> NumbaExecutable:
+    return NumbaExecutable(prog, check_finite, donate)

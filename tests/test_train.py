@@ -366,9 +366,9 @@ def test_cli_remat_is_passed_through(capsys, monkeypatch):
     code, _, err = run_cli(capsys, "--remat", "--memory-budget", "1MiB", "--epochs", "1",
                            "--quiet", *TINY)
     assert seen == {"remat": "sqrt", "memory_budget": 2**20}
-    # Until the planner supports recomputation the backend refuses: a clean message.
-    if code != 0:
-        assert_usage_error(code, err)
+    # Until the planner supports recomputation jit refuses it: a clean message, exit 2.
+    assert_usage_error(code, err)
+    assert "not implemented yet" in err
 
 
 def test_cli_nonfinite_loss_stops_cleanly(tmp_path, capsys):
