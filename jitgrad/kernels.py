@@ -191,15 +191,21 @@ def fill_zero(dst):
         dst[i] = 0
 
 
+@njit(inline="always", cache=True)
+def wrap_index(k, n):
+    """k in [0, n), negative indices counting from the end as in numpy; -1 if out of range."""
+    if k < -n or k >= n:
+        return -1
+    return k + n if k < 0 else k
+
+
 @njit(cache=True)
 def gather_rows(x, idx, y):
     n = x.shape[0]
     for r in range(idx.size):
-        k = idx[r]
-        if k < -n or k >= n:
-            return r + 1
+        k = wrap_index(idx[r], n)
         if k < 0:
-            k += n
+            return r + 1
         y[r, :] = x[k, :]
     return 0
 
@@ -209,11 +215,9 @@ def scatter_add_rows(g, idx, y):
     n = y.shape[0]
     y[:] = 0
     for r in range(idx.size):
-        k = idx[r]
-        if k < -n or k >= n:
-            return r + 1
+        k = wrap_index(idx[r], n)
         if k < 0:
-            k += n
+            return r + 1
         y[k, :] += g[r, :]
     return 0
 
@@ -225,11 +229,9 @@ def take_along(x, idx, y):
     for o in range(outer):
         for j in range(m):
             for i in range(inner):
-                k = idx[o, j, i]
-                if k < -n or k >= n:
-                    return 1
+                k = wrap_index(idx[o, j, i], n)
                 if k < 0:
-                    k += n
+                    return 1
                 y[o, j, i] = x[o, k, i]
     return 0
 
@@ -242,11 +244,9 @@ def scatter_along(g, idx, y):
     for o in range(outer):
         for j in range(m):
             for i in range(inner):
-                k = idx[o, j, i]
-                if k < -n or k >= n:
-                    return 1
+                k = wrap_index(idx[o, j, i], n)
                 if k < 0:
-                    k += n
+                    return 1
                 y[o, k, i] += g[o, j, i]
     return 0
 
