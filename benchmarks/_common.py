@@ -178,11 +178,16 @@ def native_runner(cf, *args):
     ptrs = ex._ptrs.copy()
     for i, a in enumerate(arrays):
         ptrs[2 + i] = a.__array_interface__["data"][0]
-    run = ex._run
-    # the generated entry takes the pointer table itself, or (newer backends) its address
-    arg = ptrs.__array_interface__["data"][0] if hasattr(ex, "_ptrs_addr") else ptrs
-    run(arg)
-    return (lambda: run(arg)), (arrays, ptrs, ex)
+    chunks, addr = ex._chunks, ptrs.__array_interface__["data"][0]
+
+    def run():
+        # the compiled program is a few C-ABI chunks run in order (see codegen.render_glue)
+        for chunk in chunks:
+            if chunk(addr):
+                raise RuntimeError("a kernel rejected its input")
+
+    run()
+    return run, (arrays, ptrs, ex)
 
 
 def gemm_kernel(dtype="float32"):
