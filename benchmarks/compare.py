@@ -220,7 +220,8 @@ def profile_steps(ex, ptrs, reps: int = 30) -> dict:
     for i in range(len(ptrs) - 2):
         env[f"p{i}"] = int(ptrs[i + 2])
     calls = []
-    pat = re.compile(r"^\s+if (jg_\w+)\((.*)\):\s+# (.*)$")
+    # a step of a chunk: `jg_sym(args)  # label`, or `if jg_sym(args):  # label` if it can fail
+    pat = re.compile(r"^\s+(?:if )?(jg_\w+)\((.*)\):?\s+# (.*)$")
     for line in ex.source.splitlines():
         m = pat.match(line)
         if m:
