@@ -141,20 +141,8 @@ def gemm_floor_fn(config: str, dtype="float32"):
     the latter not for the first layer) through jitgrad's own gemm kernel symbol, in one
     native call, on buffers of the step's shapes."""
     import numpy as np
-    from numba import njit, types
 
-    from jitgrad import kernels
-    kernels.ensure_loaded()
-    sym = kernels.symbol("gemm", np.dtype(dtype))
-    gemm = types.ExternalFunction(sym, types.int64(*[types.int64] * 8))
-
-    @njit
-    def run(spec):
-        for i in range(spec.shape[0]):
-            gemm(spec[i, 0], spec[i, 1], spec[i, 2], spec[i, 3], spec[i, 4], spec[i, 5],
-                 spec[i, 6], spec[i, 7])
-        return 0
-
+    run = C.gemm_kernel(dtype)
     rng = np.random.default_rng(0)
     _, batch = C.CONFIGS[config]
     keep, rows = [], []

@@ -73,17 +73,16 @@ class NumbaExecutable:
         # (the optimizer update writes the parameters in place); the rest are copied
         # there after the call.
         self._donate_copy: list[tuple[int, int]] = []
+        self._donated_in_place: set[int] = set()
         for out_i, in_i in (donate or {}).items():
             out, into = outputs[out_i], prepared.inputs[in_i]
             if (out not in external and outputs.count(out) == 1
                     and into not in outputs and _donatable(uses, low.steps, out, into)):
                 external[out] = in_i
+                self._donated_in_place.add(out_i)
             else:
                 self._donate_copy.append((out_i, in_i))
         self.plan = memory.plan(uses, outputs, set(external), [s.label for s in low.steps])
-        self._donated_in_place = {i for i, v in enumerate(outputs)
-                                  if v in external and v not in prepared.inputs
-                                  and v not in prepared.consts}
         self._labels = [s.label for s in low.steps]
         _load_fused(low.fused)
         # The chunk symbols are named by the program's content, so equal programs share them.

@@ -73,7 +73,6 @@ class Step:
     writes: list[Var]
     reads: list[Var]
     label: str
-    scratch: list[Var] = field(default_factory=list)
     in_place: list[tuple[Var, Var]] = field(default_factory=list)
 
     @property
@@ -116,9 +115,9 @@ class Lowering:
         return f"meta + {8 * start}", len(values)
 
     def call(self, sym: str, args: list[Any], writes: list[Var], reads: list[Var],
-             ins: Instr | None, scratch: list[Var] | None = None) -> None:
+             ins: Instr | None) -> None:
         label = f"{ins.prim.name} at {ins.loc}" if ins is not None else sym
-        self.steps.append(Step(sym, args, writes, reads, label, scratch or []))
+        self.steps.append(Step(sym, args, writes, reads, label))
 
     def copy(self, src: Var, dst: Var, shape: tuple[int, ...], src_strides: list[int],
              dst_strides: list[int], src_off: int, dst_off: int, ins: Instr) -> None:
@@ -189,8 +188,9 @@ def _reduction(kernel: str):
             idx = Var(y.shape, np.dtype(np.int64))
             args.append(idx)
             scratch.append(idx)
+        # scratch (max's indices) is written like a result; the planner frees it at once
         low.call(kernels.symbol(kernel, x.dtype), args + [outer, n, inner], [y] + scratch, [x],
-                 ins, scratch)
+                 ins)
     return lower_it
 
 
@@ -199,14 +199,11 @@ def _argmax_like(low: Lowering, ins: Instr) -> None:
     axis = ins.kw["axis"]
     if ins.prim.name == "max_argmax":
         y, idx = ins.outputs
-        scratch = []
-    else:
+    else:  # argmax alone: the maxima go to a scratch buffer the planner frees at once
         idx = ins.outputs[0]
         y = Var(idx.shape, x.dtype)
-        scratch = [y]
     outer, n, inner = _reduce_dims(x.shape, (axis,))
-    low.call(kernels.symbol("max", x.dtype), [x, y, idx, outer, n, inner], [y, idx], [x], ins,
-             scratch)
+    low.call(kernels.symbol("max", x.dtype), [x, y, idx, outer, n, inner], [y, idx], [x], ins)
 
 
 def _reshape(low: Lowering, ins: Instr) -> None:
