@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import Trace, Tracer, replay, source_loc
+from .core import Trace, Tracer, instr_tags, replay, source_loc
 from .errors import JitgradError, UndefinedGradientError
 from .ir import Program, Var
 from .ops import elementwise as E
@@ -46,7 +46,8 @@ def grad_program(prog: Program, wrt: Sequence[int], out_index: int = 0) -> Progr
     with Trace() as t:
         env = replay(prog, [t.new_input(v.shape, v.dtype) for v in prog.inputs])
         path = _on_path(prog, wrt_vars, out)
-        grad_table: dict[Var, Any] = {out: _constant(t, 1.0, out.dtype)}
+        with instr_tags("backward"):
+            grad_table: dict[Var, Any] = {out: _constant(t, 1.0, out.dtype)}
         for ins in reversed(prog.instrs):
             cts = [grad_table.pop(o, None) for o in ins.outputs]
             needs = [v in path for v in ins.inputs]
@@ -57,7 +58,7 @@ def grad_program(prog: Program, wrt: Sequence[int], out_index: int = 0) -> Progr
                     f"the gradient of {ins.prim.name} is undefined (it is piecewise constant), "
                     f"but a requested gradient flows through it at {ins.loc}; wrap its input "
                     f"in jg.stop_gradient if it is meant to be a constant")
-            with source_loc(ins.loc):
+            with source_loc(ins.loc), instr_tags("backward"):
                 grads = ins.prim.vjp(cts, [env[o] for o in ins.outputs],
                                      [env[v] for v in ins.inputs], **ins.kw)
                 for v, g, need in zip(ins.inputs, grads, needs, strict=True):
@@ -65,8 +66,9 @@ def grad_program(prog: Program, wrt: Sequence[int], out_index: int = 0) -> Progr
                         _check_cotangent(ins, v, g)
                         grad_table[v] = E.add(grad_table[v], g) if v in grad_table else g
         grads = [grad_table.get(v) for v in wrt_vars]
-        grads = [S.broadcast_to(_constant(t, 0.0, v.dtype), v.shape) if g is None else g
-                 for v, g in zip(wrt_vars, grads, strict=True)]
+        with instr_tags("backward"):
+            grads = [S.broadcast_to(_constant(t, 0.0, v.dtype), v.shape) if g is None else g
+                     for v, g in zip(wrt_vars, grads, strict=True)]
         return t.to_program([env[o] for o in prog.outputs] + grads)
 
 

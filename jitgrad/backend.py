@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -56,33 +57,57 @@ def _donatable(uses: list[memory.StepUse], steps: list[Any], out: Var, into: Var
     return into not in uses[writer].reads or steps[writer].elementwise
 
 
+@dataclass
+class Planned:
+    """A program lowered to kernel calls with its arena laid out; nothing compiled yet."""
+
+    prepared: Program
+    low: Any                      # codegen.Lowering
+    external: dict[Var, int]      # values outside the arena -> their pointer-table slot
+    outputs: list[Var]
+    plan: memory.Plan
+    donated_in_place: set[int]    # results computed straight into the donated input
+    donate_copy: list[tuple[int, int]]  # (result, input) pairs copied there after the call
+
+
+def plan_program(prog: Program, donate: dict[int, int] | None = None) -> Planned:
+    """Lower and lay out prog (pure Python: the memory planner's view of a program)."""
+    prepared = prepare(prog)
+    low = lower(prepared)
+    external = {v: i for i, v in enumerate(list(prepared.inputs) + list(prepared.consts))}
+    root = low.root
+    uses = [memory.StepUse([root(v) for v in s.writes], [root(v) for v in s.reads],
+                           [(root(a), root(b)) for a, b in s.in_place]) for s in low.steps]
+    outputs = [root(v) for v in prepared.outputs]
+    # Donated results are computed in the input's own memory where that is safe
+    # (the optimizer update writes the parameters in place); the rest are copied
+    # there after the call.
+    donate_copy: list[tuple[int, int]] = []
+    donated_in_place: set[int] = set()
+    for out_i, in_i in (donate or {}).items():
+        out, into = outputs[out_i], prepared.inputs[in_i]
+        if (out not in external and outputs.count(out) == 1
+                and into not in outputs and _donatable(uses, low.steps, out, into)):
+            external[out] = in_i
+            donated_in_place.add(out_i)
+        else:
+            donate_copy.append((out_i, in_i))
+    plan = memory.plan(uses, outputs, set(external), [s.label for s in low.steps])
+    return Planned(prepared, low, external, outputs, plan, donated_in_place, donate_copy)
+
+
 class NumbaExecutable:
     def __init__(self, prog: Program, check_finite: bool = False,
                  donate: dict[int, int] | None = None):
         kernels.ensure_loaded()
         self.program = prog
         self.check_finite = check_finite
-        prepared = prepare(prog)
-        low = lower(prepared)
-        external = {v: i for i, v in enumerate(list(prepared.inputs) + list(prepared.consts))}
-        root = low.root
-        uses = [memory.StepUse([root(v) for v in s.writes], [root(v) for v in s.reads],
-                               [(root(a), root(b)) for a, b in s.in_place]) for s in low.steps]
-        outputs = [root(v) for v in prepared.outputs]
-        # Donated results are computed in the input's own memory where that is safe
-        # (the optimizer update writes the parameters in place); the rest are copied
-        # there after the call.
-        self._donate_copy: list[tuple[int, int]] = []
-        self._donated_in_place: set[int] = set()
-        for out_i, in_i in (donate or {}).items():
-            out, into = outputs[out_i], prepared.inputs[in_i]
-            if (out not in external and outputs.count(out) == 1
-                    and into not in outputs and _donatable(uses, low.steps, out, into)):
-                external[out] = in_i
-                self._donated_in_place.add(out_i)
-            else:
-                self._donate_copy.append((out_i, in_i))
-        self.plan = memory.plan(uses, outputs, set(external), [s.label for s in low.steps])
+        planned = plan_program(prog, donate)
+        prepared, low, external = planned.prepared, planned.low, planned.external
+        outputs = planned.outputs
+        self._donate_copy = planned.donate_copy
+        self._donated_in_place = planned.donated_in_place
+        self.plan = planned.plan
         self._labels = [s.label for s in low.steps]
         _load_fused(low.fused)
         # The chunk symbols are named by the program's content, so equal programs share them.

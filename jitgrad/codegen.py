@@ -9,6 +9,7 @@ function that makes those calls in order through external symbols.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +27,13 @@ _INDEX_ARG = {"gather": 1, "scatter_add": 1, "take_along_axis": 1, "scatter_alon
 _REDUCTIONS = ("sum", "max", "logsumexp")
 
 
-def _emit(out: list[Instr], prim: Any, inputs: tuple[Var, ...], loc: str | None,
+def _emit(out: list[Instr], prim: Any, inputs: tuple[Var, ...], like: Instr,
           **params: Any) -> Var:
+    """A helper instruction standing in for part of `like` (same line and tags)."""
     (shape, dtype), = prim.abstract_eval([(v.shape, v.dtype) for v in inputs], params)
     var = Var(shape, dtype)
-    out.append(Instr(prim, inputs, tuple(sorted(params.items())), (var,), loc))
+    out.append(dataclasses.replace(like, prim=prim, inputs=inputs,
+                                   params=tuple(sorted(params.items())), outputs=(var,)))
     return var
 
 
@@ -44,20 +47,20 @@ def prepare(prog: Program) -> Program:
         if name in _INDEX_ARG:
             k = _INDEX_ARG[name]
             if inputs[k].dtype != np.int64:
-                inputs[k] = _emit(instrs, registry["cast"], (inputs[k],), ins.loc,
+                inputs[k] = _emit(instrs, registry["cast"], (inputs[k],), ins,
                                   dtype=np.dtype(np.int64))
         if name in _REDUCTIONS:
             axes = ins.kw["axes"]
             x = inputs[0]
             if axes and axes != tuple(range(axes[0], axes[-1] + 1)):
                 rest = tuple(a for a in range(x.ndim) if a not in axes)
-                moved = _emit(instrs, registry["transpose"], (x,), ins.loc, perm=rest + axes)
+                moved = _emit(instrs, registry["transpose"], (x,), ins, perm=rest + axes)
                 new_axes = tuple(range(len(rest), x.ndim))
-                red = _emit(instrs, ins.prim, (moved,), ins.loc, axes=new_axes, keepdims=False)
-                instrs.append(Instr(registry["reshape"], (red,),
-                                    (("shape", ins.outputs[0].shape),), ins.outputs, ins.loc))
+                red = _emit(instrs, ins.prim, (moved,), ins, axes=new_axes, keepdims=False)
+                instrs.append(dataclasses.replace(ins, prim=registry["reshape"], inputs=(red,),
+                                                  params=(("shape", ins.outputs[0].shape),)))
                 continue
-        instrs.append(Instr(ins.prim, tuple(inputs), ins.params, ins.outputs, ins.loc)
+        instrs.append(dataclasses.replace(ins, inputs=tuple(inputs))
                       if inputs != list(ins.inputs) else ins)
     return Program(prog.inputs, instrs, prog.outputs, prog.consts)
 

@@ -123,6 +123,23 @@ def source_loc(loc: str | None) -> Iterator[None]:
         _state.loc = old
 
 
+def current_tags() -> tuple[str, int | None]:
+    """(role, checkpoint region) recorded on instructions emitted now."""
+    return getattr(_state, "tags", ("forward", None))
+
+
+@contextlib.contextmanager
+def instr_tags(role: str | None = None, checkpoint: int | None = None) -> Iterator[None]:
+    """Tag instructions emitted inside: a role (VJP rules emit "backward") and/or a
+    jg.checkpoint region; an argument left None keeps the enclosing value."""
+    old = current_tags()
+    _state.tags = (role or old[0], old[1] if checkpoint is None else checkpoint)
+    try:
+        yield
+    finally:
+        _state.tags = old
+
+
 def user_frame_loc() -> str:
     """file:line of the innermost frame outside jitgrad and numpy (the user's code)."""
     f = sys._getframe(1)
@@ -228,8 +245,9 @@ class Trace:
         in_vars = tuple(self.var_of(a) for a in args)
         avals = prim.checked_abstract_eval([(v.shape, v.dtype) for v in in_vars], params)
         outs = tuple(Var(s, d) for s, d in avals)
+        role, region = current_tags()
         self.instrs.append(Instr(prim, in_vars, tuple(sorted(params.items())), outs,
-                                 current_loc()))
+                                 current_loc(), role, region))
         return [Tracer(self, o) for o in outs]
 
     def to_program(self, outputs: Sequence[Any]) -> Program:
@@ -258,7 +276,10 @@ def replay(prog: Program, args: Sequence[Any],
     env: dict[Var, Any] = dict(zip(prog.inputs, args, strict=True))
     env.update(prog.consts)
     for ins in prog.instrs:
-        with source_loc(ins.loc):
+        # A replayed instruction keeps its line and tags: "recompute" is a schedule
+        # decision of one program, not a property carried into another.
+        role = "forward" if ins.role == "recompute" else ins.role
+        with source_loc(ins.loc), instr_tags(role, ins.checkpoint):
             outs = ins.prim.bind(*(env[v] for v in ins.inputs), **ins.kw)
         if ins.prim.n_outputs == 1:
             outs = (outs,)

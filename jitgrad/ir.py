@@ -63,6 +63,11 @@ class Instr:
     params: tuple[tuple[str, Any], ...]
     outputs: tuple[Var, ...]
     loc: str | None = None  # the user's file:line that produced this instruction
+    # Where the instruction belongs: "forward" (the function itself), "backward" (emitted by a
+    # VJP rule) or "recompute" (a forward instruction repeated by rematerialisation).
+    role: str = "forward"
+    # The jg.checkpoint region it was traced in (its interior is recomputed, not stored).
+    checkpoint: int | None = None
 
     @property
     def kw(self) -> dict[str, Any]:
@@ -131,8 +136,14 @@ def format_program(prog: Program) -> str:
     for c, value in prog.consts.items():
         lines.append(f"  {names[c]}:{c.type_str()} = constant  # captured array, "
                      f"first {np.ravel(value)[:3].tolist()}")
+    role = "forward"
     for ins in prog.instrs:
+        if ins.role != role:  # the forward/backward boundary and recomputed stretches
+            role = ins.role
+            lines.append(f"  # ---- {role}")
         line = "  " + format_instr(ins, names, width)
+        if ins.checkpoint is not None:
+            line += f"  @checkpoint{ins.checkpoint}"
         if ins.loc:
             line = line.ljust(60) + f"  # {ins.loc}"
         lines.append(line)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -22,8 +23,7 @@ from .ops.shape import transpose_p
 def _rename(ins: Instr, subst: dict[Var, Var]) -> Instr:
     if not any(v in subst for v in ins.inputs):
         return ins
-    return Instr(ins.prim, tuple(subst.get(v, v) for v in ins.inputs), ins.params,
-                 ins.outputs, ins.loc)
+    return dataclasses.replace(ins, inputs=tuple(subst.get(v, v) for v in ins.inputs))
 
 
 def _finish(prog: Program, instrs: list[Instr], subst: dict[Var, Var]) -> Program:
@@ -85,7 +85,7 @@ def simplify(prog: Program) -> Program:
                 a, kw["ta"] = pa.inputs[0], not kw["ta"]
             if pb is not None and pb.prim is transpose_p and pb.kw["perm"] == (1, 0):
                 b, kw["tb"] = pb.inputs[0], not kw["tb"]
-            ins = Instr(ins.prim, (a, b), tuple(sorted(kw.items())), ins.outputs, ins.loc)
+            ins = dataclasses.replace(ins, inputs=(a, b), params=tuple(sorted(kw.items())))
         for o in ins.outputs:
             producer[o] = ins
         instrs.append(ins)
