@@ -2,7 +2,7 @@
 
 from . import nn, optim
 from . import trace as _trace  # noqa: F401  (attaches operators to Tracer)
-from .api import CompiledFunction, grad, jit, value_and_grad
+from .api import CompiledFunction, checkpoint, grad, jit, value_and_grad
 from .errors import JitgradError, NonFiniteError, TracingError, UndefinedGradientError
 from .ir import Instr, Program, Var
 from .ops.elementwise import (
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompiledFunction", "Instr", "JitgradError", "NonFiniteError", "Program", "TracingError",
+    "checkpoint",
     "UndefinedGradientError", "Var", "abs", "argmax", "ceil", "concatenate", "exp", "floor",
     "grad", "jit", "log", "logsumexp", "matmul", "max", "max_argmax", "maximum", "mean", "relu",
     "reshape", "round", "sigmoid", "sign", "softmax", "softmax_cross_entropy", "sqrt",

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from . import remat as remat_mod
 from . import tree
 from .autodiff import grad_program
-from .core import Tracer, _trace_stack, eval_program
+from .core import Tracer, _trace_stack, eval_program, instr_tags
 from .errors import JitgradError, UndefinedGradientError
 from .ir import Program
 from .passes import dce, optimize
@@ -55,6 +57,7 @@ class Compiled:
         self.program = program
         self.executable = executable
         self.out_tree = out_tree
+        self.remat: Any = None  # remat.RematReport: what is stored and what recomputed
 
     @property
     def plan(self) -> Any:
@@ -79,10 +82,8 @@ class CompiledFunction:
         self.fn = fn
         self._backend = backend
         self.options = {"check_finite": bool(check_finite)}
-        if remat is not None or memory_budget is not None:
-            # Checked here, not at the first call, so that nothing half-works on any backend.
-            raise JitgradError("recomputation checkpointing (remat=, memory_budget=) is not "
-                               "implemented yet; every activation is stored")
+        remat_mod.check_policy(remat, memory_budget)
+        self.remat, self.memory_budget = remat, memory_budget
         if donate:
             self.options["donate"] = dict(donate)
         self._cache: dict[Any, Compiled] = {}
@@ -108,11 +109,20 @@ class CompiledFunction:
                         raise JitgradError("a jitted function captured a value being traced "
                                            "by an enclosing transformation; pass it as an "
                                            "argument instead")
-                    prog = optimize(prog)
+                    prog, report = self._rematerialize(optimize(prog), backend)
                     entry = Compiled(prog, _compile(prog, backend, self.options), out_tree)
+                    entry.remat = report
+                    if entry.plan is not None:
+                        entry.plan.remat = report
                     self._cache[key] = entry
         self._last = entry
         return entry, leaves, sigs
+
+    def _rematerialize(self, prog: Program, backend: str) -> tuple[Program, Any]:
+        def plan_of(p: Program) -> Any:
+            from .backend import plan_program  # the planner is the Numba backend's
+            return plan_program(p, self.options.get("donate")).plan
+        return remat_mod.apply(prog, self.remat, self.memory_budget, plan_of)
 
     def __call__(self, *args: Any) -> Any:
         if _trace_stack():
@@ -138,11 +148,33 @@ class CompiledFunction:
     source = property(lambda self: self._described().source)
 
 
-def jit(fn: Callable[..., Any], *, remat: Any = None, memory_budget: int | None = None,
+def jit(fn: Callable[..., Any], *, remat: str | None = None, memory_budget: int | None = None,
         backend: str | None = None, check_finite: bool = False) -> CompiledFunction:
-    """Compile fn: traced once per input signature, run natively (backend="numba")."""
+    """Compile fn: traced once per input signature, run natively (backend="numba").
+
+    remat="sqrt" stores about sqrt(n) of the values the backward sweep needs and
+    recomputes the rest; memory_budget=BYTES stores what fits an arena of that many
+    bytes with the least recomputation (see jitgrad.remat).
+    """
     return CompiledFunction(fn, remat=remat, memory_budget=memory_budget, backend=backend,
                             check_finite=check_finite)
+
+
+_checkpoint_regions = itertools.count()
+
+
+def checkpoint(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn's interior is recomputed in the backward sweep instead of stored (as jax.checkpoint).
+
+    Only the region's inputs stay live from the forward pass; every value computed
+    inside is recomputed, once, when the backward sweep first needs it.
+    """
+    @functools.wraps(fn)
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
+        with instr_tags(checkpoint=next(_checkpoint_regions)):
+            return fn(*args, **kwargs)
+
+    return checkpointed
 
 
 def _leaf_ranges(args: Sequence[Any]) -> list[tuple[int, int, tree.TreeDef]]:

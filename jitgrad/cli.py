@@ -512,8 +512,63 @@ def _add_train(sub: Any) -> None:
     p.set_defaults(run=cmd_train)
 
 
+def cmd_memsweep(args: argparse.Namespace) -> int:
+    from . import memsweep
+    model = memsweep.Model(args.depth, args.width, args.batch, args.dtype)
+    for name in ("depth", "width", "batch", "rounds", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    budgets = args.budgets if args.budgets is not None else memsweep.default_budgets(
+        model, [0.25, 0.5, 0.75])
+    policies = [p for p in args.policies.split(",") if p] + [str(b) for b in budgets]
+    for p in policies:
+        if p not in ("none", "sqrt") and not p.isdigit():
+            raise ValueError(f"unknown policy {p!r}: use none, sqrt (and --budgets)")
+    act = model.activation_bytes
+    title = (f"{model.depth}-layer ReLU MLP, width {model.width}, batch {model.batch}, "
+             f"{model.dtype} (one activation {act / 2**20:.1f} MiB)")
+    print(title)
+    rows = memsweep.table_rows(memsweep.sweep(model, policies, args.rounds, args.steps,
+                                              log=None if args.quiet else sys.stderr))
+    print(memsweep.format_table(rows))
+    if args.csv:
+        memsweep.write_csv(rows, args.csv)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        memsweep.plot_frontier(rows, args.plot, title)
+        print(f"wrote {args.plot}")
+    return EXIT_OK
+
+
+def _parse_budgets(text: str) -> list[int]:
+    return [parse_bytes(t) for t in text.split(",") if t.strip()]
+
+
+def _add_memsweep(sub: Any) -> None:
+    p = sub.add_parser(
+        "memsweep", help="memory vs runtime of a training step under recomputation policies",
+        description="Compile a deep ReLU MLP training step under each recomputation policy "
+                    "(none, sqrt, byte budgets), each in its own process, alternating over "
+                    "rounds, and print planned peak, measured peak, step time and "
+                    "recomputation per policy.")
+    a = p.add_argument
+    a("--depth", type=int, default=32, help="layers (default: 32)")
+    a("--width", type=int, default=256, help="layer width (default: 256)")
+    a("--batch", type=int, default=1024, help="batch size (default: 1024)")
+    a("--dtype", choices=DTYPES, default="float32")
+    a("--policies", default="none,sqrt", help="comma-separated: none, sqrt (default: both)")
+    a("--budgets", type=_parse_budgets, metavar="B1,B2,...",
+      help="memory budgets, e.g. 40MiB,60MiB (default: three between the sqrt and none plans)")
+    a("--rounds", type=int, default=3, help="measured rounds per policy (default: 3)")
+    a("--steps", type=int, default=5, help="timed steps per process (default: 5)")
+    a("--csv", metavar="PATH", help="also write the table as CSV")
+    a("--plot", metavar="PATH", help="draw the memory-vs-runtime frontier (PNG, matplotlib)")
+    a("--quiet", "-q", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(run=cmd_memsweep)
+
+
 # One function per subcommand: it adds its parser and sets `run`.
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train]
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train, _add_memsweep]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .ir import Var
 
@@ -42,6 +43,7 @@ class Plan:
     lower_bound: int
     n_steps: int
     step_names: list[str]
+    remat: Any = None  # remat.RematReport, set by jit: saved/stored values, recompute work
 
     def unique_buffers(self) -> list[Buffer]:
         return list({id(b): b for b in self.buffers.values()}.values())
@@ -68,6 +70,11 @@ class Plan:
                     f"at once): {self.lower_bound} bytes; {len(self.unique_buffers())} buffers "
                     f"for {len(self.buffers)} values ({self.in_place} updated in place); "
                     f"{self.n_steps} steps")
+        if self.remat is not None:
+            rows.append(str(self.remat))
+            rows.append("saved for backward: " + " ".join(
+                f"%{v.id}:{v.type_str()}{'' if v in self.remat.stored else '(recomputed)'}"
+                for v in self.remat.saved))
         return "\n".join(rows)
 
     __repr__ = __str__

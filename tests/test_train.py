@@ -363,12 +363,14 @@ def test_cli_remat_is_passed_through(capsys, monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(cli, "train_step", spy)
-    code, _, err = run_cli(capsys, "--remat", "--memory-budget", "1MiB", "--epochs", "1",
-                           "--quiet", *TINY)
-    assert seen == {"remat": "sqrt", "memory_budget": 2**20}
-    # Until the planner supports recomputation jit refuses it: a clean message, exit 2.
+    code, out, _ = run_cli(capsys, "--remat", "--epochs", "1", "--json", *TINY)
+    assert code == 0 and seen == {"remat": "sqrt"}
+    seen.clear()
+    # A budget no plan can meet: a clean message naming the smallest one, exit 2.
+    code, _, err = run_cli(capsys, "--memory-budget", "1k", "--epochs", "1", "--quiet", *TINY)
+    assert seen == {"memory_budget": 1000}
     assert_usage_error(code, err)
-    assert "not implemented yet" in err
+    assert "cannot be met: the smallest arena" in err
 
 
 def test_cli_nonfinite_loss_stops_cleanly(tmp_path, capsys):

@@ -1,0 +1,34 @@
+"""`jitgrad memsweep` end to end on a tiny chain: every policy runs in its own process."""
+
+import csv
+
+from jitgrad import cli, memsweep
+
+
+def test_memsweep_table_csv_and_plot(tmp_path, capsys):
+    csv_path, png = tmp_path / "sweep.csv", tmp_path / "sweep.png"
+    code = cli.main(["memsweep", "--depth", "6", "--width", "32", "--batch", "256",
+                     "--rounds", "1", "--steps", "2", "--budgets", "1k,200KiB", "--quiet",
+                     "--csv", str(csv_path), "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [r["policy"] for r in rows] == ["none", "sqrt", "budget", "budget"]
+    none, sqrt, tiny, fits = rows
+    # 1 kB cannot hold a step: the row says so and names the smallest arena that would
+    assert "cannot be met" in tiny["error"] and "smallest arena" in tiny["error"]
+    assert int(sqrt["planned_peak"]) < int(none["planned_peak"])
+    assert int(fits["planned_peak"]) <= 200 * 1024
+    for r in (none, sqrt, fits):
+        assert int(r["lower_bound"]) <= int(r["planned_peak"])
+        assert float(r["step_ms"]) > 0 and int(r["measured_peak"]) >= 0
+    assert float(none["recompute_ratio"]) == 0 < float(sqrt["recompute_ratio"])
+    assert png.stat().st_size > 1000
+    assert "policy" in out and "sqrt" in out and "cannot be met" in out
+
+
+def test_memsweep_policy_options():
+    assert memsweep.jit_options("none") == {}
+    assert memsweep.jit_options("sqrt") == {"remat": "sqrt"}
+    assert memsweep.jit_options("4096") == {"memory_budget": 4096}
+    assert cli.main(["memsweep", "--policies", "everything", "--budgets", "1k"]) == 2

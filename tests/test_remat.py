@@ -1,0 +1,237 @@
+"""Recomputation checkpointing: what is saved, what is recomputed, budgets, and identical bits."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+import jitgrad as jg
+from jitgrad import remat, tree
+from jitgrad.backend import plan_program
+from jitgrad.memory import ALIGN
+
+
+def _chain_params(rng, widths, dtype=np.float32):
+    return [((rng.normal(size=(a, b)) / np.sqrt(a)).astype(dtype), np.full(b, 0.01, dtype))
+            for a, b in itertools.pairwise(widths)]
+
+
+def _chain_loss(params, x, y):
+    h = x
+    for w, b in params:
+        h = jg.relu(h @ w + b)
+    return jg.softmax_cross_entropy(h, y)
+
+
+def _residual_loss(params, x, y):
+    # a DAG: every block adds its input back (the skip path) and uses tanh
+    h = x
+    for w, b in params[:-1]:
+        h = h + jg.tanh(h @ w + b)
+    w, b = params[-1]
+    return jg.softmax_cross_entropy(h @ w + b, y) + 1e-3 * jg.sum(params[0][0] ** 2)
+
+
+def _data(rng, widths, batch, dtype=np.float32):
+    return (_chain_params(rng, widths, dtype), rng.normal(size=(batch, widths[0])).astype(dtype),
+            rng.integers(0, widths[-1], batch))
+
+
+def _arena(prog):
+    return plan_program(prog).plan.peak_bytes
+
+
+def _lowered(fn, args, **options):
+    cf = jg.jit(jg.value_and_grad(fn), backend="interpret", **options)
+    entry = cf.lower(*args)
+    return entry.program, entry.remat
+
+
+def _same_bits(a, b):
+    la, lb = tree.flatten(a)[0], tree.flatten(b)[0]
+    return len(la) == len(lb) and all(
+        x.dtype == y.dtype and x.tobytes() == y.tobytes() for x, y in zip(la, lb))
+
+
+# ---------------------------------------------------------------- what backward keeps
+
+def test_relu_chain_saves_one_activation_per_layer():
+    rng = np.random.default_rng(0)
+    widths = [32] * 9
+    args = _data(rng, widths, 64)
+    prog, report = _lowered(_chain_loss, args)
+    producer = prog.producers()
+    # relu's backward reads its output: the pre-activations (matmul, add) are not kept
+    assert report.saved and all(producer[v].prim.name == "relu" for v in report.saved)
+    assert len(report.saved) == len(widths) - 1
+    act = 64 * 32 * 4
+    # the arena holds about one activation per layer (plus gradients, which are 32x32)
+    assert _arena(prog) < (len(widths) + 2) * act
+
+
+def test_plan_prints_saved_and_recomputed_values():
+    rng = np.random.default_rng(1)
+    args = _data(rng, [16] * 7, 8)
+    cf = jg.jit(jg.value_and_grad(_chain_loss), remat="sqrt")
+    cf(*args)
+    text = str(cf.plan)
+    assert "recomputation (sqrt)" in text and "(recomputed)" in text
+    assert "saved for backward:" in text and "flops" in text
+    assert "# ---- recompute" in str(cf.program)
+
+
+# ---------------------------------------------------------------- identical results
+
+POLICIES = [{}, {"remat": "sqrt"}, {"memory_budget": "tight"}]
+
+
+@pytest.mark.parametrize("loss", [_chain_loss, _residual_loss], ids=["chain", "residual"])
+def test_every_policy_gives_identical_bits_compiled(loss):
+    rng = np.random.default_rng(2)
+    args = _data(rng, [24] * 10, 48)
+    results, arenas = [], []
+    for options in POLICIES:
+        if options.get("memory_budget") == "tight":
+            prog, _ = _lowered(loss, args)
+            options = {"memory_budget": int(_arena(prog) * 0.85)}
+        cf = jg.jit(jg.value_and_grad(loss), backend="numba", **options)
+        results.append(cf(*args))
+        arenas.append(cf.plan.peak_bytes)
+        if "memory_budget" in options:
+            assert cf.plan.peak_bytes <= options["memory_budget"]
+        _assert_plan_sound(cf.plan)
+    assert all(_same_bits(results[0], r) for r in results[1:])
+    assert arenas[1] < arenas[0] and arenas[2] < arenas[0]
+    expected = jg.jit(jg.value_and_grad(loss), backend="interpret")(*args)
+    np.testing.assert_allclose(results[1][0], expected[0], rtol=1e-5)
+
+
+def _assert_plan_sound(plan):
+    buffers = plan.unique_buffers()
+    for b in buffers:
+        assert b.offset % ALIGN == 0 and b.offset + b.nbytes <= plan.peak_bytes
+    for i, a in enumerate(buffers):
+        for b in buffers[i + 1:]:
+            if a.overlaps_in_time(b):
+                assert a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset
+
+
+def test_recomputation_is_exact_in_the_interpreter_and_for_second_order():
+    rng = np.random.default_rng(3)
+    params, x, y = _data(rng, [6] * 6, 5, np.float64)
+
+    def f(params, x, y):
+        return _residual_loss(params, x, y)
+
+    def hvp_like(params, x, y):  # a gradient of a gradient: d/dx of |d loss / d params|^2
+        g = jg.grad(f)(params, x, y)
+        return sum(jg.sum(w * w) + jg.sum(b * b) for w, b in g)
+
+    for fn in (f, hvp_like):
+        base = jg.jit(jg.grad(fn, argnums=(0, 1)), backend="interpret")(params, x, y)
+        sqrt = jg.jit(jg.grad(fn, argnums=(0, 1)), backend="interpret", remat="sqrt")
+        assert _same_bits(base, sqrt(params, x, y))
+    assert any(i.role == "recompute" for i in sqrt.program.instrs)
+
+
+def test_train_step_with_remat_updates_identically():
+    widths = [20] * 8
+    runs = []
+    for options in ({}, {"remat": "sqrt"}):
+        params, x, y = _data(np.random.default_rng(5), widths, 32)
+        step = jg.train_step(_chain_loss, params, jg.optim.SGD(lr=0.1, momentum=0.9), **options)
+        losses = [step(x, y) for _ in range(3)]
+        runs.append((losses, params))
+    assert _same_bits(runs[0], runs[1])
+
+
+# ---------------------------------------------------------------- jg.checkpoint
+
+def test_checkpoint_region_interior_is_recomputed():
+    rng = np.random.default_rng(6)
+    params, x, y = _data(rng, [16] * 7, 32)
+
+    def block(h, w, b):
+        return jg.relu(h @ w + b)
+
+    def loss(params, x, y):
+        h = x
+        for i, (w, b) in enumerate(params):
+            h = jg.checkpoint(block)(h, w, b) if 1 <= i <= 4 else block(h, w, b)
+        return jg.softmax_cross_entropy(h, y)
+
+    prog, report = _lowered(loss, (params, x, y))
+    rec = [i for i in prog.instrs if i.role == "recompute"]
+    assert rec and all(i.checkpoint is not None for i in rec)
+    assert len(report.stored) < len(report.saved)
+    base = jg.jit(jg.value_and_grad(_chain_loss))(params, x, y)
+    assert _same_bits(base, jg.jit(jg.value_and_grad(loss))(params, x, y))
+    # eagerly (no trace) a checkpointed function is just the function
+    np.testing.assert_array_equal(jg.checkpoint(block)(x, *params[0]), block(x, *params[0]))
+
+
+# ---------------------------------------------------------------- sqrt and budgets
+
+def test_sqrt_keeps_about_sqrt_n_activations_on_a_32_layer_chain():
+    rng = np.random.default_rng(7)
+    width, batch = 64, 512
+    args = _data(rng, [width] * 33, batch)
+    act = width * batch * 4
+    prog, report = _lowered(_chain_loss, args)
+    sprog, sreport = _lowered(_chain_loss, args, remat="sqrt")
+    assert len(report.stored) == 32 and 4 <= len(sreport.stored) <= 9
+    assert _arena(prog) >= 32 * act
+    assert _arena(sprog) <= 14 * act
+    # each dropped layer is recomputed once: ~3 instructions (matmul, add, relu) a layer
+    dropped = len(sreport.saved) - len(sreport.stored)
+    assert sreport.recompute_instrs <= 3 * dropped + 3
+
+
+def test_budget_is_respected_and_infeasible_budget_names_the_smallest():
+    rng = np.random.default_rng(8)
+    args = _data(rng, [32] * 13, 128)
+    prog, _ = _lowered(_chain_loss, args)
+    full = _arena(prog)
+    with pytest.raises(jg.JitgradError, match=r"cannot be met: the smallest arena this "
+                                              r"planner fits is (\d+) bytes") as err:
+        _lowered(_chain_loss, args, memory_budget=full // 10)
+    smallest = int(err.value.args[0].split("fits is ")[1].split(" ")[0])
+    assert smallest < full
+    sprog, _ = _lowered(_chain_loss, args, memory_budget=smallest)
+    assert _arena(sprog) <= smallest
+    # a budget above the need stores everything
+    same, report = _lowered(_chain_loss, args, memory_budget=full)
+    assert report.recompute_instrs == 0 and _arena(same) == full
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, "4MiB", True])
+def test_bad_policies_are_refused(bad):
+    with pytest.raises(jg.JitgradError, match="memory_budget"):
+        jg.jit(lambda x: x, memory_budget=bad)
+    with pytest.raises(jg.JitgradError, match="remat"):
+        jg.jit(lambda x: x, remat="everything")
+
+
+def test_budget_cost_is_within_5_percent_of_the_exhaustive_optimum():
+    # An uneven chain, activations larger than weights (as in training with a real batch):
+    # the best subset is not a regular pattern.
+    rng = np.random.default_rng(9)
+    widths = [24, 48, 16, 64, 24, 40, 16, 56, 32]
+    args = _data(rng, widths, 512)
+    prog, report = _lowered(_chain_loss, args)
+    saved = report.saved
+    cands = remat.Candidates.of(prog, saved)
+    table = {}
+    for stored in itertools.product([False, True], repeat=len(saved)):
+        chosen = {v for v, keep in zip(saved, stored) if keep}
+        table[stored] = (_arena(remat.rematerialize(prog, chosen)), cands.recompute_cost(stored))
+    peaks = sorted({p for p, _ in table.values()})
+    checked = 0
+    for budget in peaks[:: max(1, len(peaks) // 12)]:
+        optimum = min(c for p, c in table.values() if p <= budget)
+        out, rep = remat.apply(prog, memory_budget=budget, plan_of=lambda p: plan_program(p).plan)
+        chosen = tuple(v in rep.stored for v in saved)
+        assert table[chosen][0] <= budget
+        assert table[chosen][1] <= 1.05 * optimum, (budget, table[chosen], optimum)
+        checked += 1
+    assert checked >= 8
