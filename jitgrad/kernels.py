@@ -45,31 +45,59 @@ def gemm(a, b, c, ta, tb):
 @njit(cache=True)
 def reduce_sum(x, y):
     # Accumulate in float64 whatever the dtype: a float32 running sum over millions of
-    # terms (a weight-decay term) drifts by ~0.1%. Eight partial sums let LLVM
-    # vectorise the full reduction without reassociating a single accumulator.
+    # terms (a weight-decay term) drifts by ~0.1%. Partial sums live in scalars, not a
+    # scratch array: kernels allocate nothing, the arena is all the memory a step uses.
     outer, n, inner = x.shape
     if inner == 1:
         for o in range(outer):
-            acc = np.zeros(8, np.float64)
+            # eight partial sums let LLVM vectorise without reassociating one accumulator
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
             k = 0
             while k + 8 <= n:
-                for j in range(8):
-                    acc[j] += x[o, k + j, 0]
+                a0 += x[o, k, 0]
+                a1 += x[o, k + 1, 0]
+                a2 += x[o, k + 2, 0]
+                a3 += x[o, k + 3, 0]
+                a4 += x[o, k + 4, 0]
+                a5 += x[o, k + 5, 0]
+                a6 += x[o, k + 6, 0]
+                a7 += x[o, k + 7, 0]
                 k += 8
             total = 0.0
             while k < n:
                 total += x[o, k, 0]
                 k += 1
-            y[o, 0] = total + acc.sum()
+            y[o, 0] = total + (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)))
         return
-    acc = np.empty(inner, np.float64)
     for o in range(outer):
-        acc[:] = 0.0
-        for k in range(n):
-            for i in range(inner):
-                acc[i] += x[o, k, i]
-        for i in range(inner):
-            y[o, i] = acc[i]
+        # columns in blocks of eight, each row of a block one contiguous read
+        i = 0
+        while i + 8 <= inner:
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+            for k in range(n):
+                a0 += x[o, k, i]
+                a1 += x[o, k, i + 1]
+                a2 += x[o, k, i + 2]
+                a3 += x[o, k, i + 3]
+                a4 += x[o, k, i + 4]
+                a5 += x[o, k, i + 5]
+                a6 += x[o, k, i + 6]
+                a7 += x[o, k, i + 7]
+            y[o, i] = a0
+            y[o, i + 1] = a1
+            y[o, i + 2] = a2
+            y[o, i + 3] = a3
+            y[o, i + 4] = a4
+            y[o, i + 5] = a5
+            y[o, i + 6] = a6
+            y[o, i + 7] = a7
+            i += 8
+        while i < inner:
+            total = 0.0
+            for k in range(n):
+                total += x[o, k, i]
+            y[o, i] = total
+            i += 1
 
 
 @njit(cache=True)
@@ -91,23 +119,18 @@ def reduce_max(x, y, idx):
 @njit(cache=True)
 def reduce_logsumexp(x, y):
     outer, n, inner = x.shape
-    m = np.empty(inner, x.dtype)
     for o in range(outer):
         for i in range(inner):
-            m[i] = x[o, 0, i]
-            y[o, i] = 0
-        for k in range(1, n):
-            for i in range(inner):
-                if x[o, k, i] > m[i]:
-                    m[i] = x[o, k, i]
-        for i in range(inner):
-            if not np.isfinite(m[i]):
-                m[i] = 0
-        for k in range(n):
-            for i in range(inner):
-                y[o, i] += np.exp(x[o, k, i] - m[i])
-        for i in range(inner):
-            y[o, i] = np.log(y[o, i]) + m[i]
+            m = x[o, 0, i]
+            for k in range(1, n):
+                if x[o, k, i] > m:
+                    m = x[o, k, i]
+            if not np.isfinite(m):
+                m = 0
+            total = 0.0
+            for k in range(n):
+                total += np.exp(x[o, k, i] - m)
+            y[o, i] = np.log(total) + m
 
 
 # ---------------------------------------------------------------- softmax cross-entropy
@@ -168,21 +191,16 @@ def copy_strided(src, dst, meta):
         return
     last = nd - 1
     n_last, s_last, d_last = shape[last], ss[last], ds[last]
-    idx = np.zeros(nd, np.int64)
-    for _ in range(total // n_last):
-        s, t = so, do
-        for d in range(last):
-            s += idx[d] * ss[d]
-            t += idx[d] * ds[d]
+    for row in range(total // n_last):
+        # the row's multi-index, from its number (no index array: kernels allocate nothing)
+        s, t, rest = so, do, row
+        for d in range(last - 1, -1, -1):
+            i = rest % shape[d]
+            rest //= shape[d]
+            s += i * ss[d]
+            t += i * ds[d]
         for j in range(n_last):
             dst[t + j * d_last] = src[s + j * s_last]
-        d = last - 1
-        while d >= 0:
-            idx[d] += 1
-            if idx[d] < shape[d]:
-                break
-            idx[d] = 0
-            d -= 1
 
 
 @njit(cache=True)

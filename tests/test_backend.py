@@ -157,3 +157,43 @@ def test_second_process_loads_compiled_code_from_the_cache(tmp_path):
     assert "[cache] data saved" not in runs[1].stdout
     assert "[cache] data loaded" in runs[1].stdout
     assert oct(os.stat(cache_dir).st_mode & 0o777) == "0o700"
+
+
+def test_hot_path_allocates_nothing_outside_the_arena():
+    """After the first call a step allocates no kernel memory (Numba's runtime counts every
+    allocation) and no array-sized Python memory: the arena is all the memory it uses."""
+    import tracemalloc
+
+    from numba.core.runtime import _nrt_python, rtsys
+
+    rng = np.random.default_rng(3)
+    params = [(rng.normal(size=(32, 32)).astype(np.float32) * 0.2, np.zeros(32, np.float32))
+              for _ in range(3)]
+    x = rng.normal(size=(512, 32)).astype(np.float32)
+    y = rng.integers(0, 32, 512)
+
+    def loss(p, x, y):
+        h = x
+        for w, b in p:
+            h = jg.relu(h @ w + b)
+        # reductions over leading, middle and trailing axes, logsumexp and a transpose copy
+        extra = jg.sum(jg.logsumexp(h, axis=0)) + jg.sum(jg.transpose(h) * 1e-3)
+        return jg.softmax_cross_entropy(h, y) + 1e-4 * extra
+
+    step = jg.train_step(loss, params, jg.optim.SGD(lr=0.1, momentum=0.9))
+    step(x, y)
+    was_on = _nrt_python.memsys_stats_enabled()
+    _nrt_python.memsys_enable_stats()
+    tracemalloc.start()
+    try:
+        before = rtsys.get_allocation_stats()
+        for _ in range(3):
+            step(x, y)
+        after = rtsys.get_allocation_stats()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        if not was_on:
+            _nrt_python.memsys_disable_stats()
+    assert after.alloc == before.alloc and after.mi_alloc == before.mi_alloc
+    assert peak < x.nbytes // 4  # the loss scalar and call overhead (~7 kB) only
