@@ -70,10 +70,12 @@ class Planned:
     donate_copy: list[tuple[int, int]]  # (result, input) pairs copied there after the call
 
 
-def plan_program(prog: Program, donate: dict[int, int] | None = None) -> Planned:
-    """Lower and lay out prog (pure Python: the memory planner's view of a program)."""
+def plan_program(prog: Program, donate: dict[int, int] | None = None,
+                 sources: bool = False) -> Planned:
+    """Lower and lay out prog (pure Python: the memory planner's view of a program);
+    sources=True also generates the fused kernels' source, for compiling."""
     prepared = prepare(prog)
-    low = lower(prepared)
+    low = lower(prepared, sources)
     external = {v: i for i, v in enumerate(list(prepared.inputs) + list(prepared.consts))}
     root = low.root
     uses = [memory.StepUse([root(v) for v in s.writes], [root(v) for v in s.reads],
@@ -102,7 +104,7 @@ class NumbaExecutable:
         kernels.ensure_loaded()
         self.program = prog
         self.check_finite = check_finite
-        planned = plan_program(prog, donate)
+        planned = plan_program(prog, donate, sources=True)
         prepared, low, external = planned.prepared, planned.low, planned.external
         outputs = planned.outputs
         self._donate_copy = planned.donate_copy

@@ -10,13 +10,14 @@ function that makes those calls in order through external symbols.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from . import kernels
-from .fusion import Group, fuse, is_const
+from .fusion import Group, accumulated_matmul, fuse, is_const
 from .ir import Instr, Program, Var, dtype_short
 from .memory import Plan
 
@@ -101,7 +102,8 @@ def _strides(shape: tuple[int, ...]) -> list[int]:
 
 
 class Lowering:
-    def __init__(self) -> None:
+    def __init__(self, sources: bool = True) -> None:
+        self.sources = sources  # False: steps only, for the planner (no kernel source)
         self.steps: list[Step] = []
         self.meta: list[int] = []
         self.fused: dict[str, str] = {}  # symbol -> module source
@@ -138,17 +140,41 @@ def _reduce_dims(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, in
     return _prod(shape[:axes[0]]), _prod(shape[axes[0]:axes[-1] + 1]), _prod(shape[axes[-1] + 1:])
 
 
-def lower(prog: Program) -> Lowering:
-    low = Lowering()
+def _accumulating_matmuls(prog: Program, schedule: list[Instr | Group]) -> dict[int, Instr]:
+    """Sums `x + A@B` whose product nothing else reads: id(group) -> the matmul.
+
+    Such a sum is one GEMM accumulating into the sum's buffer (beta = 1), so a gradient
+    reached by several paths keeps one buffer into which each contribution is added.
+    """
+    uses = Counter(v for ins in prog.instrs for v in ins.inputs)
+    uses.update(prog.outputs)
+    producer = prog.producers()
+    found: dict[int, Instr] = {}
+    for item in schedule:
+        if isinstance(item, Group):
+            m = accumulated_matmul(item.root, producer, uses)
+            if m is not None and m not in item.members:
+                found[id(item)] = producer[m]
+    return found
+
+
+def lower(prog: Program, sources: bool = True) -> Lowering:
+    """The schedule as kernel calls; sources=False leaves out the fused kernels' source,
+    which only compilation needs (the planner lowers many candidate programs)."""
+    low = Lowering(sources)
     schedule = fuse(prog)
+    accumulate = _accumulating_matmuls(prog, schedule)
+    deferred = {id(mm) for mm in accumulate.values()}
     # softmax_cross_entropy and its gradient on the same inputs share one fused pass.
     sce_pairs: dict[tuple[Var, ...], list[Instr]] = {}
     for item in schedule:
         if isinstance(item, Instr) and item.prim.name.startswith("softmax_cross_entropy"):
             sce_pairs.setdefault(item.inputs, []).append(item)
-    done: set[int] = set()
+    done: set[int] = set(deferred)  # lowered where their sum is
     for item in schedule:
-        if isinstance(item, Group):
+        if isinstance(item, Group) and id(item) in accumulate:
+            _matmul_accumulate(low, accumulate[id(item)], item)
+        elif isinstance(item, Group):
             _lower_group(low, item)
         elif id(item) not in done:
             if item.prim.name.startswith("softmax_cross_entropy"):
@@ -179,6 +205,40 @@ def _matmul(low: Lowering, ins: Instr) -> None:
     low.call(kernels.symbol("gemm", a.dtype),
              [a, b, c, c.shape[0], c.shape[1], k, int(ins.kw["ta"]), int(ins.kw["tb"])],
              [c], [a, b], ins)
+
+
+def _matmul_accumulate(low: Lowering, mm: Instr, group: Group) -> None:
+    a, b = mm.inputs
+    out = group.out
+    x = next(v for v in group.root.inputs if v is not mm.outputs[0])
+    if x in group.members:  # the other term is fused: its own loop first, then GEMM adds
+        _lower_group(low, _subgroup(group, x))
+    k = a.shape[0] if mm.kw["ta"] else a.shape[1]
+    # The sum may take x's buffer when x dies here, unless GEMM also reads x as an operand.
+    same = [] if low.root(x) in (low.root(a), low.root(b)) else [(out, x)]
+    low.steps.append(Step(kernels.symbol("gemm_acc", a.dtype),
+                          [a, b, out, x, out.shape[0], out.shape[1], k, int(mm.kw["ta"]),
+                           int(mm.kw["tb"])], [out], [a, b, x],
+                          f"matmul+add at {group.root.loc}", in_place=same))
+
+
+def _subgroup(group: Group, v: Var) -> Group:
+    """The part of a fused group that computes its interior value v."""
+    members: dict[Var, Instr] = {}
+    leaves: list[Var] = []
+
+    def visit(u: Var) -> None:
+        ins = group.members.get(u)
+        if ins is None:
+            if u not in leaves:
+                leaves.append(u)
+        elif u not in members:
+            members[u] = ins
+            for w in ins.inputs:
+                visit(w)
+
+    visit(v)
+    return Group(group.members[v], members, [u for u in group.leaves if u in leaves])
 
 
 def _reduction(kernel: str):
@@ -444,8 +504,11 @@ def fused_kernel(group: Group) -> tuple[str, str, list[int]]:
 
 
 def _lower_group(low: Lowering, group: Group) -> None:
-    sym, source, dims = fused_kernel(group)
-    low.fused[sym] = source
+    if low.sources:
+        sym, source, dims = fused_kernel(group)
+        low.fused[sym] = source
+    else:
+        sym, dims = "jg_fused_unnamed", []
     ops = ", ".join(m.prim.name for m in group.members.values() if not is_const(m)) or "const"
     out = group.out
     same = [(out, v) for v in group.leaves if v.shape == out.shape and v.dtype == out.dtype]

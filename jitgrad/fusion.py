@@ -36,6 +36,20 @@ def is_const(ins: Instr | None) -> bool:
     return ins is not None and ins.prim.name == "const"
 
 
+def accumulated_matmul(ins: Instr, producer: dict[Var, Instr], uses: Counter[Var]) -> Var | None:
+    """For `x + A@B` whose product nothing else reads, the product: code generation makes
+    such a sum one GEMM accumulating into the sum's buffer, so it stays a group's root."""
+    if ins.prim.name != "add":
+        return None
+    out = ins.outputs[0]
+    for m, x in (ins.inputs, ins.inputs[::-1]):  # prefer the later product
+        p = producer.get(m)
+        if (p is not None and p.prim.name == "matmul" and uses[m] == 1 and m is not x
+                and m.shape == x.shape == out.shape and m.dtype == x.dtype == out.dtype):
+            return m
+    return None
+
+
 def fuse(prog: Program) -> list[Instr | Group]:
     """The program as a schedule of single instructions and fused elementwise groups."""
     producer = prog.producers()
@@ -70,7 +84,8 @@ def fuse(prog: Program) -> list[Instr | Group]:
                 members[v] = p
                 continue
             g = group_of.get(v)
-            if g is not None and uses[v] == 1 and v not in outputs:
+            if (g is not None and uses[v] == 1 and v not in outputs
+                    and accumulated_matmul(g.root, producer, uses) is None):
                 trial = {**members, **g.members}
                 if len(leaves_of(ins, trial)) <= MAX_LEAVES:
                     members = trial

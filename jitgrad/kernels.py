@@ -20,7 +20,10 @@ import hashlib
 import threading
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # ---------------------------------------------------------------- matmul
 
@@ -38,6 +41,49 @@ def gemm(a, b, c, ta, tb):
         np.dot(a, b.T, c)
     else:
         np.dot(a, b, c)
+
+
+@intrinsic
+def _xxgemm_accumulate(typingctx, c, transa, transb, m, n, k, pa, lda, pb, ldb, ldc):
+    """Column-major C += op(A)·op(B) (alpha = beta = 1) through Numba's own BLAS binding
+    (`numba_xxgemm`, scipy's BLAS): np.dot has no way to accumulate into its output."""
+    def codegen(context, builder, signature, args):
+        from numba.np.linalg import get_blas_kind, make_constant_slot
+        c_arr, ta, tb, m_, n_, k_, pa_, lda_, pb_, ldb_, ldc_ = args
+        dtype = signature.args[0].dtype
+        char, vp = ir.IntType(8), cgutils.voidptr_t
+        intp = context.get_value_type(types.intp)
+        fnty = ir.FunctionType(ir.IntType(32), [char, char, char, intp, intp, intp, vp, vp,
+                                                intp, vp, intp, vp, vp, intp])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
+        one = make_constant_slot(context, builder, dtype, 1.0)
+
+        def trans(flag):
+            return builder.select(builder.icmp_unsigned("!=", flag, flag.type(0)),
+                                  char(ord("t")), char(ord("n")))
+
+        data_c = context.make_array(signature.args[0])(context, builder, c_arr).data
+        res = builder.call(fn, (char(ord(get_blas_kind(dtype))), trans(ta), trans(tb),
+                                m_, n_, k_, builder.bitcast(one, vp),
+                                builder.inttoptr(pa_, vp), lda_, builder.inttoptr(pb_, vp),
+                                ldb_, builder.bitcast(one, vp), builder.bitcast(data_c, vp),
+                                ldc_))
+        return builder.sext(res, context.get_value_type(types.int64))
+    return types.int64(c, transa, transb, m, n, k, pa, lda, pb, ldb, ldc), codegen
+
+
+@njit(cache=True)
+def gemm_accumulate(pa, pb, c, x, m, n, k, ta, tb):
+    """C = op(A)·op(B) + X, row-major, with X possibly C's own memory: a gradient
+    contribution from a matmul is added into the gradient's one buffer as it is computed
+    (Deep Learning 6.5), never materialised on its own and summed."""
+    if x.ctypes.data != c.ctypes.data:
+        for i in range(c.size):
+            c[i] = x[i]
+    if m == 0 or n == 0 or k == 0:
+        return 0
+    # Row-major C = op(A)·op(B) is column-major C^T = op(B)^T·op(A)^T.
+    return _xxgemm_accumulate(c, tb, ta, n, m, k, pb, k if tb else n, pa, m if ta else k, n)
 
 
 # ---------------------------------------------------------------- reductions over (outer, n, inner)
@@ -278,6 +324,9 @@ FLOAT_KERNELS = {
              "a = carray(_vp(pa), (k, m) if ta else (m, k), {dt})\n"
              "b = carray(_vp(pb), (n, k) if tb else (k, n), {dt})\n"
              "K.gemm(a, b, carray(_vp(pc), (m, n), {dt}), ta, tb)\nreturn 0"),
+    "gemm_acc": ("pa pb pc px m n k ta tb", "iiiiiiiii",
+                 "return K.gemm_accumulate(pa, pb, carray(_vp(pc), m * n, {dt}), "
+                 "carray(_vp(px), m * n, {dt}), m, n, k, ta, tb)"),
     "sum": ("px py outer n inner", "iiiii",
             "K.reduce_sum(carray(_vp(px), (outer, n, inner), {dt}), "
             "carray(_vp(py), (outer, inner), {dt}))\nreturn 0"),

@@ -347,17 +347,17 @@ def _fit_budget(prog: Program, free: list[Var], budget: int,
         if stored is not None:
             real(stored)
     real(sqrt_policy(cands))
-    limit = len(measured) + 3 * n + 24  # real evaluations for the local search
+    limit = len(measured) + 2 * n + 16  # real evaluations for the local search
 
     def neighbours(stored: tuple[bool, ...]) -> Iterator[tuple[bool, ...]]:
         on = [i for i in range(n) if stored[i]]
         off = [i for i in range(n) if not stored[i]]
         for i in sorted(off, key=lambda i: -cands.cost[i]):
             yield tuple(True if k == i else x for k, x in enumerate(stored))
-        for i in off:
-            for j in on:
-                yield tuple(True if k == i else False if k == j else x
-                            for k, x in enumerate(stored))
+        # swaps: on long chains only a segment boundary moving by one, else any pair
+        pairs = [(i, j) for i in off for j in on if n <= 12 or abs(i - j) == 1]
+        for i, j in pairs:
+            yield tuple(True if k == i else False if k == j else x for k, x in enumerate(stored))
 
     def improve(best: tuple[bool, ...], score: Callable[[tuple[bool, ...]], float]
                 ) -> tuple[bool, ...]:

@@ -197,3 +197,28 @@ def test_hot_path_allocates_nothing_outside_the_arena():
             _nrt_python.memsys_disable_stats()
     assert after.alloc == before.alloc and after.mi_alloc == before.mi_alloc
     assert peak < x.nbytes // 4  # the loss scalar and call overhead (~7 kB) only
+
+
+def test_gradient_paths_accumulate_into_one_buffer():
+    """x feeds three matmuls: its gradient's contributions are added into one buffer by
+    GEMM with beta = 1 as they are computed (Deep Learning 6.5), never summed afterwards."""
+    rng = np.random.default_rng(4)
+    ws = [rng.normal(size=(12, 16)).astype(np.float32) * 0.3 for _ in range(3)]
+    x = rng.normal(size=(8, 12)).astype(np.float32)
+
+    def f(x, ws):
+        return sum(jg.sum(jg.tanh(x @ w)) for w in ws) + jg.sum(x * x)
+
+    cf = jg.jit(jg.grad(f), backend="numba")
+    got = cf(x, ws)
+    np.testing.assert_allclose(got, jg.jit(jg.grad(f), backend="interpret")(x, ws),
+                               rtol=1e-5, atol=1e-6)
+    calls = [ln.split("(")[1].split(",")[:4] for ln in cf.source.splitlines()
+             if "jg_gemm_acc_f32(" in ln and "#" in ln]
+    assert len(calls) == 3  # onto 2x, the gradient of sum(x * x)
+    # each accumulates in place: the sum's buffer (3rd argument) is the running total's (4th)
+    assert all(c[2].strip() == c[3].strip() for c in calls)
+    # and no product of x's shape is materialised on its own
+    plain = [ln.split("(")[1].split(",")[3:5] for ln in cf.source.splitlines()
+             if "jg_gemm_f32(" in ln and "#" in ln]
+    assert plain and [" 8", " 12"] not in plain
