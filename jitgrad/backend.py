@@ -16,7 +16,7 @@ import numpy as np
 from . import cache, kernels, memory
 from .codegen import lower, prepare, render_glue
 from .errors import JitgradError
-from .ir import Program, Var
+from .ir import Program, Var, var_names
 
 _registered: set[str] = set()
 _register_lock = threading.Lock()
@@ -95,6 +95,7 @@ def plan_program(prog: Program, donate: dict[int, int] | None = None,
         else:
             donate_copy.append((out_i, in_i))
     plan = memory.plan(uses, outputs, set(external), [s.label for s in low.steps])
+    plan.names = var_names(prog)
     return Planned(prepared, low, external, outputs, plan, donated_in_place, donate_copy)
 
 

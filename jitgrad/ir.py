@@ -119,8 +119,9 @@ def format_instr(ins: Instr, names: dict[Var, str], width: int = 0) -> str:
     return text
 
 
-def format_program(prog: Program) -> str:
-    # Number Vars in order of definition so printouts are stable and easy to follow.
+def var_names(prog: Program) -> dict[Var, str]:
+    """Vars numbered in order of definition, as printed: stable and easy to follow (the
+    memory plan uses the same names)."""
     names: dict[Var, str] = {}
     for v in prog.inputs:
         names[v] = f"%{len(names)}"
@@ -129,6 +130,11 @@ def format_program(prog: Program) -> str:
     for ins in prog.instrs:
         for o in ins.outputs:
             names[o] = f"%{len(names)}"
+    return names
+
+
+def format_program(prog: Program) -> str:
+    names = var_names(prog)
     width = max((len(f"{names[o]}:{o.type_str()}") for i in prog.instrs for o in i.outputs),
                 default=0)
     head = " ".join(f"{names[v]}:{v.type_str()}" for v in prog.inputs)

@@ -44,6 +44,10 @@ class Plan:
     n_steps: int
     step_names: list[str]
     remat: Any = None  # remat.RematReport, set by jit: saved/stored values, recompute work
+    names: dict[Var, str] = field(default_factory=dict)  # as the program prints them
+
+    def name(self, v: Var) -> str:
+        return self.names.get(v, f"%{v.id}")
 
     def unique_buffers(self) -> list[Buffer]:
         return list({id(b): b for b in self.buffers.values()}.values())
@@ -63,8 +67,8 @@ class Plan:
     def __str__(self) -> str:
         rows = [f"{'buffer':>8}  {'type':<18} {'offset':>10} {'bytes':>10}  {'live':<11} in place"]
         for b in sorted(self.unique_buffers(), key=lambda b: (b.offset, b.start)):
-            shared = " ".join(f"%{v.id}" for v in b.shared)
-            rows.append(f"{'%' + str(b.var.id):>8}  {b.var.type_str():<18} {b.offset:>10} "
+            shared = " ".join(self.name(v) for v in b.shared)
+            rows.append(f"{self.name(b.var):>8}  {b.var.type_str():<18} {b.offset:>10} "
                         f"{b.nbytes:>10}  {f'{b.start}..{b.end}':<11} {shared}")
         rows.append(f"arena (peak_bytes): {self.peak_bytes} bytes; lower bound (most bytes live "
                     f"at once): {self.lower_bound} bytes; {len(self.unique_buffers())} buffers "
@@ -73,7 +77,8 @@ class Plan:
         if self.remat is not None:
             rows.append(str(self.remat))
             rows.append("saved for backward: " + " ".join(
-                f"%{v.id}:{v.type_str()}{'' if v in self.remat.stored else '(recomputed)'}"
+                f"{self.name(v)}:{v.type_str()}"
+                f"{'' if v in self.remat.stored else '(recomputed)'}"
                 for v in self.remat.saved))
         return "\n".join(rows)
 
