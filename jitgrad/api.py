@@ -74,8 +74,10 @@ class CompiledFunction:
 
     def __init__(self, fn: Callable[..., Any], *, remat: Any = None, memory_budget: Any = None,
                  backend: str | None = None, check_finite: bool = False,
-                 donate: dict[int, int] | None = None):
-        """donate maps result leaf -> argument leaf whose array receives it (train_step)."""
+                 donate: dict[int, int] | None = None, pinned: Sequence[int] | None = None):
+        """donate maps result leaf -> argument leaf whose array receives it (train_step);
+        pinned lists result leaves the Numba backend lays out contiguously at the start of
+        its arena and returns as views of it (distributed training all-reduces them)."""
         self.fn = fn
         self._backend = backend
         self.options = {"check_finite": bool(check_finite)}
@@ -85,6 +87,8 @@ class CompiledFunction:
                                "implemented yet; every activation is stored")
         if donate:
             self.options["donate"] = dict(donate)
+        if pinned:
+            self.options["pinned"] = list(pinned)
         self._cache: dict[Any, Compiled] = {}
         self._lock = threading.Lock()
         self._last: Compiled | None = None

@@ -58,7 +58,10 @@ def _donatable(uses: list[memory.StepUse], steps: list[Any], out: Var, into: Var
 
 class NumbaExecutable:
     def __init__(self, prog: Program, check_finite: bool = False,
-                 donate: dict[int, int] | None = None):
+                 donate: dict[int, int] | None = None, pinned: Sequence[int] | None = None):
+        """pinned: result indices laid back to back at the start of the arena
+        (`pinned_region()`); those results are returned as views of it, valid until the
+        next call, so that data-parallel training can all-reduce them in place."""
         kernels.ensure_loaded()
         self.program = prog
         self.check_finite = check_finite
@@ -82,7 +85,18 @@ class NumbaExecutable:
                 self._donated_in_place.add(out_i)
             else:
                 self._donate_copy.append((out_i, in_i))
-        self.plan = memory.plan(uses, outputs, set(external), [s.label for s in low.steps])
+        # A pinned result that is not an arena value of its own (an input, a constant, or
+        # equal to another result) gets a slot of its own, filled by a copy after the call.
+        pinned_vars: list[Var] = []
+        self._pinned_copy: list[tuple[int, Var]] = []
+        for out_i in pinned or ():
+            v = outputs[out_i]
+            if v in external or v in pinned_vars:
+                v = Var(prepared.outputs[out_i].shape, v.dtype)
+                self._pinned_copy.append((out_i, v))
+            pinned_vars.append(v)
+        self.plan = memory.plan(uses, outputs, set(external), [s.label for s in low.steps],
+                                pinned=pinned_vars)
         self._labels = [s.label for s in low.steps]
         _load_fused(low.fused)
         # The chunk symbols are named by the program's content, so equal programs share them.
@@ -108,6 +122,10 @@ class NumbaExecutable:
             self._ptrs[2 + self._n_inputs + i] = _address(c)
         self._outputs = [self._output_spec(r, v.shape, external)
                          for r, v in zip(outputs, prepared.outputs, strict=True)]
+        self._pinned_out = set(pinned or ())
+        self._pinned_slots = [(out_i, self._view(self.plan.buffers[v].offset, v))
+                              for out_i, v in self._pinned_copy]
+        self.pinned_region()[:] = 0  # alignment padding between pinned values stays zero
         self._last_args: list[Any] = [None] * self._n_inputs
         self._lock = threading.Lock()
 
@@ -118,6 +136,13 @@ class NumbaExecutable:
         b = self.plan.buffers[v]
         return ("arena", b.offset, v.nbytes, v.dtype, shape)
 
+    def _view(self, offset: int, v: Var) -> np.ndarray:
+        return self._arena[offset:offset + v.nbytes].view(v.dtype).reshape(v.shape)
+
+    def pinned_region(self) -> np.ndarray:
+        """The pinned results' bytes (with alignment padding) as one flat uint8 view."""
+        return self._arena[:self.plan.pinned_bytes]
+
     def _collect(self, args: Sequence[np.ndarray], spec: tuple[Any, ...],
                  in_place: bool) -> np.ndarray:
         if spec[0] == "external":
@@ -125,7 +150,8 @@ class NumbaExecutable:
             src = args[i] if i < self._n_inputs else self._consts[i - self._n_inputs]
             return src if in_place else np.array(src, copy=True).reshape(shape)
         _, offset, nbytes, dtype, shape = spec
-        return self._arena[offset:offset + nbytes].view(dtype).reshape(shape).copy()
+        view = self._arena[offset:offset + nbytes].view(dtype).reshape(shape)
+        return view if in_place else view.copy()
 
     def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
         with self._lock:  # one arena per executable: callers take turns
@@ -141,8 +167,12 @@ class NumbaExecutable:
                     break
             if status:
                 self._explain_failure(args, status)
-            outs = [self._collect(args, s, i in self._donated_in_place)
+            outs = [self._collect(args, s, i in self._donated_in_place or (
+                        i in self._pinned_out and s[0] == "arena"))
                     for i, s in enumerate(self._outputs)]
+            for out_i, slot in self._pinned_slots:
+                np.copyto(slot, outs[out_i])
+                outs[out_i] = slot
             for out_i, in_i in self._donate_copy:
                 np.copyto(args[in_i], outs[out_i])
                 outs[out_i] = args[in_i]
@@ -161,5 +191,6 @@ class NumbaExecutable:
 
 
 def compile_program(prog: Program, check_finite: bool = False,
-                    donate: dict[int, int] | None = None) -> NumbaExecutable:
-    return NumbaExecutable(prog, check_finite, donate)
+                    donate: dict[int, int] | None = None,
+                    pinned: Sequence[int] | None = None) -> NumbaExecutable:
+    return NumbaExecutable(prog, check_finite, donate, pinned)
