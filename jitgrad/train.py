@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -10,6 +10,9 @@ from . import tree
 from .api import CompiledFunction, value_and_grad
 from .errors import JitgradError
 from .optim import Optimizer
+
+if TYPE_CHECKING:
+    from .distributed import DistributedTrainStep
 
 
 def _check_params(params: Any) -> list[np.ndarray]:
@@ -75,7 +78,7 @@ class TrainStep:
 
 
 def train_step(loss_fn: Any, params: Any, optimizer: Optimizer, *, comm: Any = None,
-               **jit_options: Any) -> Any:
+               **jit_options: Any) -> TrainStep | DistributedTrainStep:
     """Compile `loss_fn(params, *batch)` + backward + optimizer update into one program.
 
     With an MPI communicator (``comm=MPI.COMM_WORLD``) the step is data-parallel:
