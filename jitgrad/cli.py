@@ -522,6 +522,8 @@ def _train(args: argparse.Namespace, comm: Any) -> int:
               file=sys.stderr)
         return EXIT_DIVERGED
     except TrainingInterrupted as e:
+        if rank != 0:  # mpiexec interrupts every rank: one report
+            return EXIT_INTERRUPTED
         where = (f"; {args.save} holds epoch {e.saved_epoch}, continue with "
                  f"--resume {args.save}" if e.saved_epoch else "; nothing was saved")
         print(f"\njitgrad train: {e}{where}", file=sys.stderr)

@@ -136,6 +136,75 @@ def test_distributed_without_mpi4py_says_how_to_install(monkeypatch):
         distributed.mpi()
 
 
+class OneRankComm:
+    """A communicator of one rank, in process: the collectives are identities. Runs the
+    distributed step's own code paths (both backends) without MPI."""
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def Bcast(self, buf, root=0):
+        pass
+
+    def Allreduce(self, sendbuf, recvbuf, op=None):
+        self.reduced = np.array(recvbuf, copy=True)
+
+    def allgather(self, value):
+        return [value]
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    from types import SimpleNamespace
+
+    from jitgrad import distributed
+    monkeypatch.setattr(distributed, "mpi", lambda: SimpleNamespace(IN_PLACE=None, SUM=None))
+    return OneRankComm()
+
+
+def test_distributed_step_on_one_rank_matches_train_step(backend, one_rank):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    p1 = nn.mlp_init([5, 7, 3], np.random.default_rng(1))
+    p2 = {k: v.copy() for k, v in p1.items()}
+    opt = jg.optim.Adam(lr=0.05, weight_decay=1e-3)
+    ref = jg.train_step(nn.mlp_loss, p1, opt)
+    dist = jg.train_step(nn.mlp_loss, p2, opt, comm=one_rank)
+    for _ in range(3):
+        np.testing.assert_allclose(dist(x, y), ref(x, y), rtol=1e-6)
+    for k in p1:
+        np.testing.assert_allclose(p2[k], p1[k], rtol=1e-5, atol=1e-7)
+    # What went through the collective: [loss, failure count, gradients...] in one buffer.
+    assert one_rank.reduced.dtype == np.float32
+    assert one_rank.reduced[1] == 0
+    assert one_rank.reduced.size >= 2 + sum(v.size for v in p1.values())
+
+
+def test_distributed_step_failure_leaves_params_untouched(backend, one_rank):
+    x = np.ones((4, 5), np.float32)
+    params = nn.mlp_init([5, 7, 3], np.random.default_rng(1))
+    step = jg.train_step(nn.mlp_loss, params, jg.optim.SGD(lr=0.1), comm=one_rank)
+    step(x, np.array([0, 1, 2, 0]))
+    before = {k: v.copy() for k, v in params.items()}
+    with pytest.raises(jg.JitgradError, match=r"failed on 1 of 1 ranks \(rank 0: "):
+        step(x, np.array([0, 1, 9, 0]))
+    for k in params:
+        np.testing.assert_array_equal(params[k], before[k])
+    assert step.t == 1
+    step(x, np.array([0, 1, 2, 0]))
+    assert step.t == 2
+
+
+def test_distributed_step_rejects_mixed_dtypes(one_rank):
+    params = {"a": np.zeros(3, np.float32), "b": np.zeros(3, np.float64)}
+    with pytest.raises(jg.JitgradError, match="mix"):
+        jg.train_step(lambda p, x: jg.sum(p["a"] * x), params, jg.optim.SGD(), comm=one_rank)
+
+
 # -------------------------------------------------------------------- MPI jobs
 
 
