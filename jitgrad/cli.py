@@ -319,7 +319,9 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
         jit_options["remat"] = cfg.remat
     if cfg.memory_budget is not None:
         jit_options["memory_budget"] = cfg.memory_budget
-    step = train_step(_mlp_loss, params, opt, comm=comm, **jit_options)
+    if comm is not None:
+        jit_options["comm"] = comm
+    step = train_step(_mlp_loss, params, opt, **jit_options)
     if resume_data is not None:
         checkpoint_io.restore_into(step.params, step.state, resume_data[0], resume_data[1])
         step.t = start_t
