@@ -129,6 +129,21 @@ def test_default_lr_scales_with_the_number_of_ranks():
     assert cli.scale_default_lr(cli.TrainConfig(lr=0.01), 4).resolved().lr == 0.01
 
 
+def test_threads_default_to_an_even_share_of_the_cores_per_rank(monkeypatch):
+    from jitgrad import threads
+    monkeypatch.delenv("JITGRAD_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("MPI_LOCALNRANKS", raising=False)
+    assert threads.num_threads() == 8
+    monkeypatch.setenv("MPI_LOCALNRANKS", "2")  # what mpiexec (Hydra) sets for each rank
+    assert threads.num_threads() == 4
+    monkeypatch.setenv("MPI_LOCALNRANKS", "16")
+    assert threads.num_threads() == 1
+    monkeypatch.setenv("JITGRAD_NUM_THREADS", "3")
+    assert threads.num_threads() == 3
+
+
 def test_distributed_without_mpi4py_says_how_to_install(monkeypatch):
     from jitgrad import distributed
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # import fails as if not installed
