@@ -286,6 +286,23 @@ def test_cli_distributed_trains_like_one_process_with_the_global_batch(tmp_path)
 
 
 @needs_mpi
+def test_cli_distributed_resume_ends_where_an_uninterrupted_run_does(tmp_path):
+    # A constant rate: the 2-epoch run is then a prefix of the 3-epoch one.
+    flags = ["--distributed", "--hidden", "16", "--batch-size", "32", "--quiet",
+             "--schedule", "constant"]
+    runs = [("full.npz", "3", []), ("part.npz", "2", []),
+            ("part.npz", "3", ["--resume", str(tmp_path / "part.npz")])]
+    for name, epochs, extra in runs:
+        r = run_mpi(2, "-m", "jitgrad", "train", *flags, "--epochs", epochs,
+                    "--save", str(tmp_path / name), *extra, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+    full, part = (checkpoint_io.load(tmp_path / n) for n in ("full.npz", "part.npz"))
+    assert part[2]["epoch"] == full[2]["epoch"] == 3
+    for k in full[0]:
+        np.testing.assert_array_equal(part[0][k], full[0][k])
+
+
+@needs_mpi
 def test_cli_distributed_error_on_every_rank_ends_the_job(tmp_path):
     r = run_mpi(2, "-m", "jitgrad", "train", "--distributed", "--data",
                 str(tmp_path / "missing.npz"), cwd=tmp_path)
