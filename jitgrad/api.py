@@ -77,8 +77,10 @@ class CompiledFunction:
 
     def __init__(self, fn: Callable[..., Any], *, remat: Any = None, memory_budget: Any = None,
                  backend: str | None = None, check_finite: bool = False,
-                 donate: dict[int, int] | None = None):
-        """donate maps result leaf -> argument leaf whose array receives it (train_step)."""
+                 donate: dict[int, int] | None = None, pinned: Sequence[int] | None = None):
+        """donate maps result leaf -> argument leaf whose array receives it (train_step);
+        pinned lists result leaves the Numba backend lays out contiguously at the start of
+        its arena and returns as views of it (distributed training all-reduces them)."""
         self.fn = fn
         self._backend = backend
         self.options = {"check_finite": bool(check_finite)}
@@ -86,6 +88,8 @@ class CompiledFunction:
         self.remat, self.memory_budget = remat, memory_budget
         if donate:
             self.options["donate"] = dict(donate)
+        if pinned:
+            self.options["pinned"] = list(pinned)
         self._cache: dict[Any, Compiled] = {}
         self._lock = threading.Lock()
         self._last: Compiled | None = None
@@ -121,7 +125,8 @@ class CompiledFunction:
     def _rematerialize(self, prog: Program, backend: str) -> tuple[Program, Any]:
         def plan_of(p: Program) -> Any:
             from .backend import plan_program  # the planner is the Numba backend's
-            return plan_program(p, self.options.get("donate")).plan
+            return plan_program(p, self.options.get("donate"),
+                                pinned=self.options.get("pinned")).plan
         return remat_mod.apply(prog, self.remat, self.memory_budget, plan_of)
 
     def __call__(self, *args: Any) -> Any:

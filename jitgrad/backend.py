@@ -68,10 +68,11 @@ class Planned:
     plan: memory.Plan
     donated_in_place: set[int]    # results computed straight into the donated input
     donate_copy: list[tuple[int, int]]  # (result, input) pairs copied there after the call
+    pinned_copy: list[tuple[int, Var]]  # pinned results given a slot of their own
 
 
 def plan_program(prog: Program, donate: dict[int, int] | None = None,
-                 sources: bool = False) -> Planned:
+                 sources: bool = False, pinned: Sequence[int] | None = None) -> Planned:
     """Lower and lay out prog (pure Python: the memory planner's view of a program);
     sources=True also generates the fused kernels' source, for compiling."""
     prepared = prepare(prog)
@@ -94,22 +95,38 @@ def plan_program(prog: Program, donate: dict[int, int] | None = None,
             donated_in_place.add(out_i)
         else:
             donate_copy.append((out_i, in_i))
-    plan = memory.plan(uses, outputs, set(external), [s.label for s in low.steps])
+    # A pinned result that is not an arena value of its own (an input, a constant, or
+    # equal to another result) gets a slot of its own, filled by a copy after the call.
+    pinned_vars: list[Var] = []
+    pinned_copy: list[tuple[int, Var]] = []
+    for out_i in pinned or ():
+        v = outputs[out_i]
+        if v in external or v in pinned_vars:
+            v = Var(prepared.outputs[out_i].shape, v.dtype)
+            pinned_copy.append((out_i, v))
+        pinned_vars.append(v)
+    plan = memory.plan(uses, outputs, set(external), [s.label for s in low.steps],
+                       pinned=pinned_vars)
     plan.names = var_names(prog)
-    return Planned(prepared, low, external, outputs, plan, donated_in_place, donate_copy)
+    return Planned(prepared, low, external, outputs, plan, donated_in_place, donate_copy,
+                   pinned_copy)
 
 
 class NumbaExecutable:
     def __init__(self, prog: Program, check_finite: bool = False,
-                 donate: dict[int, int] | None = None):
+                 donate: dict[int, int] | None = None, pinned: Sequence[int] | None = None):
+        """pinned: result indices laid back to back at the start of the arena
+        (`pinned_region()`); those results are returned as views of it, valid until the
+        next call, so that data-parallel training can all-reduce them in place."""
         kernels.ensure_loaded()
         self.program = prog
         self.check_finite = check_finite
-        planned = plan_program(prog, donate, sources=True)
+        planned = plan_program(prog, donate, sources=True, pinned=pinned)
         prepared, low, external = planned.prepared, planned.low, planned.external
         outputs = planned.outputs
         self._donate_copy = planned.donate_copy
         self._donated_in_place = planned.donated_in_place
+        self._pinned_copy = planned.pinned_copy
         self.plan = planned.plan
         self._labels = [s.label for s in low.steps]
         _load_fused(low.fused)
@@ -136,6 +153,10 @@ class NumbaExecutable:
             self._ptrs[2 + self._n_inputs + i] = _address(c)
         self._outputs = [self._output_spec(r, v.shape, external)
                          for r, v in zip(outputs, prepared.outputs, strict=True)]
+        self._pinned_out = set(pinned or ())
+        self._pinned_slots = [(out_i, self._view(self.plan.buffers[v].offset, v))
+                              for out_i, v in self._pinned_copy]
+        self.pinned_region()[:] = 0  # alignment padding between pinned values stays zero
         self._last_args: list[Any] = [None] * self._n_inputs
         self._lock = threading.Lock()
 
@@ -146,6 +167,13 @@ class NumbaExecutable:
         b = self.plan.buffers[v]
         return ("arena", b.offset, v.nbytes, v.dtype, shape)
 
+    def _view(self, offset: int, v: Var) -> np.ndarray:
+        return self._arena[offset:offset + v.nbytes].view(v.dtype).reshape(v.shape)
+
+    def pinned_region(self) -> np.ndarray:
+        """The pinned results' bytes (with alignment padding) as one flat uint8 view."""
+        return self._arena[:self.plan.pinned_bytes]
+
     def _collect(self, args: Sequence[np.ndarray], spec: tuple[Any, ...],
                  in_place: bool) -> np.ndarray:
         if spec[0] == "external":
@@ -153,7 +181,8 @@ class NumbaExecutable:
             src = args[i] if i < self._n_inputs else self._consts[i - self._n_inputs]
             return src if in_place else np.array(src, copy=True).reshape(shape)
         _, offset, nbytes, dtype, shape = spec
-        return self._arena[offset:offset + nbytes].view(dtype).reshape(shape).copy()
+        view = self._arena[offset:offset + nbytes].view(dtype).reshape(shape)
+        return view if in_place else view.copy()
 
     def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
         with self._lock:  # one arena per executable: callers take turns
@@ -169,8 +198,12 @@ class NumbaExecutable:
                     break
             if status:
                 self._explain_failure(args, status)
-            outs = [self._collect(args, s, i in self._donated_in_place)
+            outs = [self._collect(args, s, i in self._donated_in_place or (
+                        i in self._pinned_out and s[0] == "arena"))
                     for i, s in enumerate(self._outputs)]
+            for out_i, slot in self._pinned_slots:
+                np.copyto(slot, outs[out_i])
+                outs[out_i] = slot
             for out_i, in_i in self._donate_copy:
                 np.copyto(args[in_i], outs[out_i])
                 outs[out_i] = args[in_i]
@@ -189,5 +222,6 @@ class NumbaExecutable:
 
 
 def compile_program(prog: Program, check_finite: bool = False,
-                    donate: dict[int, int] | None = None) -> NumbaExecutable:
-    return NumbaExecutable(prog, check_finite, donate)
+                    donate: dict[int, int] | None = None,
+                    pinned: Sequence[int] | None = None) -> NumbaExecutable:
+    return NumbaExecutable(prog, check_finite, donate, pinned)

@@ -485,6 +485,9 @@ def minibatches(
     batch_size: int,
     rng: np.random.Generator | int,
     drop_last: bool = True,
+    *,
+    rank: int = 0,
+    num_ranks: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """One epoch of shuffled ``(x_batch, y_batch)`` pairs, as C-contiguous copies.
 
@@ -493,14 +496,23 @@ def minibatches(
     rows, which keeps compiled kernels on a single shape; the final partial batch's
     examples are simply seen in a later epoch under a different shuffle.
 
+    Data-parallel training: with ``num_ranks`` > 1, ``batch_size`` is per rank and
+    each global batch of ``num_ranks * batch_size`` rows is cut into one slice per
+    rank; rank ``rank`` gets its slice. Every rank must pass the same seed, so that
+    the ranks see disjoint shards whose union, step by step, is exactly what one
+    process with the global batch size would see.
+
     Arguments are checked when this is called, not on the first ``next()``.
     """
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} rows but y has {len(y)} labels")
-    n_batches = batches_per_epoch(len(x), batch_size, drop_last)
+    if not 0 <= rank < num_ranks:
+        raise ValueError(f"rank {rank} is outside [0, {num_ranks})")
+    global_batch = batch_size * num_ranks
+    n_batches = batches_per_epoch(len(x), global_batch, drop_last)
     if n_batches == 0 and len(x) > 0:
         raise ValueError(
-            f"batch_size={batch_size} exceeds the {len(x)} examples with drop_last=True, "
+            f"batch_size={global_batch} exceeds the {len(x)} examples with drop_last=True, "
             f"so an epoch would have no batches"
         )
     if not isinstance(rng, np.random.Generator):
@@ -509,7 +521,8 @@ def minibatches(
 
     def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for b in range(n_batches):
-            idx = perm[b * batch_size : (b + 1) * batch_size]
+            start = b * global_batch + rank * batch_size
+            idx = perm[start : min(start + batch_size, len(x))]
             # Fancy indexing already copies; ascontiguousarray only guards odd inputs.
             yield np.ascontiguousarray(x[idx]), np.ascontiguousarray(y[idx])
 

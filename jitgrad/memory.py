@@ -43,6 +43,9 @@ class Plan:
     lower_bound: int
     n_steps: int
     step_names: list[str]
+    # Bytes at the start of the arena holding the `pinned` values of plan(), back to back
+    # in the order given (each at its aligned size), live for the whole program.
+    pinned_bytes: int = 0
     remat: Any = None  # remat.RematReport, set by jit: saved/stored values, recompute work
     names: dict[Var, str] = field(default_factory=dict)  # as the program prints them
 
@@ -95,10 +98,17 @@ class StepUse:
 
 
 def plan(steps: Sequence[StepUse], keep: Iterable[Var], external: set[Var],
-         step_names: list[str] | None = None, in_place: bool = True) -> Plan:
+         step_names: list[str] | None = None, in_place: bool = True,
+         pinned: Sequence[Var] = ()) -> Plan:
     """keep: values live to the end (the results); external: values outside the arena
-    (inputs, constants, donated results)."""
-    keep = set(keep)
+    (inputs, constants, donated results).
+
+    pinned: arena values (distinct, not external) laid out first, in this order, from
+    offset 0 and live for the whole program, so that together they form one contiguous
+    region (`Plan.pinned_bytes`) that a caller can hand to a collective as one buffer
+    (data-parallel training all-reduces every gradient in one call).
+    """
+    keep = set(keep) | set(pinned)
     last_read = {v: i for i, step in enumerate(steps) for v in step.reads}
     buffers: dict[Var, Buffer] = {}
     for i, step in enumerate(steps):
@@ -123,7 +133,20 @@ def plan(steps: Sequence[StepUse], keep: Iterable[Var], external: set[Var],
             buffers[v].end = last
     unique = list({id(b): b for b in buffers.values()}.values())
     placed: list[Buffer] = []
+    pinned_bytes = 0
+    for v in pinned:
+        b = buffers.get(v)
+        if b is None:  # written by no step: a slot the caller fills (a copy of a constant)
+            b = buffers[v] = Buffer(v, aligned(v.nbytes), 0, last)
+        if b.offset >= 0:
+            raise ValueError(f"pinned value %{v.id} is listed twice or shares a buffer")
+        # Live from before the first step to after the last: nothing else ever overlaps.
+        b.start, b.end, b.offset = 0, last, pinned_bytes
+        pinned_bytes += b.nbytes
+        placed.append(b)
     for b in sorted(unique, key=lambda b: (-b.nbytes, b.start)):
+        if b.offset >= 0:
+            continue
         busy = sorted((p.offset, p.offset + p.nbytes) for p in placed if p.overlaps_in_time(b))
         offset = 0
         for lo, hi in busy:
@@ -133,6 +156,6 @@ def plan(steps: Sequence[StepUse], keep: Iterable[Var], external: set[Var],
         b.offset = offset
         placed.append(b)
     result = Plan(buffers, max((b.offset + b.nbytes for b in placed), default=0), 0,
-                  len(steps), step_names or [])
+                  len(steps), step_names or [], pinned_bytes)
     result.lower_bound = max(result.live_bytes(), default=0)
     return result

@@ -14,9 +14,27 @@ import numba
 _initialised = False
 
 
+# Set for every rank by MPI launchers: MPICH's and Intel MPI's Hydra, Open MPI.
+_LOCAL_RANKS_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
+def ranks_on_this_machine() -> int:
+    """How many processes of an MPI job share this machine (1 outside mpiexec)."""
+    for var in _LOCAL_RANKS_VARS:
+        try:
+            return max(1, int(os.environ[var]))
+        except (KeyError, ValueError):
+            continue
+    return 1
+
+
 def num_threads() -> int:
+    """JITGRAD_NUM_THREADS, else the cores divided among the MPI ranks on this machine:
+    N ranks each spinning all cores' worth of threads would oversubscribe it N-fold."""
     env = os.environ.get("JITGRAD_NUM_THREADS")
-    return max(1, int(env)) if env else (os.cpu_count() or 1)
+    if env:
+        return max(1, int(env))
+    return max(1, (os.cpu_count() or 1) // ranks_on_this_machine())
 
 
 def init() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -10,6 +10,9 @@ from . import tree
 from .api import CompiledFunction, value_and_grad
 from .errors import JitgradError
 from .optim import Optimizer
+
+if TYPE_CHECKING:
+    from .distributed import DistributedTrainStep
 
 
 def _check_params(params: Any) -> list[np.ndarray]:
@@ -74,6 +77,15 @@ class TrainStep:
         return self.compiled.lower(self.params, self.state, self.optimizer.hyper(1), *batch)
 
 
-def train_step(loss_fn: Any, params: Any, optimizer: Optimizer, **jit_options: Any) -> TrainStep:
-    """Compile `loss_fn(params, *batch)` + backward + optimizer update into one program."""
+def train_step(loss_fn: Any, params: Any, optimizer: Optimizer, *, comm: Any = None,
+               **jit_options: Any) -> TrainStep | DistributedTrainStep:
+    """Compile `loss_fn(params, *batch)` + backward + optimizer update into one program.
+
+    With an MPI communicator (``comm=MPI.COMM_WORLD``) the step is data-parallel:
+    each rank passes its own shard of the batch, one allreduce per step averages
+    the gradients, and every rank applies the same update (see jitgrad.distributed).
+    """
+    if comm is not None:
+        from .distributed import DistributedTrainStep
+        return DistributedTrainStep(loss_fn, params, optimizer, comm, **jit_options)
     return TrainStep(loss_fn, params, optimizer, **jit_options)

@@ -1,0 +1,7 @@
+"""`python -m jitgrad ...` runs the `jitgrad` command (e.g. under mpiexec without the script)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
