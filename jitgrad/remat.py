@@ -79,17 +79,30 @@ def rematerialize(prog: Program, store: Iterable[Var]) -> Program:
     copies: dict[Var, Var] = {}
     instrs = list(prog.instrs[:b])
 
+    def stored(v: Var) -> bool:
+        return v not in producer or v in keep or producer[v].prim.name == "const"
+
     def available(v: Var) -> Var:
-        if v not in producer or v in keep or producer[v].prim.name == "const":
-            return v
-        if v not in copies:
-            ins = producer[v]
-            inputs = tuple(available(u) for u in ins.inputs)
+        # Depth-first with an explicit stack: a long dropped stretch (a checkpointed
+        # region around a whole deep network) must not hit Python's recursion limit.
+        stack = [v]
+        while stack:
+            u = stack[-1]
+            if stored(u) or u in copies:
+                stack.pop()
+                continue
+            ins = producer[u]
+            missing = [w for w in ins.inputs if not stored(w) and w not in copies]
+            if missing:
+                stack += missing
+                continue
+            stack.pop()
+            inputs = tuple(w if stored(w) else copies[w] for w in ins.inputs)
             outs = tuple(Var(o.shape, o.dtype) for o in ins.outputs)
             instrs.append(dataclasses.replace(ins, inputs=inputs, outputs=outs,
                                               role="recompute"))
             copies.update(zip(ins.outputs, outs, strict=True))
-        return copies[v]
+        return v if stored(v) else copies[v]
 
     for ins in prog.instrs[b:]:
         inputs = tuple(available(v) for v in ins.inputs)

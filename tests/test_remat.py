@@ -235,3 +235,14 @@ def test_budget_cost_is_within_5_percent_of_the_exhaustive_optimum():
         assert table[chosen][1] <= 1.05 * optimum, (budget, table[chosen], optimum)
         checked += 1
     assert checked >= 8
+
+
+def test_a_checkpoint_around_a_very_deep_network():
+    # 600 layers in one region: recomputation walks them without recursion
+    rng = np.random.default_rng(10)
+    params, x, y = _data(rng, [4] * 601, 3, np.float64)
+    region = jg.checkpoint(_chain_loss)
+    prog, report = _lowered(region, (params, x, y))
+    assert report.recompute_instrs >= 3 * 599
+    base = jg.jit(jg.grad(_chain_loss), backend="interpret")(params, x, y)
+    assert _same_bits(base, jg.jit(jg.grad(region), backend="interpret")(params, x, y))
