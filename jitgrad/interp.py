@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,8 +32,17 @@ class InterpretedExecutable:
         self.donate = donate or {}
         self.plan = None
         self.source = str(prog)
+        # Donating calls (train_step) read and then overwrite the caller's arrays: calls
+        # from several threads take turns, so that no update is lost (as in the backend).
+        self._serial = threading.Lock() if self.donate else None
 
     def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if self._serial is None:
+            return self._run(args)
+        with self._serial:
+            return self._run(args)
+
+    def _run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
         # Results are fresh arrays the caller owns, never views of inputs or constants.
         outs = [np.array(o, copy=True) for o in run(self.program, args, self.check_finite)]
         for out_i, in_i in self.donate.items():  # donated results land in the input's memory
