@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -12,7 +13,7 @@ import numpy as np
 
 from . import tree
 from .autodiff import grad_program
-from .core import Tracer, _trace_stack, eval_program
+from .core import Tracer, _trace_stack, eval_program, user_frame_loc
 from .errors import JitgradError, UndefinedGradientError
 from .ir import Program
 from .passes import dce, optimize
@@ -41,6 +42,29 @@ def _compile(prog: Program, backend: str, options: dict[str, Any]) -> Any:
         from .backend import compile_program
         return compile_program(prog, **options)
     raise JitgradError(f"unknown backend {backend!r}: use 'numba' or 'interpret'")
+
+
+def check_finite_from_env() -> bool:
+    """JITGRAD_CHECK_FINITE=1 turns check_finite on for every jit (e.g. while debugging)."""
+    return os.environ.get("JITGRAD_CHECK_FINITE", "").strip().lower() not in ("", "0", "false")
+
+
+def _signatures(leaves: Sequence[Any], in_tree: tree.TreeDef) -> list[Signature]:
+    """Each argument leaf's signature; an unsupported one is named by its place and the call."""
+    try:
+        return [signature_of(x) for x in leaves]
+    except JitgradError as e:
+        bad = next(i for i, x in enumerate(leaves) if not _supported(x))
+        where = "args" + tree.leaf_paths(in_tree)[bad]
+        raise type(e)(f"{where}: {e} (at {user_frame_loc()})") from None
+
+
+def _supported(x: Any) -> bool:
+    try:
+        signature_of(x)
+    except JitgradError:
+        return False
+    return True
 
 
 def _as_input_array(x: Any, sig: Signature) -> np.ndarray:
@@ -78,7 +102,7 @@ class CompiledFunction:
         """donate maps result leaf -> argument leaf whose array receives it (train_step)."""
         self.fn = fn
         self._backend = backend
-        self.options = {"check_finite": bool(check_finite)}
+        self.options = {"check_finite": bool(check_finite) or check_finite_from_env()}
         if remat is not None or memory_budget is not None:
             # Checked here, not at the first call, so that nothing half-works on any backend.
             raise JitgradError("recomputation checkpointing (remat=, memory_budget=) is not "
@@ -95,7 +119,7 @@ class CompiledFunction:
     def _specialise(self, args: Sequence[Any], flat: Any = None
                     ) -> tuple[Compiled, list[Any], list[Signature]]:
         leaves, in_tree = flat or tree.flatten(tuple(args))
-        sigs = [signature_of(x) for x in leaves]
+        sigs = _signatures(leaves, in_tree)
         backend = self._backend or DEFAULT_BACKEND
         key = (backend, in_tree, tuple(sigs))
         entry = self._cache.get(key)
@@ -174,7 +198,7 @@ def value_and_grad(fn: Callable[..., Any], argnums: int | Sequence[int] = 0,
             if not -len(args) <= n < len(args):
                 raise JitgradError(f"argnums {n} is out of range for {len(args)} arguments")
         ranges = _leaf_ranges(args)
-        sigs = [signature_of(x) for x in leaves]
+        sigs = _signatures(leaves, in_tree)
         wrt = [i for n in nums for i in range(ranges[n][0], ranges[n][1])]
         for i in wrt:
             if sigs[i][1].kind != "f":

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import cache, kernels, memory
 from .codegen import lower, prepare, render_glue
-from .errors import JitgradError
+from .errors import JitgradError, NonFiniteError
 from .ir import Program, Var
 
 _registered: set[str] = set()
@@ -162,10 +162,15 @@ class NumbaExecutable:
         else:
             with self._serial:
                 outs = self._run(args)
-        if self.check_finite and any(o.dtype.kind == "f" and not np.all(np.isfinite(o))
-                                     for o in outs):
-            from . import interp
-            interp.run(self.program, args, check_finite=True)  # names the first culprit
+        if self.check_finite:
+            bad = [i for i, o in enumerate(outs) if o.dtype.kind == "f"
+                   and not np.all(np.isfinite(o))]
+            if bad:
+                from . import interp
+                interp.run(self.program, args, check_finite=True)  # names the culprit
+                # numpy computed it finitely where the compiled code did not
+                raise NonFiniteError(f"result {bad[0]} of the compiled program is not finite "
+                                     f"(the numpy interpreter's is)")
         return outs
 
     def _run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:

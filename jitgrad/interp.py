@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .core import replay
+from .core import current_loc, replay
 from .errors import NonFiniteError
 from .ir import Instr, Program, Var, format_instr
 
@@ -18,7 +18,16 @@ def run(prog: Program, args: Sequence[np.ndarray], check_finite: bool = False) -
             raise NonFiniteError(f"non-finite value produced by instruction "
                                  f"`{format_instr(ins, {})}` at {ins.loc}")
 
-    env = replay(prog, args, check if check_finite else None)
+    if check_finite:  # a NaN passed in is the caller's, not the first instruction's
+        for k, (var, a) in enumerate(zip(prog.inputs, args, strict=True)):
+            if var.dtype.kind == "f" and not np.all(np.isfinite(a)):
+                raise NonFiniteError(f"input {k} ({var.type_str()}) of the call contains "
+                                     f"NaN or Inf (at {current_loc()})")
+    if not check_finite:
+        env = replay(prog, args)
+    else:
+        with np.errstate(all="ignore"):  # NonFiniteError names the culprit better
+            env = replay(prog, args, check)
     return [env[v] for v in prog.outputs]
 
 

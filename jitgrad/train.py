@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from . import tree
-from .api import CompiledFunction, value_and_grad
+from .api import CompiledFunction, check_finite_from_env, value_and_grad
 from .errors import JitgradError
 from .optim import Optimizer
 
@@ -40,7 +40,7 @@ class TrainStep:
         self.optimizer = optimizer
         self.state = optimizer.init(params)
         self.t = 0
-        self.check_finite = bool(jit_options.get("check_finite"))
+        self.check_finite = bool(jit_options.get("check_finite")) or check_finite_from_env()
         leaves = _check_params(params)
         for p in leaves:
             if not p.flags.c_contiguous:
