@@ -127,8 +127,12 @@ def _publish(path: str, data: bytes, replace: bool) -> None:
         else:
             # link never replaces a file another process published meanwhile (same content:
             # the name is its hash), so the file's stamp, which Numba's index records, stays.
-            with contextlib.suppress(FileExistsError):
+            try:
                 os.link(tmp, path)
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links: same bytes, so replacing is safe
+                os.replace(tmp, path)
 
 
 def _ensure_file(path: str, data: bytes) -> None:
