@@ -89,8 +89,9 @@ def test_gradients_from_threads(backend):
             np.testing.assert_allclose(results[t][i], x.T @ (2 * h * (1 - h * h)), rtol=1e-12)
 
 
-def test_train_steps_from_threads_apply_one_after_the_other(backend):
-    """Donating executables (train_step) take turns: every step is applied whole."""
+@pytest.mark.parametrize("check_finite", [False, True])
+def test_train_steps_from_threads_apply_one_after_the_other(backend, check_finite):
+    """train_step calls take turns: every step is applied whole, none is lost."""
     rng = np.random.default_rng(2)
     params = {"W": rng.normal(size=(3, 2))}
     x = rng.normal(size=(5, 3))
@@ -98,9 +99,10 @@ def test_train_steps_from_threads_apply_one_after_the_other(backend):
     def loss(p, x):
         return jg.sum(x @ p["W"])  # gradient x.T @ 1, independent of W: updates add up
 
-    step = jg.train_step(loss, params, jg.optim.SGD(lr=0.01))
+    step = jg.train_step(loss, params, jg.optim.SGD(lr=0.01), check_finite=check_finite)
     start = params["W"].copy()
     run_threads(lambda t: [step(x) for _ in range(N_CALLS)])
     grad = x.T @ np.ones((5, 2))
     np.testing.assert_allclose(params["W"], start - 0.01 * N_THREADS * N_CALLS * grad,
                                rtol=1e-12)
+    assert step.t == N_THREADS * N_CALLS
