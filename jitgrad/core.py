@@ -124,13 +124,17 @@ def source_loc(loc: str | None) -> Iterator[None]:
         _state.loc = old
 
 
+def _is_user_file(fname: str) -> bool:
+    return not (fname.startswith(_PKG_DIR) or fname.startswith(_NUMPY_DIR)
+                or fname.startswith("<frozen"))
+
+
 def user_frame_loc() -> str:
     """file:line of the innermost frame outside jitgrad and numpy (the user's code)."""
     f = sys._getframe(1)
     while f is not None:
         fname = f.f_code.co_filename
-        if not (fname.startswith(_PKG_DIR) or fname.startswith(_NUMPY_DIR)
-                or fname.startswith("<frozen")):
+        if _is_user_file(fname):
             return f"{os.path.basename(fname)}:{f.f_lineno}"
         f = f.f_back
     return "<unknown>"
@@ -141,11 +145,6 @@ def current_loc() -> str:
 
 
 _HAS_LOC = re.compile(r"\bat [^\s()]+:\d+")
-
-
-def _is_user_file(fname: str) -> bool:
-    return not (fname.startswith(_PKG_DIR) or fname.startswith(_NUMPY_DIR)
-                or fname.startswith("<frozen"))
 
 
 def with_user_loc(e: JitgradError) -> JitgradError:
@@ -161,7 +160,10 @@ def with_user_loc(e: JitgradError) -> JitgradError:
         tb = tb.tb_next
     if loc is None:  # raised by jitgrad about the whole function (e.g. grad of a vector):
         loc = user_frame_loc()  # name the line that called it
-    new = type(e)(f"{e} (at {loc})")
+    try:
+        new = type(e)(f"{e} (at {loc})")
+    except TypeError:  # a subclass with another constructor: keep it as it is
+        return e
     new.__cause__, new.__suppress_context__ = e.__cause__, e.__suppress_context__
     return new.with_traceback(e.__traceback__)
 
