@@ -144,6 +144,10 @@ def _ensure_file(path: str, data: bytes) -> None:
     except FileNotFoundError:
         _publish(path, data, replace=False)
         return
+    except OSError as e:  # e.g. unreadable: the directory is ours, so replace it
+        _corrupt(path, f"unreadable ({e.strerror})")
+        _publish(path, data, replace=True)
+        return
     if current != data:
         _corrupt(path, "truncated or modified")
         _publish(path, data, replace=True)
@@ -187,6 +191,9 @@ def _read_sealed(path: str) -> bytes | None:
         with open(path, "rb") as f:
             blob = f.read()
     except FileNotFoundError:
+        return None
+    except OSError as e:  # unreadable: a miss; saving the entry again replaces the file
+        _corrupt(path, f"unreadable ({e.strerror})")
         return None
     if not blob.startswith(_MAGIC) or len(blob) < _HEADER:
         _corrupt(path, "truncated or not written by this jitgrad")
