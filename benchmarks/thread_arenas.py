@@ -1,6 +1,18 @@
 """Per-thread arenas vs one arena behind a lock, for one compiled function called from threads.
 
-    python benchmarks/thread_arenas.py [--rounds 5]
+    python benchmarks/thread_arenas.py [--rounds 9]
+
+Measured on the 2-core machine (busy), 9 rounds, medians, µs per call:
+
+    JITGRAD_NUM_THREADS=1     1 thread         4 threads
+    tiny    lock              10.1             26.6
+    tiny    per-thread        10.3             17.9
+    medium  lock              3182             3400
+    medium  per-thread        3221             1791
+
+One thread pays the same either way (the difference is below the noise); threads
+calling at once go up to 1.9x faster with per-thread arenas, as the native code
+runs without the GIL. jitgrad uses per-thread arenas.
 
 Each variant runs in its own process (NUMBA_NOTES.md: measure apart), the
 processes alternate over rounds, and medians are reported:
@@ -26,9 +38,6 @@ import threading
 import time
 
 import numpy as np
-
-# this checkout's jitgrad, not whichever one is installed
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def lock_variant() -> None:
@@ -119,4 +128,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # this checkout's jitgrad, not whichever one is installed (only when run as a script:
+    # asv imports this module while discovering benchmarks)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     main()
