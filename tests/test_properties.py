@@ -30,6 +30,9 @@ kernels; JITGRAD_TEST_FULL=1 compiles all of them). The search is derandomized,
 so a run is reproducible. The large run (2,000 interpreted + 500 compiled):
 
     JITGRAD_PROPERTY_EXAMPLES=2000 python -m pytest -q tests/test_properties.py
+
+(passed: 2,000 + 500 examples in 8 min 56 s with a cold cache on the 2-core machine,
+JITGRAD_NUM_THREADS=1; the default 200 + 50 take about a minute.)
 """
 
 from __future__ import annotations
