@@ -90,11 +90,12 @@ def check_private(path: str, what: str) -> None:
     """Raise CacheSecurityError unless only this user can have written `path`."""
     problem = permission_problem(path)
     if problem:
+        remove = "" if os.path.isdir(path) else ", remove it with `jitgrad cache clear`"
         raise CacheSecurityError(
             f"refusing to load generated code: the jitgrad {what} {path} {problem}. jitgrad "
             f"executes the code it caches, so another user could inject code through it. "
-            f"Fix it with `chmod go-w {path}` (after checking its contents), remove it with "
-            f"`jitgrad cache clear`, or set JITGRAD_CACHE_DIR to a private directory.")
+            f"Fix it with `chmod go-w {path}` (after checking its contents){remove}, or set "
+            f"JITGRAD_CACHE_DIR to a private directory.")
 
 
 def module_key(source: str, extra_key: str = "") -> str:

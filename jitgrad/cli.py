@@ -529,7 +529,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     print("permissions: UNSAFE, jitgrad refuses to load code from:")
     for problem in i["problems"]:
         print(f"  {problem}")
-    print("fix with `chmod go-w PATH` after checking the files, or `jitgrad cache clear`")
+    print("fix with `chmod go-w PATH` after checking the files (or remove the files with "
+          "`jitgrad cache clear`), or set JITGRAD_CACHE_DIR to a private directory")
     return EXIT_DIVERGED  # 1: the cache cannot be used as it is
 
 
