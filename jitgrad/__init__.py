@@ -3,7 +3,13 @@
 from . import distributed, nn, optim  # distributed imports mpi4py only when used
 from . import trace as _trace  # noqa: F401  (attaches operators to Tracer)
 from .api import CompiledFunction, checkpoint, grad, jit, value_and_grad
-from .errors import JitgradError, NonFiniteError, TracingError, UndefinedGradientError
+from .errors import (
+    CacheSecurityError,
+    JitgradError,
+    NonFiniteError,
+    TracingError,
+    UndefinedGradientError,
+)
 from .ir import Instr, Program, Var
 from .ops.elementwise import (
     abs,
@@ -30,8 +36,8 @@ from .train import TrainStep, train_step
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompiledFunction", "Instr", "JitgradError", "NonFiniteError", "Program", "TracingError",
-    "checkpoint",
+    "CacheSecurityError", "CompiledFunction", "Instr", "JitgradError", "NonFiniteError",
+    "Program", "TracingError", "checkpoint",
     "UndefinedGradientError", "Var", "abs", "argmax", "ceil", "concatenate", "exp", "floor",
     "grad", "jit", "log", "logsumexp", "matmul", "max", "max_argmax", "maximum", "mean", "relu",
     "reshape", "round", "sigmoid", "sign", "softmax", "softmax_cross_entropy", "sqrt",

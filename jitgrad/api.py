@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 from . import remat as remat_mod
 from . import tree
 from .autodiff import grad_program
-from .core import Tracer, _trace_stack, eval_program, instr_tags
+from .core import Tracer, _trace_stack, eval_program, instr_tags, user_frame_loc
 from .errors import JitgradError, UndefinedGradientError
 from .ir import Program
 from .passes import dce, optimize
@@ -43,6 +44,29 @@ def _compile(prog: Program, backend: str, options: dict[str, Any]) -> Any:
         from .backend import compile_program
         return compile_program(prog, **options)
     raise JitgradError(f"unknown backend {backend!r}: use 'numba' or 'interpret'")
+
+
+def check_finite_from_env() -> bool:
+    """JITGRAD_CHECK_FINITE=1 turns check_finite on for every jit (e.g. while debugging)."""
+    return os.environ.get("JITGRAD_CHECK_FINITE", "").strip().lower() not in ("", "0", "false")
+
+
+def _signatures(leaves: Sequence[Any], in_tree: tree.TreeDef) -> list[Signature]:
+    """Each argument leaf's signature; an unsupported one is named by its place and the call."""
+    try:
+        return [signature_of(x) for x in leaves]
+    except JitgradError as e:
+        bad = next(i for i, x in enumerate(leaves) if not _supported(x))
+        where = "args" + tree.leaf_paths(in_tree)[bad]
+        raise type(e)(f"{where}: {e} (at {user_frame_loc()})") from None
+
+
+def _supported(x: Any) -> bool:
+    try:
+        signature_of(x)
+    except JitgradError:
+        return False
+    return True
 
 
 def _as_input_array(x: Any, sig: Signature) -> np.ndarray:
@@ -83,7 +107,7 @@ class CompiledFunction:
         its arena and returns as views of it (distributed training all-reduces them)."""
         self.fn = fn
         self._backend = backend
-        self.options = {"check_finite": bool(check_finite)}
+        self.options = {"check_finite": bool(check_finite) or check_finite_from_env()}
         remat_mod.check_policy(remat, memory_budget)
         self.remat, self.memory_budget = remat, memory_budget
         if donate:
@@ -100,7 +124,7 @@ class CompiledFunction:
     def _specialise(self, args: Sequence[Any], flat: Any = None
                     ) -> tuple[Compiled, list[Any], list[Signature]]:
         leaves, in_tree = flat or tree.flatten(tuple(args))
-        sigs = [signature_of(x) for x in leaves]
+        sigs = _signatures(leaves, in_tree)
         backend = self._backend or DEFAULT_BACKEND
         key = (backend, in_tree, tuple(sigs))
         entry = self._cache.get(key)
@@ -158,8 +182,8 @@ def jit(fn: Callable[..., Any], *, remat: str | None = None, memory_budget: int 
     """Compile fn: traced once per input signature, run natively (backend="numba").
 
     remat="sqrt" stores about sqrt(n) of the values the backward sweep needs and
-    recomputes the rest; memory_budget=BYTES stores what fits an arena of that many
-    bytes with the least recomputation (see jitgrad.remat).
+    recomputes the rest ("full" stores none of them); memory_budget=BYTES stores what
+    fits an arena of that many bytes with the least recomputation (see jitgrad.remat).
     """
     return CompiledFunction(fn, remat=remat, memory_budget=memory_budget, backend=backend,
                             check_finite=check_finite)
@@ -211,7 +235,7 @@ def value_and_grad(fn: Callable[..., Any], argnums: int | Sequence[int] = 0,
             if not -len(args) <= n < len(args):
                 raise JitgradError(f"argnums {n} is out of range for {len(args)} arguments")
         ranges = _leaf_ranges(args)
-        sigs = [signature_of(x) for x in leaves]
+        sigs = _signatures(leaves, in_tree)
         wrt = [i for n in nums for i in range(ranges[n][0], ranges[n][1])]
         for i in wrt:
             if sigs[i][1].kind != "f":

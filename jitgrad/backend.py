@@ -15,7 +15,7 @@ import numpy as np
 
 from . import cache, kernels, memory
 from .codegen import lower, prepare, render_glue
-from .errors import JitgradError
+from .errors import JitgradError, NonFiniteError
 from .ir import Program, Var, var_names
 
 _registered: set[str] = set()
@@ -112,12 +112,27 @@ def plan_program(prog: Program, donate: dict[int, int] | None = None,
                    pinned_copy)
 
 
+class _Arena:
+    """One thread's working memory for an executable: the arena and the pointer table."""
+
+    __slots__ = ("raw", "buf", "ptrs", "ptrs_addr", "last_args")
+
+    def __init__(self, raw: np.ndarray, buf: np.ndarray, ptrs: np.ndarray,
+                 last_args: list[Any]):
+        self.raw = raw  # owns the memory buf (aligned) points into
+        self.buf = buf
+        self.ptrs = ptrs
+        self.ptrs_addr = _address(ptrs)
+        self.last_args = last_args
+
+
 class NumbaExecutable:
     def __init__(self, prog: Program, check_finite: bool = False,
                  donate: dict[int, int] | None = None, pinned: Sequence[int] | None = None):
         """pinned: result indices laid back to back at the start of the arena
         (`pinned_region()`); those results are returned as views of it, valid until the
-        next call, so that data-parallel training can all-reduce them in place."""
+        calling thread's next call, so that data-parallel training can all-reduce them in
+        place."""
         kernels.ensure_loaded()
         self.program = prog
         self.check_finite = check_finite
@@ -126,8 +141,10 @@ class NumbaExecutable:
         outputs = planned.outputs
         self._donate_copy = planned.donate_copy
         self._donated_in_place = planned.donated_in_place
-        self._pinned_copy = planned.pinned_copy
         self.plan = planned.plan
+        self._pinned_out = set(pinned or ())
+        self._pinned_slots = [(out_i, self.plan.buffers[v].offset, v)
+                              for out_i, v in planned.pinned_copy]
         self._labels = [s.label for s in low.steps]
         _load_fused(low.fused)
         # The chunk symbols are named by the program's content, so equal programs share them.
@@ -142,23 +159,17 @@ class NumbaExecutable:
         self._meta = np.array(low.meta or [0], np.int64)
         self._consts = [np.ascontiguousarray(c) for c in prepared.consts.values()]
         self._n_inputs = len(prepared.inputs)
-        self._arena_raw = np.empty(self.plan.peak_bytes + memory.ALIGN, np.uint8)
-        pad = (-_address(self._arena_raw)) % memory.ALIGN
-        self._arena = self._arena_raw[pad:pad + self.plan.peak_bytes]
-        self._ptrs = np.zeros(2 + len(external), np.int64)
-        self._ptrs[0] = _address(self._arena_raw) + pad
-        self._ptrs[1] = _address(self._meta)
-        self._ptrs_addr = _address(self._ptrs)
-        for i, c in enumerate(self._consts):
-            self._ptrs[2 + self._n_inputs + i] = _address(c)
+        self._n_ptrs = 2 + len(external)
         self._outputs = [self._output_spec(r, v.shape, external)
                          for r, v in zip(outputs, prepared.outputs, strict=True)]
-        self._pinned_out = set(pinned or ())
-        self._pinned_slots = [(out_i, self._view(self.plan.buffers[v].offset, v))
-                              for out_i, v in self._pinned_copy]
-        self.pinned_region()[:] = 0  # alignment padding between pinned values stays zero
-        self._last_args: list[Any] = [None] * self._n_inputs
-        self._lock = threading.Lock()
+        # Each calling thread gets its own arena (made on its first call), so threads run
+        # the native code at once (it releases the GIL) and never see each other's
+        # intermediates. Donating executables (train_step) update the caller's arrays in
+        # place, so their calls take turns instead: concurrent steps then apply one
+        # after the other rather than tearing the parameters.
+        self._local = threading.local()
+        self._serial = threading.Lock() if (self._donated_in_place or self._donate_copy) \
+            else None
 
     def _output_spec(self, v: Var, shape: tuple[int, ...],
                      external: dict[Var, int]) -> tuple[Any, ...]:
@@ -167,52 +178,82 @@ class NumbaExecutable:
         b = self.plan.buffers[v]
         return ("arena", b.offset, v.nbytes, v.dtype, shape)
 
-    def _view(self, offset: int, v: Var) -> np.ndarray:
-        return self._arena[offset:offset + v.nbytes].view(v.dtype).reshape(v.shape)
+    @property
+    def _ptrs(self) -> np.ndarray:
+        """The calling thread's pointer table (benchmarks run the chunks on it directly)."""
+        return (getattr(self._local, "arena", None) or self._new_arena()).ptrs
+
+    def _new_arena(self) -> _Arena:
+        raw = np.empty(self.plan.peak_bytes + memory.ALIGN, np.uint8)
+        pad = (-_address(raw)) % memory.ALIGN
+        ptrs = np.zeros(self._n_ptrs, np.int64)
+        ptrs[0] = _address(raw) + pad
+        ptrs[1] = _address(self._meta)
+        for i, c in enumerate(self._consts):
+            ptrs[2 + self._n_inputs + i] = _address(c)
+        arena = _Arena(raw, raw[pad:pad + self.plan.peak_bytes], ptrs, [None] * self._n_inputs)
+        arena.buf[:self.plan.pinned_bytes] = 0  # padding between pinned values stays zero
+        self._local.arena = arena
+        return arena
 
     def pinned_region(self) -> np.ndarray:
-        """The pinned results' bytes (with alignment padding) as one flat uint8 view."""
-        return self._arena[:self.plan.pinned_bytes]
+        """The calling thread's pinned results (with alignment padding) as one flat uint8
+        view of its arena."""
+        arena = getattr(self._local, "arena", None) or self._new_arena()
+        return arena.buf[:self.plan.pinned_bytes]
 
-    def _collect(self, args: Sequence[np.ndarray], spec: tuple[Any, ...],
+    def _collect(self, arena: np.ndarray, args: Sequence[np.ndarray], spec: tuple[Any, ...],
                  in_place: bool) -> np.ndarray:
         if spec[0] == "external":
             _, i, shape = spec
             src = args[i] if i < self._n_inputs else self._consts[i - self._n_inputs]
             return src if in_place else np.array(src, copy=True).reshape(shape)
         _, offset, nbytes, dtype, shape = spec
-        view = self._arena[offset:offset + nbytes].view(dtype).reshape(shape)
+        view = arena[offset:offset + nbytes].view(dtype).reshape(shape)
         return view if in_place else view.copy()
 
     def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
-        with self._lock:  # one arena per executable: callers take turns
-            ptrs, last = self._ptrs, self._last_args
-            for i, a in enumerate(args):
-                if a is not last[i]:  # parameters are the same arrays call after call
-                    ptrs[2 + i] = _address(a)
-                    last[i] = a
-            status = 0
-            for chunk in self._chunks:
-                status = chunk(self._ptrs_addr)
-                if status:
-                    break
-            if status:
-                self._explain_failure(args, status)
-            outs = [self._collect(args, s, i in self._donated_in_place or (
-                        i in self._pinned_out and s[0] == "arena"))
-                    for i, s in enumerate(self._outputs)]
-            for out_i, slot in self._pinned_slots:
-                np.copyto(slot, outs[out_i])
-                outs[out_i] = slot
-            for out_i, in_i in self._donate_copy:
-                np.copyto(args[in_i], outs[out_i])
-                outs[out_i] = args[in_i]
-        if self.check_finite and any(o.dtype.kind == "f" and not np.all(np.isfinite(o))
-                                     for o in outs):
-            from . import interp
-            interp.run(self.program, args, check_finite=True)  # names the first culprit
+        if self._serial is None:
+            outs = self._run(args)
+        else:
+            with self._serial:
+                outs = self._run(args)
+        if self.check_finite:
+            bad = [i for i, o in enumerate(outs) if o.dtype.kind == "f"
+                   and not np.all(np.isfinite(o))]
+            if bad:
+                from . import interp
+                interp.run(self.program, args, check_finite=True)  # names the culprit
+                # numpy computed it finitely where the compiled code did not
+                raise NonFiniteError(f"result {bad[0]} of the compiled program is not finite "
+                                     f"(the numpy interpreter's is)")
         return outs
 
+    def _run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        arena = getattr(self._local, "arena", None) or self._new_arena()
+        ptrs, last = arena.ptrs, arena.last_args
+        for i, a in enumerate(args):
+            if a is not last[i]:  # parameters are the same arrays call after call
+                ptrs[2 + i] = _address(a)
+                last[i] = a
+        status = 0
+        for chunk in self._chunks:
+            status = chunk(arena.ptrs_addr)
+            if status:
+                break
+        if status:
+            self._explain_failure(args, status)
+        outs = [self._collect(arena.buf, args, s, i in self._donated_in_place or (
+                    i in self._pinned_out and s[0] == "arena"))
+                for i, s in enumerate(self._outputs)]
+        for out_i, offset, v in self._pinned_slots:
+            slot = arena.buf[offset:offset + v.nbytes].view(v.dtype).reshape(v.shape)
+            np.copyto(slot, outs[out_i])
+            outs[out_i] = slot
+        for out_i, in_i in self._donate_copy:
+            np.copyto(args[in_i], outs[out_i])
+            outs[out_i] = args[in_i]
+        return outs
 
     def _explain_failure(self, args: Sequence[np.ndarray], status: int) -> None:
         """A kernel rejected an index or label; the interpreter names the value and line."""

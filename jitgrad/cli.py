@@ -649,8 +649,41 @@ def _add_memsweep(sub: Any) -> None:
     p.set_defaults(run=cmd_memsweep)
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from . import cache
+    if args.action == "clear":
+        n, size = cache.clear()
+        print(f"removed {n} files ({_fmt_bytes(size)}) from {cache.cache_path()}")
+        return EXIT_OK
+    i = cache.info()
+    print(f"path: {i['path']}" + ("" if i["exists"] else " (does not exist yet)"))
+    print(f"size: {_fmt_bytes(i['bytes'])} in {i['files']} files")
+    print(f"modules: {i['modules']}")
+    print(f"numba files: {i['numba_files']}")
+    if not i["problems"]:
+        print("permissions: ok (private to this user)")
+        return EXIT_OK
+    print("permissions: UNSAFE, jitgrad refuses to load code from:")
+    for problem in i["problems"]:
+        print(f"  {problem}")
+    print("fix with `chmod go-w PATH` after checking the files (or remove the files with "
+          "`jitgrad cache clear`), or set JITGRAD_CACHE_DIR to a private directory")
+    return EXIT_DIVERGED  # 1: the cache cannot be used as it is
+
+
+def _add_cache(sub: Any) -> None:
+    p = sub.add_parser(
+        "cache", help="show or clear the cache of compiled code",
+        description="jitgrad's on-disk cache of generated modules and Numba's compiled code "
+                    "(JITGRAD_CACHE_DIR, default ~/.cache/jitgrad). `info` prints where it is, "
+                    "its size and whether its permissions are safe (exit code 1 if not); "
+                    "`clear` removes jitgrad's files from it.")
+    p.add_argument("action", choices=("info", "clear"))
+    p.set_defaults(run=cmd_cache)
+
+
 # One function per subcommand: it adds its parser and sets `run`.
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train, _add_memsweep]
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train, _add_memsweep, _add_cache]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -140,13 +141,17 @@ def instr_tags(role: str | None = None, checkpoint: int | None = None) -> Iterat
         _state.tags = old
 
 
+def _is_user_file(fname: str) -> bool:
+    return not (fname.startswith(_PKG_DIR) or fname.startswith(_NUMPY_DIR)
+                or fname.startswith("<frozen"))
+
+
 def user_frame_loc() -> str:
     """file:line of the innermost frame outside jitgrad and numpy (the user's code)."""
     f = sys._getframe(1)
     while f is not None:
         fname = f.f_code.co_filename
-        if not (fname.startswith(_PKG_DIR) or fname.startswith(_NUMPY_DIR)
-                or fname.startswith("<frozen")):
+        if _is_user_file(fname):
             return f"{os.path.basename(fname)}:{f.f_lineno}"
         f = f.f_back
     return "<unknown>"
@@ -154,6 +159,30 @@ def user_frame_loc() -> str:
 
 def current_loc() -> str:
     return _loc_override() or user_frame_loc()
+
+
+_HAS_LOC = re.compile(r"\bat [^\s()]+:\d+")
+
+
+def with_user_loc(e: JitgradError) -> JitgradError:
+    """e, its message ending with the innermost user file:line of its traceback (or of the
+    caller), if it names no line yet (errors of jitgrad's argument checks, before any bind)."""
+    if _HAS_LOC.search(str(e)):
+        return e
+    loc, tb = None, e.__traceback__
+    while tb is not None:
+        fname = tb.tb_frame.f_code.co_filename
+        if _is_user_file(fname):
+            loc = f"{os.path.basename(fname)}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    if loc is None:  # raised by jitgrad about the whole function (e.g. grad of a vector):
+        loc = user_frame_loc()  # name the line that called it
+    try:
+        new = type(e)(f"{e} (at {loc})")
+    except TypeError:  # a subclass with another constructor: keep it as it is
+        return e
+    new.__cause__, new.__suppress_context__ = e.__cause__, e.__suppress_context__
+    return new.with_traceback(e.__traceback__)
 
 
 # ---------------------------------------------------------------- traces
@@ -231,8 +260,9 @@ class Trace:
                 self.captured[id(x)] = hit
             return hit[1]
         arr = np.asarray(x)
-        if arr.dtype == object:
-            raise JitgradError(f"cannot use a {type(x).__name__} as an array "
+        if arr.dtype.kind not in "biuf":
+            raise JitgradError(f"cannot use a {type(x).__name__} ({arr.dtype}) as an array "
+                               f"value: jitgrad handles bool, integer and float arrays "
                                f"(at {current_loc()})")
         if arr.ndim == 0:
             from .ops.elementwise import const_p  # the const primitive lives with elementwise

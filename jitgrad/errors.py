@@ -15,3 +15,7 @@ class TracingError(JitgradError):
 
 class NonFiniteError(JitgradError):
     """`check_finite` found a NaN or Inf; names the first instruction that produced one."""
+
+
+class CacheSecurityError(JitgradError):
+    """The cache holds code another user could have written; jitgrad will not run it."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 
-from .core import replay
+from .core import current_loc, replay
 from .errors import NonFiniteError
 from .ir import Instr, Program, Var, format_instr
 
@@ -17,7 +18,16 @@ def run(prog: Program, args: Sequence[np.ndarray], check_finite: bool = False) -
             raise NonFiniteError(f"non-finite value produced by instruction "
                                  f"`{format_instr(ins, {})}` at {ins.loc}")
 
-    env = replay(prog, args, check if check_finite else None)
+    if check_finite:  # a NaN passed in is the caller's, not the first instruction's
+        for k, (var, a) in enumerate(zip(prog.inputs, args, strict=True)):
+            if var.dtype.kind == "f" and not np.all(np.isfinite(a)):
+                raise NonFiniteError(f"input {k} ({var.type_str()}) of the call contains "
+                                     f"NaN or Inf (at {current_loc()})")
+    if not check_finite:
+        env = replay(prog, args)
+    else:
+        with np.errstate(all="ignore"):  # NonFiniteError names the culprit better
+            env = replay(prog, args, check)
     return [env[v] for v in prog.outputs]
 
 
@@ -31,8 +41,17 @@ class InterpretedExecutable:
         self.donate = donate or {}
         self.plan = None
         self.source = str(prog)
+        # Donating calls (train_step) read and then overwrite the caller's arrays: calls
+        # from several threads take turns, so that no update is lost (as in the backend).
+        self._serial = threading.Lock() if self.donate else None
 
     def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if self._serial is None:
+            return self._run(args)
+        with self._serial:
+            return self._run(args)
+
+    def _run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
         # Results are fresh arrays the caller owns, never views of inputs or constants.
         outs = [np.array(o, copy=True) for o in run(self.program, args, self.check_finite)]
         for out_i, in_i in self.donate.items():  # donated results land in the input's memory

@@ -12,6 +12,8 @@ Policies choose the stored subset:
 - `jg.checkpoint(fn)` regions: values computed inside a region are not stored;
 - `remat="sqrt"`: Chen et al. (2016): about sqrt(n) evenly sized segments of
   the saved values in forward order, each recomputed once from its first value;
+- `remat="full"`: nothing is stored; backward recomputes what it needs from the
+  arguments (the least memory across the boundary, the most recomputation);
 - `memory_budget=BYTES`: the subset with the least recompute work whose arena
   fits the budget; a dynamic program over segments, exact for the memory model
   below on chains, refined against the real planner.
@@ -293,8 +295,9 @@ def describe(prog: Program, saved: list[Var], stored: set[Var], policy: str) -> 
 
 
 def check_policy(remat: Policy, memory_budget: int | None) -> None:
-    if remat not in (None, "none", "sqrt"):
-        raise JitgradError(f"remat={remat!r}: use None, 'none' or 'sqrt' (or memory_budget=BYTES)")
+    if remat not in (None, "none", "sqrt", "full"):
+        raise JitgradError(f"remat={remat!r}: use None, 'none', 'sqrt' or 'full' "
+                           "(or memory_budget=BYTES)")
     if memory_budget is not None:
         if remat not in (None, "none"):
             raise JitgradError("give either remat= or memory_budget=, not both")
@@ -323,6 +326,8 @@ def apply(prog: Program, remat: Policy = None, memory_budget: int | None = None,
         cands = Candidates.of(prog, free)
         stored = {v for v, keep in zip(free, sqrt_policy(cands), strict=True) if keep}
         policy = "sqrt"
+    elif remat == "full":  # the other extreme: keep nothing, recompute from the arguments
+        stored, policy = set(), "full"
     else:
         stored = set(free)
         policy = "checkpoint regions" if in_region else "none"

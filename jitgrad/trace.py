@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import tree
-from .core import Trace, Tracer
+from .core import Trace, Tracer, with_user_loc
 from .errors import JitgradError, TracingError
 from .ir import Program
 from .ops import elementwise as E
@@ -31,9 +31,12 @@ def trace_flat(fn: Callable[..., Any], in_tree: tree.TreeDef,
     values of enclosing traces the function captured (extra trailing program inputs)."""
     with Trace() as t:
         leaves = [t.new_input(s, d, w) for s, d, w in in_sigs]
-        out = fn(*tree.unflatten(in_tree, leaves))
-        out_leaves, out_tree = tree.flatten(out)
-        prog = t.to_program(out_leaves)
+        try:
+            out = fn(*tree.unflatten(in_tree, leaves))
+            out_leaves, out_tree = tree.flatten(out)
+            prog = t.to_program(out_leaves)
+        except JitgradError as e:  # argument checks raise before any line is known
+            raise with_user_loc(e) from e.__cause__
     return prog, out_tree, [outer for outer, _ in t.captured.values()]
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import tree
-from .api import CompiledFunction, value_and_grad
+from .api import CompiledFunction, check_finite_from_env, value_and_grad
 from .errors import JitgradError
 from .optim import Optimizer
 
@@ -43,7 +44,10 @@ class TrainStep:
         self.optimizer = optimizer
         self.state = optimizer.init(params)
         self.t = 0
-        self.check_finite = bool(jit_options.get("check_finite"))
+        self.check_finite = bool(jit_options.get("check_finite")) or check_finite_from_env()
+        # Steps from several threads take turns: each reads the parameters the previous
+        # one wrote, and the step count and the copy-in below stay consistent.
+        self._lock = threading.Lock()
         leaves = _check_params(params)
         for p in leaves:
             if not p.flags.c_contiguous:
@@ -61,6 +65,10 @@ class TrainStep:
         self.compiled = CompiledFunction(step, donate=donate, **jit_options)
 
     def __call__(self, *batch: Any) -> np.ndarray:
+        with self._lock:
+            return self._step(batch)
+
+    def _step(self, batch: tuple[Any, ...]) -> np.ndarray:
         hyper = self.optimizer.hyper(self.t + 1)
         loss, new_params, new_state = self.compiled(self.params, self.state, hyper, *batch)
         if self.check_finite and not np.isfinite(loss):

@@ -75,3 +75,16 @@ def describe(td: TreeDef) -> str:
     inner = ", ".join(describe(c) for c in td[1])
     return f"({inner},)" if kind == "tuple" and len(td[1]) == 1 else (
         f"({inner})" if kind == "tuple" else f"[{inner}]")
+
+
+def leaf_paths(td: TreeDef, prefix: str = "") -> list[str]:
+    """Where each leaf sits, in flatten order, as indexing text: "[0]['W'][1]"."""
+    kind = td[0]
+    if kind == "leaf":
+        return [prefix]
+    if kind == "none":
+        return []
+    if kind == "dict":
+        return [p for k, c in zip(td[1], td[2], strict=True)
+                for p in leaf_paths(c, f"{prefix}[{k!r}]")]
+    return [p for i, c in enumerate(td[1]) for p in leaf_paths(c, f"{prefix}[{i}]")]

@@ -82,7 +82,7 @@ def test_plan_prints_saved_and_recomputed_values():
 
 # ---------------------------------------------------------------- identical results
 
-POLICIES = [{}, {"remat": "sqrt"}, {"memory_budget": "tight"}]
+POLICIES = [{}, {"remat": "sqrt"}, {"memory_budget": "tight"}, {"remat": "full"}]
 
 
 @pytest.mark.parametrize("loss", [_chain_loss, _residual_loss], ids=["chain", "residual"])
