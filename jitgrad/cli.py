@@ -681,7 +681,7 @@ def _add_show(sub: Any) -> None:
         "show", help="look inside a function: IR, gradient program, kernels, memory, pictures",
         description="Trace SCRIPT.py:FUNCTION on example inputs and show its stages. If it "
                     "returns a float scalar, the program shown is value_and_grad of it with "
-                    "respect to every all-float argument (--wrt to choose, --no-grad for the "
+                    "respect to argument 0, as jg.grad (--wrt to choose, --no-grad for the "
                     "function alone). Example inputs: --arg specs, in order, or the script's "
                     "__jitgrad_example__ (a tuple of arguments, a function returning one, or "
                     "a dict {FUNCTION: either}). Nothing is compiled.")

@@ -63,7 +63,8 @@ def _short_params(ins: Instr) -> str:
     kw = ins.kw
     name = ins.prim.name
     if name == "const":
-        return f" {kw['value']!r}"
+        v = kw["value"]
+        return f" {v:.4g}" if isinstance(v, float) else f" {v!r}"  # f32 reprs are long
     if name == "matmul":
         # ta/tb: the transposes GEMM applies, written as the product it computes
         return f" {'Aᵀ' if kw.get('ta') else 'A'}·{'Bᵀ' if kw.get('tb') else 'B'}"

@@ -1,9 +1,10 @@
 """`jitgrad show` and `cf.show(...)`: every stage of one function, as text and as pictures.
 
 What is shown. If the function returns a float scalar (a loss), the program
-shown is that of `jg.value_and_grad(fn, argnums=...)` with respect to every
-argument whose leaves are all floats: the forward graph G plus the backward
-subgraph B, as training runs it (`grad=False` shows the function alone). A
+shown is that of `jg.value_and_grad(fn, argnums)` (argnums by default 0, as in
+`jg.grad`, or the first all-float argument if argument 0 is not one): the
+forward graph G plus the backward subgraph B, as training runs it
+(`grad=False` shows the function alone). A
 `TrainStep` is shown as the one program it compiles (forward, backward and
 optimizer update). Stages:
 
@@ -227,13 +228,13 @@ def _is_float_scalar(prog: Program) -> bool:
             and prog.outputs[0].dtype.kind == "f")
 
 
-def _float_args(args: Sequence[Any]) -> tuple[int, ...]:
-    out = []
+def _default_argnums(args: Sequence[Any]) -> tuple[int, ...]:
+    """(0,) as jg.grad's default (loss(params, x, y)), or else the first all-float argument."""
     for i, a in enumerate(args):
         leaves = tree.flatten(a)[0]
         if leaves and all(signature_of(x)[1].kind == "f" for x in leaves):
-            out.append(i)
-    return tuple(out)
+            return (i,)
+    return ()
 
 
 def inspect_function(fn: Any, args: Sequence[Any], *, grad: bool | None = None,
@@ -244,7 +245,7 @@ def inspect_function(fn: Any, args: Sequence[Any], *, grad: bool | None = None,
     fn may be a function, a CompiledFunction (its remat options apply unless
     `remat` is given) or a TrainStep (args are then the batch). grad=None
     differentiates a function that returns a float scalar; argnums defaults to
-    every argument whose leaves are all floats.
+    (0,), as in jg.grad (the first all-float argument if argument 0 is not one).
     """
     from .train import TrainStep
     donate = None
@@ -282,7 +283,7 @@ def inspect_function(fn: Any, args: Sequence[Any], *, grad: bool | None = None,
     if grad:
         if not _is_float_scalar(traced):
             raise JitgradError(f"grad: {name} must return a float scalar to be differentiated")
-        nums = tuple(argnums) if argnums is not None else _float_args(args)
+        nums = tuple(argnums) if argnums is not None else _default_argnums(args)
         if not nums:
             raise JitgradError(f"grad: no argument of {name} is a float array to "
                                "differentiate with respect to")

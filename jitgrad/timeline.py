@@ -66,7 +66,7 @@ def plot_timeline(plans: Mapping[str, Plan] | Plan, path: str | os.PathLike[str]
     if not drawn:
         raise JitgradError("plot_timeline needs at least one plan")
     unit, scale = _unit(max(max(s.arena, s.peak) for s in drawn))
-    fig, ax = plt.subplots(figsize=(7.0, 3.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(8.0, 3.6), dpi=100)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     top = 0.0
     for k, s in enumerate(drawn):
@@ -86,15 +86,17 @@ def plot_timeline(plans: Mapping[str, Plan] | Plan, path: str | os.PathLike[str]
                     color=c, ha="right" if late else "left")
         if s.backward_start is not None:
             ax.axvline(s.backward_start, color=c, ls=":", lw=1.2)
-            ax.annotate("backward →", (s.backward_start, 0), textcoords="offset points",
-                        xytext=(3, 3), fontsize=8, color=c)
+            if all(o.backward_start != s.backward_start for o in drawn[:k]):  # label once
+                ax.annotate("backward →", (s.backward_start, 0), textcoords="offset points",
+                            xytext=(3, 3), fontsize=8, color=c)
         top = max(top, s.arena / scale, s.peak / scale)
     ax.set_ylim(0, top * 1.18 or 1)
     ax.set_xlim(0, max(len(s.live) for s in drawn) + 1)
     ax.set_xlabel("step (kernel call)")
     ax.set_ylabel(f"live {unit}")
     ax.set_title(title or "memory timeline", fontsize=11)
-    ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
+    # outside the axes: inside, it would hide the early steps where memory builds up
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(alpha=0.25)
     fig.tight_layout()
     fig.savefig(os.fspath(path))
