@@ -107,9 +107,13 @@ def load_target(target: str) -> tuple[Any, Any]:
 def _leaf_names(fn: Callable[..., Any], args: Sequence[Any]) -> list[str]:
     """'x', 'params.W1', 'xs[0]', ...: a name for each input leaf, from fn's parameters."""
     try:
-        params = [p.name for p in inspect.signature(fn).parameters.values()]
+        sig = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        params = []
+        sig = []
+    params = [p.name for p in sig if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    star = next((p.name for p in sig if p.kind == p.VAR_POSITIONAL), None)
+    # *batch: batch[0], batch[1], ...
+    params += [f"{star}[{k}]" for k in range(len(args) - len(params))] if star else []
     names: list[str] = []
 
     def walk(x: Any, prefix: str) -> None:
@@ -123,7 +127,7 @@ def _leaf_names(fn: Callable[..., Any], args: Sequence[Any]) -> list[str]:
             names.append(prefix)
 
     for i, a in enumerate(args):
-        walk(a, params[i] if i < len(params) and not params[i].startswith("*") else f"arg{i}")
+        walk(a, params[i] if i < len(params) else f"arg{i}")
     return names
 
 

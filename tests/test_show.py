@@ -299,7 +299,8 @@ def test_train_step_graph():
     assert {"forward", "backward"} <= roles
     g = Dot(view.dot())
     assert g.ids("matmul Aᵀ·B", "cluster_backward")  # dL/dW = xᵀ δ
-    assert any("params.W" in lab for lab, _ in g.nodes.values())
+    labels = [lab.split("\n")[0] for lab, _ in g.nodes.values()]
+    assert {"params.W", "state.momentum.W", "batch[0]", "batch[1]"} <= set(labels)
     assert view.donate  # parameters are updated in place, as the compiled step does
 
 
