@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 # fused kernels boxed.
 python -m jitgrad show docs/examples/textbook.py:mlp_weight_decay --wrt 0,1 \
     --svg docs/img/mlp_weight_decay.svg
-# Live memory of a 16-layer training step, storing everything vs recomputing (sqrt, 7 MiB budget).
+# A training step of a 16-layer network: the repeated layers collapse to one node each way.
+python -m jitgrad show docs/examples/textbook.py:deep_chain --svg docs/img/deep_chain.svg
+# Live memory of a 16-layer training step, storing everything vs recomputing (sqrt, a 3 MiB budget).
 python -m jitgrad show docs/examples/textbook.py:deep_chain \
-    --remat none --remat sqrt --remat 7MiB --timeline docs/img/memory_timeline.png
+    --remat none --remat sqrt --remat 3MiB --timeline docs/img/memory_timeline.png

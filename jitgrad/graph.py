@@ -155,18 +155,37 @@ def to_dot(prog: Program, *, kernels: Sequence[Sequence[Instr]] = (),
              '  node [fontname="Helvetica", fontsize=10, shape=box, style="rounded,filled", '
              'penwidth=1.2];',
              '  edge [fontname="Helvetica", fontsize=9, color="#555555", arrowsize=0.7];']
+    outputs = {v: k for k, v in enumerate(prog.outputs)}
+    # An input read only inside collapsed layers (their weights), and a result computed
+    # there (their gradients), are counted on the collapsed node rather than drawn.
+    consumers: dict[Var, set[str]] = {}
+    for i, ins in enumerate(prog.instrs):
+        for v in ins.inputs:
+            consumers.setdefault(v, set()).add(node_of[i])
+    folded = {v for v in [*prog.inputs, *prog.consts] if v not in outputs and consumers.get(v)
+              and all(n.startswith("e") for n in consumers[v])}
+    inside: dict[str, list[int]] = {}  # elision node -> [inputs, results] it stands for
+    for v in folded:
+        inside.setdefault(min(consumers[v]), [0, 0])[0] += 1
+    for v in outputs:
+        if src(v).startswith("e"):
+            inside.setdefault(src(v), [0, 0])[1] += 1
+
     # inputs and captured constants: leaves of the graph, outside every cluster
     for j, v in enumerate(prog.inputs):
+        if v in folded:
+            continue
         name = input_names[j] if input_names and j < len(input_names) else names[v]
         label = f"{name}\n{names[v]}: {v.type_str()}" if name != names[v] else \
             f"{names[v]}: {v.type_str()}"
         lines.append(f"  v{v.id} [label={_q(label)}, shape=ellipse, style=filled, "
                      f'fillcolor=white, color="#333333"];')
     for c in prog.consts:
+        if c in folded:
+            continue
         lines.append(f"  v{c.id} [label={_q(f'constant {names[c]}: {c.type_str()}')}, "
                      f'shape=note, style=filled, fillcolor="#eeeeee", color="#888888"];')
 
-    outputs = {v: k for k, v in enumerate(prog.outputs)}
 
     def node_line(i: int, ins: Instr) -> str:
         fill, border, _ = ROLES.get(ins.role, ROLES["forward"])
@@ -224,7 +243,11 @@ def to_dot(prog: Program, *, kernels: Sequence[Sequence[Instr]] = (),
             lines.append("    }")
         for k, e in elided:
             fill = ROLES.get(e.role, ROLES["forward"])[0]
-            lines.append(f'    e{k} [label={_q(e.label)}, shape=note, style="filled,dashed", '
+            n_in, n_out = inside.get(f"e{k}", (0, 0))
+            extra = ", ".join(f"{n} {what}" for n, what in ((n_in, "inputs"), (n_out, "results"))
+                              if n)
+            label = e.label + (f"\nand their {extra}" if extra else "")
+            lines.append(f'    e{k} [label={_q(label)}, shape=note, style="filled,dashed", '
                          f'fillcolor="{fill}"];')
         lines.append("  }")
 
@@ -234,9 +257,11 @@ def to_dot(prog: Program, *, kernels: Sequence[Sequence[Instr]] = (),
         dst = node_of[i]
         for v in ins.inputs:
             s = src(v)
-            if s == dst:
+            if s == dst or v in folded:
                 continue
             if v in producer and producer[v] in inline and s == f"i{producer[v]}":
+                if dst.startswith("e"):
+                    continue  # a constant of the collapsed layers
                 c = prog.instrs[producer[v]]
                 colour = ROLES.get(c.role, ROLES["forward"])[1]
                 s = f"k{i}_{ins.inputs.index(v)}"
@@ -256,6 +281,8 @@ def to_dot(prog: Program, *, kernels: Sequence[Sequence[Instr]] = (),
             lines.append(f"  {s} -> {dst}" + (f" [{', '.join(attrs)}]" if attrs else "") + ";")
     # results
     for k, v in enumerate(prog.outputs):
+        if src(v).startswith("e"):
+            continue
         name = output_names[k] if output_names and k < len(output_names) else f"result {k}"
         lines.append(f"  out{k} [label={_q(name)}, shape=plaintext, style=\"\", "
                      f"fontcolor=\"#333333\"];")

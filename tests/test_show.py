@@ -185,6 +185,15 @@ def test_repeated_layers_collapse_and_max_nodes():
     notes = [lab for lab, _ in collapsed.nodes.values() if "more ×" in lab]
     # forward layers (matmul, relu) and backward layers both collapse to one node each
     assert any("matmul → relu" in n for n in notes) and len(notes) >= 2
+    # the collapsed layers' weights and gradients are counted there, not drawn one by one
+    def counted(what):
+        return sum(int(m) for n in notes for m in re.findall(rf"(\d+) {what}", n))
+
+    weights = [i for i, (lab, _) in collapsed.nodes.items() if lab.startswith("params[")]
+    grads = [i for i, (lab, _) in collapsed.nodes.items() if lab.startswith("∂value/∂params")]
+    assert counted("inputs") > 0 and len(weights) + counted("inputs") == 8
+    assert counted("results") > 0 and len(grads) + counted("results") == 8
+    assert len([i for i, (lab, _) in full.nodes.items() if lab.startswith("params[")]) == 8
     small = Dot(view.dot("optimized", max_nodes=12))
     instr_nodes = [i for i in small.nodes if re.fullmatch(r"[ie]\d+", i)]
     assert len(instr_nodes) <= 14 and "instructions not drawn" in small.text

@@ -36,7 +36,7 @@ def _mlp_example():
 
 def _chain_example(depth=16, width=128, batch=512):
     rng = np.random.default_rng(0)
-    params = [(rng.standard_normal((width, width)).astype(np.float32) / np.sqrt(width),
+    params = [((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32),
                np.zeros(width, np.float32)) for _ in range(depth)]
     return params, rng.standard_normal((batch, width)).astype(np.float32), \
         rng.integers(0, width, batch)
