@@ -311,6 +311,9 @@ def test_train_step_graph():
     labels = [lab.split("\n")[0] for lab, _ in g.nodes.values()]
     assert {"params.W", "state.momentum.W", "batch[0]", "batch[1]"} <= set(labels)
     assert view.donate  # parameters are updated in place, as the compiled step does
+    # results: (loss, new params, new optimizer state)
+    assert view.output_names == ["result[0]", "result[1].W", "result[1].b",
+                                 "result[2].momentum.W", "result[2].momentum.b"]
 
 
 # ---------------------------------------------------------------- the command
