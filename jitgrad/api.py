@@ -172,6 +172,12 @@ class CompiledFunction:
             raise JitgradError("nothing compiled yet: call the function or .lower(*args) first")
         return self._last
 
+    def show(self, *args: Any, **options: Any) -> Any:
+        """Print stages and draw pictures of this function (see jitgrad.show.show);
+        args default to the last specialisation's shapes."""
+        from .show import show_compiled
+        return show_compiled(self, args, **options)
+
     program = property(lambda self: self._described().program)
     plan = property(lambda self: self._described().plan)
     source = property(lambda self: self._described().source)

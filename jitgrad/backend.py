@@ -108,6 +108,7 @@ def plan_program(prog: Program, donate: dict[int, int] | None = None,
     plan = memory.plan(uses, outputs, set(external), [s.label for s in low.steps],
                        pinned=pinned_vars)
     plan.names = var_names(prog)
+    plan.step_roles = [s.role for s in low.steps]
     return Planned(prepared, low, external, outputs, plan, donated_in_place, donate_copy,
                    pinned_copy)
 

@@ -682,8 +682,78 @@ def _add_cache(sub: Any) -> None:
     p.set_defaults(run=cmd_cache)
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from . import show
+    fn, example = show.load_target(args.target)
+    if args.arg:
+        example = tuple(show.parse_arg_spec(a) for a in args.arg)
+    if example is None:
+        raise ValueError(f"no example inputs for {args.target}: give them with --arg "
+                         f"(e.g. --arg f32[64,784] --arg i64[64]) or define "
+                         f"{show.EXAMPLE_ATTR} in the script")
+    everything = args.all
+    show.show(fn, example, ir=args.ir or everything, grad=args.grad or everything,
+              optimized=args.optimized or everything, plan=args.plan or everything,
+              source=args.source, dot=args.dot, png=args.png, svg=args.svg,
+              timeline=args.timeline, draw=args.draw, edge_labels=args.edge_labels,
+              max_nodes=args.max_nodes, collapse=not args.no_collapse,
+              differentiate=args.differentiate, argnums=args.wrt, remat=args.remat or None)
+    return EXIT_OK
+
+
+def _parse_argnums(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected argument positions like 0,1, got {text!r}"
+                                         ) from None
+
+
+def _add_show(sub: Any) -> None:
+    p = sub.add_parser(
+        "show", help="look inside a function: IR, gradient program, kernels, memory, pictures",
+        description="Trace SCRIPT.py:FUNCTION on example inputs and show its stages. If it "
+                    "returns a float scalar, the program shown is value_and_grad of it with "
+                    "respect to argument 0, as jg.grad (--wrt to choose, --no-grad for the "
+                    "function alone). Example inputs: --arg specs, in order, or the script's "
+                    "__jitgrad_example__ (a tuple of arguments, a function returning one, or "
+                    "a dict {FUNCTION: either}). Nothing is compiled.")
+    a = p.add_argument
+    a("target", metavar="SCRIPT.py:FUNCTION")
+    a("--arg", action="append", metavar="SPEC",
+      help="one positional argument, e.g. f32[64,784] or i64[64] (repeat, in order)")
+    a("--ir", action="store_true", help="print the traced IR")
+    a("--grad", action="store_true", help="print the gradient program")
+    a("--optimized", action="store_true",
+      help="print the program after the passes and its kernel calls (fused kernels)")
+    a("--plan", action="store_true", help="print the memory plan table")
+    a("--source", action="store_true", help="print the generated Numba source")
+    a("--all", action="store_true", help="--ir --grad --optimized --plan")
+    a("--dot", metavar="PATH", help="write the graph as Graphviz DOT text")
+    a("--png", metavar="PATH", help="draw the graph as PNG (needs Graphviz's dot)")
+    a("--svg", metavar="PATH", help="draw the graph as SVG (needs Graphviz's dot)")
+    a("--draw", choices=("optimized", "grad", "traced"), default="optimized",
+      help="which program the graph shows (default: optimized, with fused kernels boxed; "
+           "grad: as back-propagation emits it, before the passes)")
+    a("--edge-labels", action="store_true",
+      help="label forward edges u -> v with the partial derivative dv/du they stand for")
+    a("--max-nodes", type=int, default=150, metavar="N",
+      help="elide the middle of larger graphs (default: 150)")
+    a("--no-collapse", action="store_true", help="draw repeated layers one by one")
+    a("--timeline", metavar="PATH", help="plot live memory over the steps (matplotlib PNG); "
+      "several --remat policies are overlaid")
+    a("--remat", action="append", metavar="POLICY",
+      help="recomputation policy: none, sqrt or a byte budget like 4MiB (repeat to overlay "
+           "policies in --timeline; the first one is printed and drawn)")
+    a("--wrt", type=_parse_argnums, metavar="I,J",
+      help="differentiate with respect to these argument positions")
+    a("--no-grad", dest="differentiate", action="store_const", const=False, default=None,
+      help="show the function alone, even if it returns a scalar")
+    p.set_defaults(run=cmd_show)
+
+
 # One function per subcommand: it adds its parser and sets `run`.
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train, _add_memsweep, _add_cache]
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train, _add_memsweep, _add_show, _add_cache]
 
 
 def build_parser() -> argparse.ArgumentParser:

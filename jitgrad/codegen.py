@@ -78,6 +78,14 @@ class Step:
     reads: list[Var]
     label: str
     in_place: list[tuple[Var, Var]] = field(default_factory=list)
+    # The IR instructions this call executes, the one that names it first: `jitgrad show`
+    # boxes fused kernels with them, and the memory timeline finds the backward pass.
+    instrs: tuple[Instr, ...] = ()
+
+    @property
+    def role(self) -> str:
+        """forward, backward or recompute: the role of the instruction the call stands for."""
+        return self.instrs[0].role if self.instrs else "forward"
 
     @property
     def elementwise(self) -> bool:
@@ -122,7 +130,8 @@ class Lowering:
     def call(self, sym: str, args: list[Any], writes: list[Var], reads: list[Var],
              ins: Instr | None) -> None:
         label = f"{ins.prim.name} at {ins.loc}" if ins is not None else sym
-        self.steps.append(Step(sym, args, writes, reads, label))
+        self.steps.append(Step(sym, args, writes, reads, label,
+                               instrs=(ins,) if ins is not None else ()))
 
     def copy(self, src: Var, dst: Var, shape: tuple[int, ...], src_strides: list[int],
              dst_strides: list[int], src_off: int, dst_off: int, ins: Instr) -> None:
@@ -196,6 +205,7 @@ def _lower_sce(low: Lowering, pair: list[Instr]) -> None:
              [z, labels, loss if loss is not None else 0, dz if dz is not None else 0,
               z.shape[0], z.shape[1], int(loss is not None), int(dz is not None)],
              writes, [z, labels], ins)
+    low.steps[-1].instrs = tuple(pair)  # forward loss and its gradient: one pass
 
 
 def _matmul(low: Lowering, ins: Instr) -> None:
@@ -211,15 +221,20 @@ def _matmul_accumulate(low: Lowering, mm: Instr, group: Group) -> None:
     a, b = mm.inputs
     out = group.out
     x = next(v for v in group.root.inputs if v is not mm.outputs[0])
+    done: dict[Var, Instr] = {}
     if x in group.members:  # the other term is fused: its own loop first, then GEMM adds
-        _lower_group(low, _subgroup(group, x))
+        sub = _subgroup(group, x)
+        _lower_group(low, sub)
+        done = sub.members
     k = a.shape[0] if mm.kw["ta"] else a.shape[1]
     # The sum may take x's buffer when x dies here, unless GEMM also reads x as an operand.
     same = [] if low.root(x) in (low.root(a), low.root(b)) else [(out, x)]
     low.steps.append(Step(kernels.symbol("gemm_acc", a.dtype),
                           [a, b, out, x, out.shape[0], out.shape[1], k, int(mm.kw["ta"]),
                            int(mm.kw["tb"])], [out], [a, b, x],
-                          f"matmul+add at {group.root.loc}", in_place=same))
+                          f"matmul+add at {group.root.loc}", in_place=same,
+                          instrs=(group.root, mm, *(i for v, i in group.members.items()
+                                                    if v not in done and i is not group.root))))
 
 
 def _subgroup(group: Group, v: Var) -> Group:
@@ -513,7 +528,9 @@ def _lower_group(low: Lowering, group: Group) -> None:
     out = group.out
     same = [(out, v) for v in group.leaves if v.shape == out.shape and v.dtype == out.dtype]
     low.steps.append(Step(sym, [out, *group.leaves, *dims], [out], list(group.leaves),
-                          f"fused[{ops}] at {group.root.loc}", in_place=same))
+                          f"fused[{ops}] at {group.root.loc}", in_place=same,
+                          instrs=(group.root, *(i for i in group.members.values()
+                                                if i is not group.root))))
 
 
 # ---------------------------------------------------------------- glue

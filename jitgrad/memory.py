@@ -48,6 +48,8 @@ class Plan:
     pinned_bytes: int = 0
     remat: Any = None  # remat.RematReport, set by jit: saved/stored values, recompute work
     names: dict[Var, str] = field(default_factory=dict)  # as the program prints them
+    # Per step: forward, backward or recompute (the memory timeline marks where backward starts).
+    step_roles: list[str] = field(default_factory=list)
 
     def name(self, v: Var) -> str:
         return self.names.get(v, f"%{v.id}")

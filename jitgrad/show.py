@@ -1,0 +1,407 @@
+"""`jitgrad show` and `cf.show(...)`: every stage of one function, as text and as pictures.
+
+What is shown. If the function returns a float scalar (a loss), the program
+shown is that of `jg.value_and_grad(fn, argnums)` (argnums by default 0, as in
+`jg.grad`, or the first all-float argument if argument 0 is not one): the
+forward graph G plus the backward subgraph B, as training runs it
+(`grad=False` shows the function alone). A
+`TrainStep` is shown as the one program it compiles (forward, backward and
+optimizer update). Stages:
+
+- ``ir``: the function as traced (before any pass);
+- ``grad``: the gradient program as `value_and_grad` traces it (before passes);
+- ``optimized``: after the passes (and recomputation, with `remat`), plus its
+  kernel calls (fused kernels visible: which instructions each call runs);
+- ``plan``: the memory plan table; ``source``: the generated Numba source.
+
+Nothing is compiled: the program is lowered and planned in pure Python, as the
+Numba backend would (so it is quick and needs no compiler).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import runpy
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+
+from . import graph, tree
+from .api import CompiledFunction, jit, value_and_grad
+from .backend import Planned, plan_program
+from .errors import JitgradError
+from .ir import Program
+from .trace import signature_of, trace_flat
+
+EXAMPLE_ATTR = "__jitgrad_example__"
+DTYPES = {"f32": np.float32, "f64": np.float64, "i64": np.int64, "i32": np.int32,
+          "bool": np.bool_, "u8": np.uint8, "float32": np.float32, "float64": np.float64,
+          "int64": np.int64, "int32": np.int32}
+_SPEC = re.compile(r"\s*([a-z0-9]+)\s*(?:\[\s*([0-9,\s]*)\])?\s*")
+
+
+# ---------------------------------------------------------------- example inputs
+
+
+def parse_arg_spec(text: str) -> np.ndarray:
+    """'f32[64,784]' -> a float32 array of that shape; 'i64[64]', 'f32[]' or 'f32' likewise.
+
+    Only shapes and dtypes matter (nothing is run): floats are small random
+    numbers, integers zeros.
+    """
+    m = _SPEC.fullmatch(text)
+    if not m or m.group(1) not in DTYPES:
+        raise JitgradError(f"bad argument spec {text!r}: expected DTYPE[d0,d1,...] such as "
+                           f"f32[64,784], i64[64] or f32[] (dtypes: f32 f64 i32 i64 bool u8)")
+    dims = [d.strip() for d in (m.group(2) or "").split(",") if d.strip()]
+    shape = tuple(int(d) for d in dims)
+    dtype = np.dtype(DTYPES[m.group(1)])
+    if dtype.kind == "f":
+        return np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    return np.zeros(shape, dtype)
+
+
+def load_target(target: str) -> tuple[Any, Any]:
+    """'path/script.py:NAME' -> (the object NAME, the script's example arguments or None).
+
+    The script's `__jitgrad_example__` may be a tuple/list of arguments, a
+    callable returning one, or a dict {NAME: either} for scripts with several
+    functions.
+    """
+    script, sep, name = target.rpartition(":")
+    if not sep or not script or not name.isidentifier():
+        raise JitgradError(f"expected SCRIPT.py:FUNCTION, got {target!r}")
+    if not os.path.isfile(script):
+        raise FileNotFoundError(2, "no such script", script)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # its own imports
+    try:
+        namespace = runpy.run_path(script, run_name="__jitgrad_show__")
+    except Exception as e:
+        raise JitgradError(f"running {script} failed: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.pop(0)
+    if name not in namespace:
+        found = sorted(k for k, v in namespace.items()
+                       if callable(v) and not k.startswith("_") and not inspect.isclass(v)
+                       and getattr(v, "__module__", None) == "__jitgrad_show__")
+        raise JitgradError(f"{script} defines no {name!r}"
+                           + (f" (functions there: {', '.join(found)})" if found else ""))
+    obj = namespace[name]
+    if not callable(obj):
+        raise JitgradError(f"{script}:{name} is a {type(obj).__name__}, not a function")
+    example = namespace.get(EXAMPLE_ATTR)
+    if isinstance(example, dict):
+        example = example.get(name)
+    if callable(example):
+        example = example()
+    if example is not None and not isinstance(example, (tuple, list)):
+        example = (example,)
+    return obj, None if example is None else tuple(example)
+
+
+def _leaf_names(fn: Callable[..., Any], args: Sequence[Any]) -> list[str]:
+    """'x', 'params.W1', 'xs[0]', ...: a name for each input leaf, from fn's parameters."""
+    try:
+        sig = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        sig = []
+    params = [p.name for p in sig if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    star = next((p.name for p in sig if p.kind == p.VAR_POSITIONAL), None)
+    # *batch: batch[0], batch[1], ...
+    params += [f"{star}[{k}]" for k in range(len(args) - len(params))] if star else []
+    names: list[str] = []
+
+    def walk(x: Any, prefix: str) -> None:
+        if isinstance(x, dict):
+            for k in sorted(x):
+                walk(x[k], f"{prefix}.{k}")
+        elif isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+            for i, c in enumerate(x):
+                walk(c, f"{prefix}[{i}]")
+        elif x is not None:
+            names.append(prefix)
+
+    for i, a in enumerate(args):
+        walk(a, params[i] if i < len(params) else f"arg{i}")
+    return names
+
+
+def _tree_paths(td: tree.TreeDef, prefix: str) -> list[str]:
+    """'result', 'result[1].W', ...: a name for each leaf of an output structure."""
+    kind = td[0]
+    if kind == "leaf":
+        return [prefix]
+    if kind == "none":
+        return []
+    if kind == "dict":
+        return [p for k, c in zip(td[1], td[2]) for p in _tree_paths(c, f"{prefix}.{k}")]
+    return [p for i, c in enumerate(td[1]) for p in _tree_paths(c, f"{prefix}[{i}]")]
+
+
+# ---------------------------------------------------------------- policies
+
+
+def parse_policy(text: str | None) -> dict[str, Any]:
+    """'none' | 'sqrt' | BYTES ('4MiB') -> jg.jit keywords."""
+    from .cli import parse_bytes  # one parser of byte sizes for every command
+    if text is None or text == "none":
+        return {}
+    if text == "sqrt":
+        return {"remat": "sqrt"}
+    try:
+        return {"memory_budget": parse_bytes(text)}
+    except Exception:
+        raise JitgradError(f"bad recomputation policy {text!r}: use none, sqrt or a byte "
+                           "budget such as 4MiB") from None
+
+
+# ---------------------------------------------------------------- inspection
+
+
+@dataclass
+class Inspection:
+    """One function at every stage (see the module docstring)."""
+
+    name: str
+    traced: Program                    # the function as traced
+    grad: Program | None               # value_and_grad's program, when the function has one
+    grad_note: str                     # what `grad` is, or why there is none
+    program: Program                   # as compiled: after passes and recomputation
+    planned: Planned
+    input_names: list[str]
+    output_names: list[str]
+    policy: str = "none"
+    remat: Any = None                  # remat.RematReport
+    donate: dict[int, int] | None = None  # train_step's in-place parameter updates
+    _source: str | None = field(default=None, repr=False)
+
+    @property
+    def plan(self) -> Any:
+        return self.planned.plan
+
+    def kernels_text(self) -> str:
+        """The kernel calls in order; a fused kernel lists the instructions it runs."""
+        names = self.plan.names
+        rows = [f"{len(self.planned.low.steps)} kernel calls "
+                f"({sum(len(s.instrs) > 1 for s in self.planned.low.steps)} fused):"]
+        for i, s in enumerate(self.planned.low.steps):
+            runs = ", ".join(f"{ins.prim.name}->{names.get(ins.outputs[0], '?')}"
+                             for ins in s.instrs if ins.prim.name != "const")
+            rows.append(f"  {i:>4} {s.role:<9} {s.label}" + (f"   [{runs}]" if
+                                                              len(s.instrs) > 1 else ""))
+        return "\n".join(rows)
+
+    def source(self) -> str:
+        """The generated glue, then every fused kernel the Numba backend would compile."""
+        if self._source is None:
+            from . import cache
+            from .codegen import _FUSED_PRELUDE, render_glue
+            full = plan_program(self.program, self.donate, sources=True)
+            key = cache.module_key(str(full.prepared) + str(sorted(full.low.fused)))[:16]
+            parts = [render_glue(full.low, full.plan, full.external, key)]
+            for sym, src in sorted(full.low.fused.items()):
+                parts.append(f"# ---- fused kernel {sym}\n" + src[len(_FUSED_PRELUDE):].strip())
+            self._source = "\n\n".join(parts) + "\n"
+        return self._source
+
+    def dot(self, which: str = "optimized", *, edge_labels: bool = False,
+            max_nodes: int = 150, collapse: bool = True) -> str:
+        """DOT text of the traced, gradient or optimized program (fused kernels boxed)."""
+        if which == "optimized":
+            prog, kernels = self.planned.prepared, [s.instrs for s in self.planned.low.steps]
+        elif which == "grad" and self.grad is not None:
+            prog, kernels = self.grad, []
+        elif which in ("traced", "ir") or which == "grad":
+            prog, kernels = self.traced, []
+        else:
+            raise JitgradError(f"unknown graph {which!r}: use traced, grad or optimized")
+        outs = self.output_names if len(prog.outputs) == len(self.output_names) else None
+        title = f"{self.name}: {which}" + (f", remat {self.policy}" if self.policy != "none"
+                                          else "")
+        return graph.to_dot(prog, kernels=kernels, input_names=self.input_names,
+                            output_names=outs, edge_labels=edge_labels, max_nodes=max_nodes,
+                            collapse=collapse, title=title)
+
+    def summary(self) -> str:
+        roles: dict[str, int] = {}
+        for ins in self.program.instrs:
+            roles[ins.role] = roles.get(ins.role, 0) + 1
+        counts = ", ".join(f"{n} {r}" for r, n in roles.items())
+        steps = self.planned.low.steps
+        return (f"{self.name}: {len(self.program.instrs)} instructions ({counts}); "
+                f"{len(steps)} kernel calls, {sum(len(s.instrs) > 1 for s in steps)} fused; "
+                f"arena {self.plan.peak_bytes} bytes, at most {self.plan.lower_bound} live "
+                f"(remat {self.policy})\n  {self.grad_note}")
+
+
+def _is_float_scalar(prog: Program) -> bool:
+    return (len(prog.outputs) == 1 and prog.outputs[0].shape == ()
+            and prog.outputs[0].dtype.kind == "f")
+
+
+def _default_argnums(args: Sequence[Any]) -> tuple[int, ...]:
+    """(0,) as jg.grad's default (loss(params, x, y)), or else the first all-float argument."""
+    for i, a in enumerate(args):
+        leaves = tree.flatten(a)[0]
+        if leaves and all(signature_of(x)[1].kind == "f" for x in leaves):
+            return (i,)
+    return ()
+
+
+def inspect_function(fn: Any, args: Sequence[Any], *, grad: bool | None = None,
+                     argnums: Sequence[int] | None = None, remat: str | None = None,
+                     name: str | None = None) -> Inspection:
+    """Trace, differentiate, optimise and plan fn on example args (see the module docstring).
+
+    fn may be a function, a CompiledFunction (its remat options apply unless
+    `remat` is given) or a TrainStep (args are then the batch). grad=None
+    differentiates a function that returns a float scalar; argnums defaults to
+    (0,), as in jg.grad (the first all-float argument if argument 0 is not one).
+    """
+    from .train import TrainStep
+    donate = None
+    jit_kw = parse_policy(remat)
+    policy = remat or "none"
+    if isinstance(fn, TrainStep):
+        cf = fn.compiled
+        args = (fn.params, fn.state, fn.optimizer.hyper(1), *args)
+        grad = False  # the step program has its backward pass and update already
+        name = name or f"train_step({getattr(fn, 'loss_fn', cf.fn).__name__})"
+        fn = cf
+    if isinstance(fn, CompiledFunction):
+        donate = fn.options.get("donate")
+        if remat is None:
+            jit_kw = {k: v for k, v in (("remat", fn.remat),
+                                        ("memory_budget", fn.memory_budget)) if v is not None}
+            policy = str(fn.remat or fn.memory_budget or "none")
+        fn = fn.fn
+    name = name or getattr(fn, "__name__", "function")
+    leaves, in_tree = tree.flatten(tuple(args))
+    sigs = [signature_of(x) for x in leaves]
+    traced, out_tree, captured = trace_flat(fn, in_tree, sigs)
+    if captured:
+        raise JitgradError("the function captured a value being traced elsewhere")
+    input_names = _leaf_names(fn, args)
+    output_names = _tree_paths(out_tree, "result")
+    gprog = None
+    target = fn
+    if grad is None:
+        grad = _is_float_scalar(traced)
+        note = ("" if grad else f"{name} does not return a float scalar: no gradient program "
+                "(the function is shown as is)")
+    else:
+        note = ""
+    if grad:
+        if not _is_float_scalar(traced):
+            raise JitgradError(f"grad: {name} must return a float scalar to be differentiated")
+        nums = tuple(argnums) if argnums is not None else _default_argnums(args)
+        if not nums:
+            raise JitgradError(f"grad: no argument of {name} is a float array to "
+                               "differentiate with respect to")
+        target = value_and_grad(fn, argnums=nums)
+        gprog = trace_flat(target, in_tree, sigs)[0]
+        arg_names = input_names
+        ranges, start = [], 0
+        for a in args:
+            n = len(tree.flatten(a)[0])
+            ranges.append(range(start, start + n))
+            start += n
+        output_names = ["value"] + [f"∂value/∂{arg_names[i]}" for n in nums for i in ranges[n]]
+        note = (f"gradient program: value_and_grad({name}, argnums={nums}): forward G, then "
+                f"backward B")
+    elif not note:
+        note = f"{name} as is (grad=False)"
+    cf = jit(target, backend="interpret", **jit_kw)
+    entry = cf.lower(*args)
+    planned = plan_program(entry.program, donate)
+    planned.plan.remat = entry.remat if jit_kw else None
+    result = Inspection(name, traced, gprog, note, entry.program, planned, input_names,
+                        output_names, policy, entry.remat, donate)
+    return result
+
+
+# ---------------------------------------------------------------- printing and drawing
+
+
+def show(fn: Any, args: Sequence[Any], *, ir: bool = False, grad: bool = False,
+         optimized: bool = False, plan: bool = False, source: bool = False,
+         dot: str | None = None, png: str | None = None, svg: str | None = None,
+         timeline: str | None = None, draw: str = "optimized", edge_labels: bool = False,
+         max_nodes: int = 150, collapse: bool = True, differentiate: bool | None = None,
+         argnums: Sequence[int] | None = None, remat: Sequence[str] | str | None = None,
+         name: str | None = None, file: TextIO | None = None) -> Inspection:
+    """Print the requested stages of fn on args and write the requested pictures.
+
+    remat: one policy ('none', 'sqrt', '4MiB') or several; the first drives the
+    text and the graph, and the timeline overlays them all. Returns the
+    Inspection of the first policy.
+    """
+    out = file if file is not None else sys.stdout
+    policies = [remat] if remat is None or isinstance(remat, str) else list(remat) or [None]
+    views = [inspect_function(fn, args, grad=differentiate, argnums=argnums, remat=p,
+                              name=name) for p in policies]
+    first = views[0]
+
+    def section(title: str, body: str) -> None:
+        print(f"== {title}", file=out)
+        print(body.rstrip("\n"), file=out)
+        print(file=out)
+
+    print(first.summary(), file=out)
+    print(file=out)
+    if ir:
+        section(f"traced IR: {first.name}", str(first.traced))
+    if grad:
+        section("gradient program", str(first.grad) if first.grad is not None
+                else first.grad_note)
+    if optimized:
+        section("optimized program (simplify, cse, dce"
+                + (f", remat {first.policy})" if first.policy != "none" else ")"),
+                str(first.program))
+        section("kernels", first.kernels_text())
+    if plan:
+        section("memory plan", str(first.plan))
+    if source:
+        section("generated source", first.source())
+    wrote: list[str] = []
+    if dot or png or svg:
+        text = first.dot(draw, edge_labels=edge_labels, max_nodes=max_nodes, collapse=collapse)
+        if dot:
+            with open(dot, "w", encoding="utf-8") as f:
+                f.write(text)
+            wrote.append(dot)
+        for path in (png, svg):
+            if path:
+                graph.render(text, path)
+                wrote.append(path)
+    if timeline:
+        from .timeline import plot_timeline
+        plot_timeline({v.policy: v.plan for v in views}, timeline,
+                      title=f"memory timeline: {first.name}")
+        wrote.append(timeline)
+    for path in wrote:
+        print(f"wrote {path}", file=out)
+    return first
+
+
+def show_compiled(cf: CompiledFunction, args: Sequence[Any], **options: Any) -> Inspection:
+    """cf.show(*args, ...): args default to zeros shaped like cf's last specialisation."""
+    if not args:
+        args = _last_args(cf)
+    return show(cf, args, **options)
+
+
+def _last_args(cf: CompiledFunction) -> tuple[Any, ...]:
+    last = getattr(cf, "_last", None)
+    for key, entry in getattr(cf, "_cache", {}).items():
+        if entry is last:
+            _, in_tree, sigs = key
+            leaves = [(float if np.dtype(d).kind == "f" else int)(0) if weak
+                      else np.zeros(shape, d) for shape, d, weak in sigs]
+            return tuple(tree.unflatten(in_tree, leaves))
+    raise JitgradError("cf.show() needs example arguments: cf.show(*args), or call cf first")
