@@ -604,8 +604,8 @@ def cmd_memsweep(args: argparse.Namespace) -> int:
         model, [0.25, 0.5, 0.75])
     policies = [p for p in args.policies.split(",") if p] + [str(b) for b in budgets]
     for p in policies:
-        if p not in ("none", "sqrt") and not p.isdigit():
-            raise ValueError(f"unknown policy {p!r}: use none, sqrt (and --budgets)")
+        if p not in memsweep.POLICIES and not p.isdigit():
+            raise ValueError(f"unknown policy {p!r}: use none, sqrt, full (and --budgets)")
     act = model.activation_bytes
     title = (f"{model.depth}-layer ReLU MLP, width {model.width}, batch {model.batch}, "
              f"{model.dtype} (one activation {act / 2**20:.1f} MiB)")
@@ -619,6 +619,18 @@ def cmd_memsweep(args: argparse.Namespace) -> int:
     if args.plot:
         memsweep.plot_frontier(rows, args.plot, title)
         print(f"wrote {args.plot}")
+    if args.timeline:
+        from .timeline import plot_timeline
+        names = {p: p if not p.isdigit() else f"budget {int(p) / 2**20:.0f} MiB"
+                 for p in policies}
+        plans = {}
+        for p in policies:
+            try:
+                plans[names[p]] = memsweep.planned(model, p)
+            except JitgradError:
+                pass  # an infeasible budget has no plan; its table row says why
+        plot_timeline(plans, args.timeline, title=title)
+        print(f"wrote {args.timeline}")
     return EXIT_OK
 
 
@@ -638,13 +650,16 @@ def _add_memsweep(sub: Any) -> None:
     a("--width", type=int, default=256, help="layer width (default: 256)")
     a("--batch", type=int, default=1024, help="batch size (default: 1024)")
     a("--dtype", choices=DTYPES, default="float32")
-    a("--policies", default="none,sqrt", help="comma-separated: none, sqrt (default: both)")
+    a("--policies", default="none,sqrt",
+      help="comma-separated: none, sqrt, full (default: none,sqrt)")
     a("--budgets", type=_parse_budgets, metavar="B1,B2,...",
       help="memory budgets, e.g. 40MiB,60MiB (default: three between the sqrt and none plans)")
     a("--rounds", type=int, default=3, help="measured rounds per policy (default: 3)")
     a("--steps", type=int, default=5, help="timed steps per process (default: 5)")
     a("--csv", metavar="PATH", help="also write the table as CSV")
     a("--plot", metavar="PATH", help="draw the memory-vs-runtime frontier (PNG, matplotlib)")
+    a("--timeline", metavar="PATH",
+      help="draw every policy's live bytes over the step's kernels in one figure (PNG)")
     a("--quiet", "-q", action="store_true", help="no progress lines on stderr")
     p.set_defaults(run=cmd_memsweep)
 

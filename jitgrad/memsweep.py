@@ -29,6 +29,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from .memory import Plan
+
 
 @dataclass
 class Model:
@@ -62,12 +64,15 @@ def chain_loss(params: list[Any], x: Any, y: Any) -> Any:
     return jg.softmax_cross_entropy(h, y)
 
 
+POLICIES = ("none", "sqrt", "full")
+
+
 def jit_options(policy: str) -> dict[str, Any]:
-    """'none' | 'sqrt' | a number of bytes -> train_step's keyword arguments."""
+    """'none' | 'sqrt' | 'full' | a number of bytes -> train_step's keyword arguments."""
     if policy == "none":
         return {}
-    if policy == "sqrt":
-        return {"remat": "sqrt"}
+    if policy in POLICIES:
+        return {"remat": policy}
     return {"memory_budget": int(policy)}
 
 
@@ -111,19 +116,22 @@ def _worker(model: Model, policy: str, steps: int) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def default_budgets(model: Model, fractions: list[float]) -> list[int]:
-    """Budgets spread between what sqrt and no recomputation plan (planning only)."""
+def planned(model: Model, policy: str) -> Plan:
+    """The memory plan of the model's training step under a policy (planning only: the
+    program is traced and laid out, nothing is compiled)."""
     import jitgrad as jg
 
     from .backend import plan_program
     params, x, y = model.make()
-    peaks = []
-    for options in ({}, {"remat": "sqrt"}):
-        step = jg.train_step(chain_loss, params, jg.optim.SGD(lr=1e-3), backend="interpret",
-                             **options)
-        prog = step.lower(x, y).program
-        peaks.append(plan_program(prog, step.compiled.options.get("donate")).plan.peak_bytes)
-    full, low = peaks
+    step = jg.train_step(chain_loss, params, jg.optim.SGD(lr=1e-3), backend="interpret",
+                         **jit_options(policy))
+    prog = step.lower(x, y).program
+    return plan_program(prog, step.compiled.options.get("donate")).plan
+
+
+def default_budgets(model: Model, fractions: list[float]) -> list[int]:
+    """Budgets spread between what sqrt and no recomputation plan."""
+    full, low = planned(model, "none").peak_bytes, planned(model, "sqrt").peak_bytes
     return [int(low + f * (full - low)) for f in fractions]
 
 

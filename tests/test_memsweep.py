@@ -7,9 +7,10 @@ from jitgrad import cli, memsweep
 
 def test_memsweep_table_csv_and_plot(tmp_path, capsys):
     csv_path, png = tmp_path / "sweep.csv", tmp_path / "sweep.png"
+    timeline = tmp_path / "timeline.png"
     code = cli.main(["memsweep", "--depth", "6", "--width", "32", "--batch", "256",
                      "--rounds", "1", "--steps", "2", "--budgets", "1k,200KiB", "--quiet",
-                     "--csv", str(csv_path), "--plot", str(png)])
+                     "--csv", str(csv_path), "--plot", str(png), "--timeline", str(timeline)])
     out = capsys.readouterr().out
     assert code == 0, out
     rows = list(csv.DictReader(open(csv_path)))
@@ -23,12 +24,13 @@ def test_memsweep_table_csv_and_plot(tmp_path, capsys):
         assert int(r["lower_bound"]) <= int(r["planned_peak"])
         assert float(r["step_ms"]) > 0 and int(r["measured_peak"]) >= 0
     assert float(none["recompute_ratio"]) == 0 < float(sqrt["recompute_ratio"])
-    assert png.stat().st_size > 1000
+    assert png.stat().st_size > 1000 and timeline.stat().st_size > 1000
     assert "policy" in out and "sqrt" in out and "cannot be met" in out
 
 
 def test_memsweep_policy_options():
     assert memsweep.jit_options("none") == {}
     assert memsweep.jit_options("sqrt") == {"remat": "sqrt"}
+    assert memsweep.jit_options("full") == {"remat": "full"}
     assert memsweep.jit_options("4096") == {"memory_budget": 4096}
     assert cli.main(["memsweep", "--policies", "everything", "--budgets", "1k"]) == 2
