@@ -12,8 +12,11 @@ Policies choose the stored subset:
 - `jg.checkpoint(fn)` regions: values computed inside a region are not stored;
 - `remat="sqrt"`: Chen et al. (2016): about sqrt(n) evenly sized segments of
   the saved values in forward order, each recomputed once from its first value;
-- `remat="full"`: nothing is stored; backward recomputes what it needs from the
-  arguments (the least memory across the boundary, the most recomputation);
+- `remat="full"`: nothing is stored, as `jg.checkpoint` around the whole function:
+  backward recomputes what it needs from the arguments, each value once. On a chain
+  the first backward step needs the last layer, so the whole forward pass is redone
+  at once and the peak barely moves: it is the extreme of recomputation (the
+  property tests run every random program under it), not a memory policy;
 - `memory_budget=BYTES`: the subset with the least recompute work whose arena
   fits the budget; a dynamic program over segments, exact for the memory model
   below on chains, refined against the real planner.
