@@ -131,18 +131,6 @@ def _leaf_names(fn: Callable[..., Any], args: Sequence[Any]) -> list[str]:
     return names
 
 
-def _tree_paths(td: tree.TreeDef, prefix: str) -> list[str]:
-    """'result', 'result[1].W', ...: a name for each leaf of an output structure."""
-    kind = td[0]
-    if kind == "leaf":
-        return [prefix]
-    if kind == "none":
-        return []
-    if kind == "dict":
-        return [p for k, c in zip(td[1], td[2]) for p in _tree_paths(c, f"{prefix}.{k}")]
-    return [p for i, c in enumerate(td[1]) for p in _tree_paths(c, f"{prefix}[{i}]")]
-
-
 # ---------------------------------------------------------------- policies
 
 
@@ -287,7 +275,7 @@ def inspect_function(fn: Any, args: Sequence[Any], *, grad: bool | None = None,
     if captured:
         raise JitgradError("the function captured a value being traced elsewhere")
     input_names = _leaf_names(fn, args)
-    output_names = _tree_paths(out_tree, "result")
+    output_names = tree.leaf_paths(out_tree, "result", ".{}".format)
     gprog = None
     target = fn
     if grad is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -77,8 +78,10 @@ def describe(td: TreeDef) -> str:
         f"({inner})" if kind == "tuple" else f"[{inner}]")
 
 
-def leaf_paths(td: TreeDef, prefix: str = "") -> list[str]:
-    """Where each leaf sits, in flatten order, as indexing text: "[0]['W'][1]"."""
+def leaf_paths(td: TreeDef, prefix: str = "", key: Callable[[Any], str] = "[{!r}]".format
+               ) -> list[str]:
+    """Where each leaf sits, in flatten order, as indexing text: "[0]['W'][1]" (or, with
+    key=".{}".format, "[0].W[1]")."""
     kind = td[0]
     if kind == "leaf":
         return [prefix]
@@ -86,5 +89,5 @@ def leaf_paths(td: TreeDef, prefix: str = "") -> list[str]:
         return []
     if kind == "dict":
         return [p for k, c in zip(td[1], td[2], strict=True)
-                for p in leaf_paths(c, f"{prefix}[{k!r}]")]
-    return [p for i, c in enumerate(td[1]) for p in leaf_paths(c, f"{prefix}[{i}]")]
+                for p in leaf_paths(c, prefix + key(k), key)]
+    return [p for i, c in enumerate(td[1]) for p in leaf_paths(c, f"{prefix}[{i}]", key)]

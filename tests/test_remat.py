@@ -4,11 +4,11 @@ import itertools
 
 import numpy as np
 import pytest
+from plancheck import assert_plan_sound
 
 import jitgrad as jg
 from jitgrad import remat, tree
 from jitgrad.backend import plan_program
-from jitgrad.memory import ALIGN
 
 
 def _chain_params(rng, widths, dtype=np.float32):
@@ -99,21 +99,11 @@ def test_every_policy_gives_identical_bits_compiled(loss):
         arenas.append(cf.plan.peak_bytes)
         if "memory_budget" in options:
             assert cf.plan.peak_bytes <= options["memory_budget"]
-        _assert_plan_sound(cf.plan)
+        assert_plan_sound(cf.plan)
     assert all(_same_bits(results[0], r) for r in results[1:])
     assert arenas[1] < arenas[0] and arenas[2] < arenas[0]
     expected = jg.jit(jg.value_and_grad(loss), backend="interpret")(*args)
     np.testing.assert_allclose(results[1][0], expected[0], rtol=1e-5)
-
-
-def _assert_plan_sound(plan):
-    buffers = plan.unique_buffers()
-    for b in buffers:
-        assert b.offset % ALIGN == 0 and b.offset + b.nbytes <= plan.peak_bytes
-    for i, a in enumerate(buffers):
-        for b in buffers[i + 1:]:
-            if a.overlaps_in_time(b):
-                assert a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset
 
 
 def test_recomputation_is_exact_in_the_interpreter_and_for_second_order():
