@@ -266,7 +266,12 @@ def _reduction(kernel: str):
             idx = Var(y.shape, np.dtype(np.int64))
             args.append(idx)
             scratch.append(idx)
-        # scratch (max's indices) is written like a result; the planner frees it at once
+        if kernel in ("sum", "logsumexp"):  # a running sum (float64) or maximum per column
+            acc = Var((max(inner, 1),), np.dtype(np.float64) if kernel == "sum" else x.dtype)
+            args.append(acc)
+            scratch.append(acc)
+        # scratch (max's indices, running sums and maxima) is written like a result; the
+        # planner frees it at once: it lives in the arena, so kernels allocate nothing
         low.call(kernels.symbol(kernel, x.dtype), args + [outer, n, inner], [y] + scratch, [x],
                  ins)
     return lower_it

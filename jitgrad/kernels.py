@@ -89,10 +89,10 @@ def gemm_accumulate(pa, pb, c, x, m, n, k, ta, tb):
 # ---------------------------------------------------------------- reductions over (outer, n, inner)
 
 @njit(cache=True)
-def reduce_sum(x, y):
+def reduce_sum(x, y, acc):
     # Accumulate in float64 whatever the dtype: a float32 running sum over millions of
-    # terms (a weight-decay term) drifts by ~0.1%. Partial sums live in scalars, not a
-    # scratch array: kernels allocate nothing, the arena is all the memory a step uses.
+    # terms (a weight-decay term) drifts by ~0.1%. acc (inner float64s) is scratch in the
+    # arena: kernels allocate nothing.
     outer, n, inner = x.shape
     if inner == 1:
         for o in range(outer):
@@ -116,34 +116,12 @@ def reduce_sum(x, y):
             y[o, 0] = total + (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)))
         return
     for o in range(outer):
-        # columns in blocks of eight, each row of a block one contiguous read
-        i = 0
-        while i + 8 <= inner:
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-            for k in range(n):
-                a0 += x[o, k, i]
-                a1 += x[o, k, i + 1]
-                a2 += x[o, k, i + 2]
-                a3 += x[o, k, i + 3]
-                a4 += x[o, k, i + 4]
-                a5 += x[o, k, i + 5]
-                a6 += x[o, k, i + 6]
-                a7 += x[o, k, i + 7]
-            y[o, i] = a0
-            y[o, i + 1] = a1
-            y[o, i + 2] = a2
-            y[o, i + 3] = a3
-            y[o, i + 4] = a4
-            y[o, i + 5] = a5
-            y[o, i + 6] = a6
-            y[o, i + 7] = a7
-            i += 8
-        while i < inner:
-            total = 0.0
-            for k in range(n):
-                total += x[o, k, i]
-            y[o, i] = total
-            i += 1
+        acc[:] = 0.0
+        for k in range(n):  # row by row: contiguous, vectorised over the columns
+            for i in range(inner):
+                acc[i] += x[o, k, i]
+        for i in range(inner):
+            y[o, i] = acc[i]
 
 
 @njit(cache=True)
@@ -163,20 +141,25 @@ def reduce_max(x, y, idx):
 
 
 @njit(cache=True)
-def reduce_logsumexp(x, y):
+def reduce_logsumexp(x, y, m):
+    # m (inner values of x's dtype): the running maxima, scratch in the arena
     outer, n, inner = x.shape
     for o in range(outer):
         for i in range(inner):
-            m = x[o, 0, i]
-            for k in range(1, n):
-                if x[o, k, i] > m:
-                    m = x[o, k, i]
-            if not np.isfinite(m):
-                m = 0
-            total = 0.0
-            for k in range(n):
-                total += np.exp(x[o, k, i] - m)
-            y[o, i] = np.log(total) + m
+            m[i] = x[o, 0, i]
+            y[o, i] = 0
+        for k in range(1, n):
+            for i in range(inner):
+                if x[o, k, i] > m[i]:
+                    m[i] = x[o, k, i]
+        for i in range(inner):
+            if not np.isfinite(m[i]):
+                m[i] = 0
+        for k in range(n):
+            for i in range(inner):
+                y[o, i] += np.exp(x[o, k, i] - m[i])
+        for i in range(inner):
+            y[o, i] = np.log(y[o, i]) + m[i]
 
 
 # ---------------------------------------------------------------- softmax cross-entropy
@@ -237,16 +220,26 @@ def copy_strided(src, dst, meta):
         return
     last = nd - 1
     n_last, s_last, d_last = shape[last], ss[last], ds[last]
-    for row in range(total // n_last):
-        # the row's multi-index, from its number (no index array: kernels allocate nothing)
-        s, t, rest = so, do, row
-        for d in range(last - 1, -1, -1):
+    if nd == 1:
+        for j in range(n_last):
+            dst[do + j * d_last] = src[so + j * s_last]
+        return
+    # Rows of the last dim, in blocks along the dim before it. A block's start comes from
+    # its number by division (no index array: kernels allocate nothing); rows within a
+    # block just step.
+    rows, s_row, d_row = shape[last - 1], ss[last - 1], ds[last - 1]
+    for block in range(total // (n_last * rows)):
+        s, t, rest = so, do, block
+        for d in range(last - 2, -1, -1):
             i = rest % shape[d]
             rest //= shape[d]
             s += i * ss[d]
             t += i * ds[d]
-        for j in range(n_last):
-            dst[t + j * d_last] = src[s + j * s_last]
+        for _ in range(rows):
+            for j in range(n_last):
+                dst[t + j * d_last] = src[s + j * s_last]
+            s += s_row
+            t += d_row
 
 
 @njit(cache=True)
@@ -327,16 +320,18 @@ FLOAT_KERNELS = {
     "gemm_acc": ("pa pb pc px m n k ta tb", "iiiiiiiii",
                  "return K.gemm_accumulate(pa, pb, carray(_vp(pc), m * n, {dt}), "
                  "carray(_vp(px), m * n, {dt}), m, n, k, ta, tb)"),
-    "sum": ("px py outer n inner", "iiiii",
+    "sum": ("px py pacc outer n inner", "iiiiii",
             "K.reduce_sum(carray(_vp(px), (outer, n, inner), {dt}), "
-            "carray(_vp(py), (outer, inner), {dt}))\nreturn 0"),
+            "carray(_vp(py), (outer, inner), {dt}), carray(_vp(pacc), max(inner, 1), "
+            "np.float64))\nreturn 0"),
     "max": ("px py pi outer n inner", "iiiiii",
             "K.reduce_max(carray(_vp(px), (outer, n, inner), {dt}), "
             "carray(_vp(py), (outer, inner), {dt}), carray(_vp(pi), (outer, inner), np.int64))"
             "\nreturn 0"),
-    "logsumexp": ("px py outer n inner", "iiiii",
+    "logsumexp": ("px py pm outer n inner", "iiiiii",
                   "K.reduce_logsumexp(carray(_vp(px), (outer, n, inner), {dt}), "
-                  "carray(_vp(py), (outer, inner), {dt}))\nreturn 0"),
+                  "carray(_vp(py), (outer, inner), {dt}), carray(_vp(pm), max(inner, 1), {dt}))"
+                  "\nreturn 0"),
     "sce": ("pz pl ploss pdz rows cols want_loss want_grad", "iiiiiiii",
             "return K.softmax_xent(carray(_vp(pz), (rows, cols), {dt}), "
             "carray(_vp(pl), rows, np.int64), carray(_vp(ploss), 1, {dt}), "
