@@ -175,10 +175,18 @@ def lower(prog: Program, sources: bool = True) -> Lowering:
     accumulate = _accumulating_matmuls(prog, schedule)
     deferred = {id(mm) for mm in accumulate.values()}
     # softmax_cross_entropy and its gradient on the same inputs share one fused pass.
-    sce_pairs: dict[tuple[Var, ...], list[Instr]] = {}
+    sce_pairs: dict[int, list[Instr]] = {}  # id(instr) -> the instructions lowered with it
+    by_inputs: dict[tuple[Var, ...], list[Instr]] = {}
     for item in schedule:
         if isinstance(item, Instr) and item.prim.name.startswith("softmax_cross_entropy"):
-            sce_pairs.setdefault(item.inputs, []).append(item)
+            by_inputs.setdefault(item.inputs, []).append(item)
+    for same in by_inputs.values():
+        # After recomputation a loss may appear twice: its gradient pairs with the last one.
+        losses = [i for i in same if i.prim.name == "softmax_cross_entropy"]
+        grads = [i for i in same if i.prim.name != "softmax_cross_entropy"]
+        pair = losses[-1:] + grads[:1]
+        for ins in same:
+            sce_pairs[id(ins)] = pair if ins in pair else [ins]
     done: set[int] = set(deferred)  # lowered where their sum is
     for item in schedule:
         if isinstance(item, Group) and id(item) in accumulate:
@@ -187,7 +195,7 @@ def lower(prog: Program, sources: bool = True) -> Lowering:
             _lower_group(low, item)
         elif id(item) not in done:
             if item.prim.name.startswith("softmax_cross_entropy"):
-                pair = sce_pairs[item.inputs]
+                pair = sce_pairs[id(item)]
                 done.update(id(i) for i in pair)
                 _lower_sce(low, pair)
             else:

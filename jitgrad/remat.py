@@ -39,6 +39,7 @@ import numpy as np
 from .errors import JitgradError
 from .ir import Instr, Program, Var
 from .memory import Plan, aligned
+from .passes import dce
 
 Policy = str | int | None
 
@@ -112,7 +113,8 @@ def rematerialize(prog: Program, store: Iterable[Var]) -> Program:
     for ins in prog.instrs[b:]:
         inputs = tuple(available(v) for v in ins.inputs)
         instrs.append(ins if inputs == ins.inputs else dataclasses.replace(ins, inputs=inputs))
-    return Program(list(prog.inputs), instrs, list(prog.outputs), dict(prog.consts))
+    # Forward work whose only readers moved to the recomputed copies is dropped.
+    return dce(Program(list(prog.inputs), instrs, list(prog.outputs), dict(prog.consts)))
 
 
 # ---------------------------------------------------------------- the segment model
@@ -288,11 +290,13 @@ class RematReport:
                 f"{self.recompute_flops} flops ({ratio:.1%} of the forward pass)")
 
 
-def describe(prog: Program, saved: list[Var], stored: set[Var], policy: str) -> RematReport:
+def describe(prog: Program, out: Program, saved: list[Var], stored: set[Var],
+             policy: str) -> RematReport:
+    """prog before recomputation, out after it."""
     b = _boundary(prog)
     fwd = sum(flops(i) for i in prog.instrs[:b] if i.role == "forward"
               and i.prim.name != "const")
-    rec = [i for i in prog.instrs if i.role == "recompute"]
+    rec = [i for i in out.instrs if i.role == "recompute"]
     return RematReport(policy, saved, [v for v in saved if v in stored], len(rec),
                        sum(flops(i) for i in rec if i.prim.name != "const"), fwd)
 
@@ -335,7 +339,7 @@ def apply(prog: Program, remat: Policy = None, memory_budget: int | None = None,
         stored = set(free)
         policy = "checkpoint regions" if in_region else "none"
     out = rematerialize(prog, stored) if len(stored) < len(saved) else prog
-    return out, describe(out, saved, stored, policy)
+    return out, describe(prog, out, saved, stored, policy)
 
 
 def _fit_budget(prog: Program, free: list[Var], budget: int,

@@ -236,3 +236,18 @@ def test_a_checkpoint_around_a_very_deep_network():
     assert report.recompute_instrs >= 3 * 599
     base = jg.jit(jg.grad(_chain_loss), backend="interpret")(params, x, y)
     assert _same_bits(base, jg.jit(jg.grad(region), backend="interpret")(params, x, y))
+
+
+def test_a_recomputed_loss_pairs_with_its_gradient():
+    # The loss is read by backward (abs's VJP): "full" recomputes it beside the original
+    # on the same inputs, and only the copy shares the fused pass with the gradient.
+    rng = np.random.default_rng(11)
+    x, y = rng.normal(size=(3, 4)), rng.integers(0, 4, 3)
+
+    def f(x, y):
+        return jg.abs(jg.softmax_cross_entropy(x, y)) + jg.sum(jg.abs(x))
+
+    base = jg.jit(jg.value_and_grad(f))(x, y)
+    full = jg.jit(jg.value_and_grad(f), remat="full")
+    assert _same_bits(base, full(x, y))
+    assert any(i.role == "recompute" for i in full.program.instrs)
