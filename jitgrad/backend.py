@@ -116,15 +116,21 @@ def plan_program(prog: Program, donate: dict[int, int] | None = None,
 class _Arena:
     """One thread's working memory for an executable: the arena and the pointer table."""
 
-    __slots__ = ("raw", "buf", "ptrs", "ptrs_addr", "last_args")
+    __slots__ = ("buf", "ptrs", "ptrs_addr", "last_args")
 
-    def __init__(self, raw: np.ndarray, buf: np.ndarray, ptrs: np.ndarray,
-                 last_args: list[Any]):
-        self.raw = raw  # owns the memory buf (aligned) points into
-        self.buf = buf
+    def __init__(self, buf: np.ndarray, ptrs: np.ndarray, last_args: list[Any]):
+        self.buf = buf  # an aligned view: it keeps the whole allocation alive
         self.ptrs = ptrs
         self.ptrs_addr = _address(ptrs)
         self.last_args = last_args
+
+
+def glue_source(planned: Planned) -> str:
+    """The program's chunk functions (codegen.render_glue) as the backend compiles them."""
+    # The chunk symbols are named by the program's content, so equal programs share them.
+    low = planned.low
+    key = cache.module_key(str(planned.prepared) + str(sorted(low.fused)))[:16]
+    return render_glue(low, planned.plan, planned.external, key)
 
 
 class NumbaExecutable:
@@ -143,14 +149,12 @@ class NumbaExecutable:
         self._donate_copy = planned.donate_copy
         self._donated_in_place = planned.donated_in_place
         self.plan = planned.plan
-        self._pinned_out = set(pinned or ())
+        pinned_out = set(pinned or ())
         self._pinned_slots = [(out_i, self.plan.buffers[v].offset, v)
                               for out_i, v in planned.pinned_copy]
         self._labels = [s.label for s in low.steps]
         _load_fused(low.fused)
-        # The chunk symbols are named by the program's content, so equal programs share them.
-        key = cache.module_key(str(prepared) + str(sorted(low.fused)))[:16]
-        self.source = render_glue(low, self.plan, external, key)
+        self.source = glue_source(planned)
         module = cache.load_module("step", self.source, extra_key=kernels.library_hash())
         # A short Python driver calls the chunks (~0.5 us each) rather than a compiled
         # entry function: one compile fewer per program.
@@ -163,6 +167,11 @@ class NumbaExecutable:
         self._n_ptrs = 2 + len(external)
         self._outputs = [self._output_spec(r, v.shape, external)
                          for r, v in zip(outputs, prepared.outputs, strict=True)]
+        # Results handed over without a copy: donated ones (already in the caller's array)
+        # and pinned arena values (views the distributed step all-reduces in place).
+        self._returned_as_is = [i in self._donated_in_place or (i in pinned_out
+                                                                and spec[0] == "arena")
+                                for i, spec in enumerate(self._outputs)]
         # Each calling thread gets its own arena (made on its first call), so threads run
         # the native code at once (it releases the GIL) and never see each other's
         # intermediates. Donating executables (train_step) update the caller's arrays in
@@ -182,7 +191,11 @@ class NumbaExecutable:
     @property
     def _ptrs(self) -> np.ndarray:
         """The calling thread's pointer table (benchmarks run the chunks on it directly)."""
-        return (getattr(self._local, "arena", None) or self._new_arena()).ptrs
+        return self._arena().ptrs
+
+    def _arena(self) -> _Arena:
+        """The calling thread's arena, made on its first call."""
+        return getattr(self._local, "arena", None) or self._new_arena()
 
     def _new_arena(self) -> _Arena:
         raw = np.empty(self.plan.peak_bytes + memory.ALIGN, np.uint8)
@@ -192,7 +205,7 @@ class NumbaExecutable:
         ptrs[1] = _address(self._meta)
         for i, c in enumerate(self._consts):
             ptrs[2 + self._n_inputs + i] = _address(c)
-        arena = _Arena(raw, raw[pad:pad + self.plan.peak_bytes], ptrs, [None] * self._n_inputs)
+        arena = _Arena(raw[pad:pad + self.plan.peak_bytes], ptrs, [None] * self._n_inputs)
         arena.buf[:self.plan.pinned_bytes] = 0  # padding between pinned values stays zero
         self._local.arena = arena
         return arena
@@ -200,8 +213,7 @@ class NumbaExecutable:
     def pinned_region(self) -> np.ndarray:
         """The calling thread's pinned results (with alignment padding) as one flat uint8
         view of its arena."""
-        arena = getattr(self._local, "arena", None) or self._new_arena()
-        return arena.buf[:self.plan.pinned_bytes]
+        return self._arena().buf[:self.plan.pinned_bytes]
 
     def _collect(self, arena: np.ndarray, args: Sequence[np.ndarray], spec: tuple[Any, ...],
                  in_place: bool) -> np.ndarray:
@@ -231,7 +243,7 @@ class NumbaExecutable:
         return outs
 
     def _run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
-        arena = getattr(self._local, "arena", None) or self._new_arena()
+        arena = self._arena()
         ptrs, last = arena.ptrs, arena.last_args
         for i, a in enumerate(args):
             if a is not last[i]:  # parameters are the same arrays call after call
@@ -244,9 +256,8 @@ class NumbaExecutable:
                 break
         if status:
             self._explain_failure(args, status)
-        outs = [self._collect(arena.buf, args, s, i in self._donated_in_place or (
-                    i in self._pinned_out and s[0] == "arena"))
-                for i, s in enumerate(self._outputs)]
+        outs = [self._collect(arena.buf, args, spec, as_is)
+                for spec, as_is in zip(self._outputs, self._returned_as_is, strict=True)]
         for out_i, offset, v in self._pinned_slots:
             slot = arena.buf[offset:offset + v.nbytes].view(v.dtype).reshape(v.shape)
             np.copyto(slot, outs[out_i])

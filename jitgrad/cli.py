@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -126,20 +125,13 @@ def parse_hidden(text: str) -> tuple[int, ...]:
     return sizes
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
-          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30}
-
-
 def parse_bytes(text: str) -> int:
-    """'1048576', '512KiB', '1.5MB', '2G' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(
-            f"expected a size in bytes like 1048576, 512KiB or 1.5MB, got {text!r}")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"memory budget must be positive, got {text!r}")
-    return value
+    """'1048576', '512KiB', '1.5MB', '2G' -> bytes, for argparse."""
+    from .remat import parse_bytes as parse
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def scale_default_lr(cfg: TrainConfig, n_ranks: int) -> TrainConfig:
@@ -600,12 +592,13 @@ def cmd_memsweep(args: argparse.Namespace) -> int:
     for name in ("depth", "width", "batch", "rounds", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    named = [p for p in args.policies.split(",") if p]
+    for p in named:  # before any planning: a typo costs nothing
+        if p not in memsweep.POLICIES:
+            raise ValueError(f"unknown policy {p!r}: use none, sqrt, full (and --budgets)")
     budgets = args.budgets if args.budgets is not None else memsweep.default_budgets(
         model, [0.25, 0.5, 0.75])
-    policies = [p for p in args.policies.split(",") if p] + [str(b) for b in budgets]
-    for p in policies:
-        if p not in memsweep.POLICIES and not p.isdigit():
-            raise ValueError(f"unknown policy {p!r}: use none, sqrt, full (and --budgets)")
+    policies = named + [str(b) for b in budgets]
     act = model.activation_bytes
     title = (f"{model.depth}-layer ReLU MLP, width {model.width}, batch {model.batch}, "
              f"{model.dtype} (one activation {act / 2**20:.1f} MiB)")

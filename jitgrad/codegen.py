@@ -10,14 +10,13 @@ function that makes those calls in order through external symbols.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from . import kernels
-from .fusion import Group, accumulated_matmul, fuse, is_const
+from .fusion import Group, fuse, is_const
 from .ir import Instr, Program, Var, dtype_short
 from .memory import Plan
 
@@ -149,31 +148,11 @@ def _reduce_dims(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, in
     return _prod(shape[:axes[0]]), _prod(shape[axes[0]:axes[-1] + 1]), _prod(shape[axes[-1] + 1:])
 
 
-def _accumulating_matmuls(prog: Program, schedule: list[Instr | Group]) -> dict[int, Instr]:
-    """Sums `x + A@B` whose product nothing else reads: id(group) -> the matmul.
-
-    Such a sum is one GEMM accumulating into the sum's buffer (beta = 1), so a gradient
-    reached by several paths keeps one buffer into which each contribution is added.
-    """
-    uses = Counter(v for ins in prog.instrs for v in ins.inputs)
-    uses.update(prog.outputs)
-    producer = prog.producers()
-    found: dict[int, Instr] = {}
-    for item in schedule:
-        if isinstance(item, Group):
-            m = accumulated_matmul(item.root, producer, uses)
-            if m is not None and m not in item.members:
-                found[id(item)] = producer[m]
-    return found
-
-
 def lower(prog: Program, sources: bool = True) -> Lowering:
     """The schedule as kernel calls; sources=False leaves out the fused kernels' source,
     which only compilation needs (the planner lowers many candidate programs)."""
     low = Lowering(sources)
     schedule = fuse(prog)
-    accumulate = _accumulating_matmuls(prog, schedule)
-    deferred = {id(mm) for mm in accumulate.values()}
     # softmax_cross_entropy and its gradient on the same inputs share one fused pass.
     sce_pairs: dict[int, list[Instr]] = {}  # id(instr) -> the instructions lowered with it
     by_inputs: dict[tuple[Var, ...], list[Instr]] = {}
@@ -187,10 +166,11 @@ def lower(prog: Program, sources: bool = True) -> Lowering:
         pair = losses[-1:] + grads[:1]
         for ins in same:
             sce_pairs[id(ins)] = pair if ins in pair else [ins]
-    done: set[int] = set(deferred)  # lowered where their sum is
+    # a product added into a sum is lowered where the sum is
+    done = {id(s.accumulates) for s in schedule if isinstance(s, Group) and s.accumulates}
     for item in schedule:
-        if isinstance(item, Group) and id(item) in accumulate:
-            _matmul_accumulate(low, accumulate[id(item)], item)
+        if isinstance(item, Group) and item.accumulates is not None:
+            _matmul_accumulate(low, item.accumulates, item)
         elif isinstance(item, Group):
             _lower_group(low, item)
         elif id(item) not in done:

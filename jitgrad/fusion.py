@@ -22,6 +22,9 @@ class Group:
     root: Instr
     members: dict[Var, Instr]  # every output Var of the tree -> its instruction
     leaves: list[Var]          # materialised inputs, in first-use order
+    # For a root `x + A@B` whose product nothing else reads: that matmul, which code
+    # generation turns into one GEMM accumulating into the group's result.
+    accumulates: Instr | None = None
 
     @property
     def out(self) -> Var:
@@ -84,13 +87,14 @@ def fuse(prog: Program) -> list[Instr | Group]:
                 members[v] = p
                 continue
             g = group_of.get(v)
-            if (g is not None and uses[v] == 1 and v not in outputs
-                    and accumulated_matmul(g.root, producer, uses) is None):
+            if g is not None and uses[v] == 1 and v not in outputs and g.accumulates is None:
                 trial = {**members, **g.members}
                 if len(leaves_of(ins, trial)) <= MAX_LEAVES:
                     members = trial
                     absorbed.add(id(g))
-        group = Group(ins, members, leaves_of(ins, members))
+        product = accumulated_matmul(ins, producer, uses)
+        group = Group(ins, members, leaves_of(ins, members),
+                      producer[product] if product is not None else None)
         group_of[ins.outputs[0]] = group
         schedule.append(group)
     # A constant needs its own buffer only where a non-elementwise op or the caller reads it.

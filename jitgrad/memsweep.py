@@ -17,6 +17,7 @@ only load compiled code. In a measured process:
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import resource
@@ -30,9 +31,10 @@ from typing import Any, TextIO
 import numpy as np
 
 from .memory import Plan
+from .remat import policy_options
 
 
-@dataclass
+@dataclass(frozen=True)
 class Model:
     depth: int = 32
     width: int = 256
@@ -64,16 +66,8 @@ def chain_loss(params: list[Any], x: Any, y: Any) -> Any:
     return jg.softmax_cross_entropy(h, y)
 
 
-POLICIES = ("none", "sqrt", "full")
-
-
-def jit_options(policy: str) -> dict[str, Any]:
-    """'none' | 'sqrt' | 'full' | a number of bytes -> train_step's keyword arguments."""
-    if policy == "none":
-        return {}
-    if policy in POLICIES:
-        return {"remat": policy}
-    return {"memory_budget": int(policy)}
+POLICIES = ("none", "sqrt", "full")  # the named ones; a policy may also be a byte budget
+jit_options = policy_options  # a policy -> train_step's keyword arguments
 
 
 def _rss_bytes() -> int:
@@ -116,6 +110,7 @@ def _worker(model: Model, policy: str, steps: int) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@functools.lru_cache(maxsize=16)  # budgets and --timeline plan the same policies
 def planned(model: Model, policy: str) -> Plan:
     """The memory plan of the model's training step under a policy (planning only: the
     program is traced and laid out, nothing is compiled)."""

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +66,10 @@ def saved_for_backward(prog: Program) -> list[Var]:
 
 
 def flops(ins: Instr) -> int:
-    """Work of one instruction: 2mnk for a matmul, one per element touched otherwise."""
+    """Work of one instruction: 2mnk for a matmul, none for a scalar constant (folded into
+    the kernels that read it), one per element touched otherwise."""
+    if ins.prim.name == "const":
+        return 0
     if ins.prim.name == "matmul":
         a = ins.inputs[0]
         k = a.shape[0] if ins.kw["ta"] else a.shape[1]
@@ -127,7 +132,7 @@ class Candidates:
     nbytes: list[int]   # arena bytes a stored value occupies
     cost: list[int]     # flops to recompute it when the values before it are available
     # bytes of everything else live (gradients, temporaries) while backward uses each value
-    overhead: list[int] = dataclasses.field(default_factory=list)
+    overhead: list[int]
 
     @classmethod
     def of(cls, prog: Program, values: Sequence[Var]) -> Candidates:
@@ -143,7 +148,7 @@ class Candidates:
                 if id(ins) in seen:
                     continue
                 seen.add(id(ins))
-                work += flops(ins) if ins.prim.name != "const" else 0
+                work += flops(ins)
                 stack += [producer[u] for u in ins.inputs if u not in stop and u in producer]
             cost.append(work)
         return cls(list(values), [aligned(v.nbytes) for v in values], cost,
@@ -294,11 +299,39 @@ def describe(prog: Program, out: Program, saved: list[Var], stored: set[Var],
              policy: str) -> RematReport:
     """prog before recomputation, out after it."""
     b = _boundary(prog)
-    fwd = sum(flops(i) for i in prog.instrs[:b] if i.role == "forward"
-              and i.prim.name != "const")
+    fwd = sum(flops(i) for i in prog.instrs[:b] if i.role == "forward")
     rec = [i for i in out.instrs if i.role == "recompute"]
     return RematReport(policy, saved, [v for v in saved if v in stored], len(rec),
-                       sum(flops(i) for i in rec if i.prim.name != "const"), fwd)
+                       sum(flops(i) for i in rec), fwd)
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'1048576', '512KiB', '1.5MB', '2G' -> bytes (ValueError if it is not a positive size)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"expected a size in bytes like 1048576, 512KiB or 1.5MB, got {text!r}")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"memory budget must be positive, got {text!r}")
+    return value
+
+
+def policy_options(policy: str | None) -> dict[str, Any]:
+    """A policy as commands spell it -- 'none', 'sqrt', 'full' or a byte budget ('4MiB',
+    '4096') -- as jg.jit / jg.train_step keywords."""
+    if policy is None or policy == "none":
+        return {}
+    if policy in ("sqrt", "full"):
+        return {"remat": policy}
+    try:
+        return {"memory_budget": parse_bytes(policy)}
+    except ValueError:
+        raise JitgradError(f"bad recomputation policy {policy!r}: use none, sqrt, full or a "
+                           "byte budget such as 4MiB") from None
 
 
 def check_policy(remat: Policy, memory_budget: int | None) -> None:

@@ -32,10 +32,11 @@ from typing import Any, TextIO
 import numpy as np
 
 from . import graph, tree
-from .api import CompiledFunction, jit, value_and_grad
-from .backend import Planned, plan_program
+from .api import CompiledFunction, _leaf_ranges, jit, value_and_grad
+from .backend import Planned, glue_source, plan_program
 from .errors import JitgradError
 from .ir import Program
+from .remat import policy_options
 from .trace import signature_of, trace_flat
 
 EXAMPLE_ATTR = "__jitgrad_example__"
@@ -115,37 +116,10 @@ def _leaf_names(fn: Callable[..., Any], args: Sequence[Any]) -> list[str]:
     # *batch: batch[0], batch[1], ...
     params += [f"{star}[{k}]" for k in range(len(args) - len(params))] if star else []
     names: list[str] = []
-
-    def walk(x: Any, prefix: str) -> None:
-        if isinstance(x, dict):
-            for k in sorted(x):
-                walk(x[k], f"{prefix}.{k}")
-        elif isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
-            for i, c in enumerate(x):
-                walk(c, f"{prefix}[{i}]")
-        elif x is not None:
-            names.append(prefix)
-
     for i, a in enumerate(args):
-        walk(a, params[i] if i < len(params) else f"arg{i}")
+        names += tree.leaf_paths(tree.flatten(a)[1], params[i] if i < len(params) else f"arg{i}",
+                                 ".{}".format)
     return names
-
-
-# ---------------------------------------------------------------- policies
-
-
-def parse_policy(text: str | None) -> dict[str, Any]:
-    """'none' | 'sqrt' | BYTES ('4MiB') -> jg.jit keywords."""
-    from .cli import parse_bytes  # one parser of byte sizes for every command
-    if text is None or text == "none":
-        return {}
-    if text == "sqrt":
-        return {"remat": "sqrt"}
-    try:
-        return {"memory_budget": parse_bytes(text)}
-    except Exception:
-        raise JitgradError(f"bad recomputation policy {text!r}: use none, sqrt or a byte "
-                           "budget such as 4MiB") from None
 
 
 # ---------------------------------------------------------------- inspection
@@ -187,11 +161,9 @@ class Inspection:
     def source(self) -> str:
         """The generated glue, then every fused kernel the Numba backend would compile."""
         if self._source is None:
-            from . import cache
-            from .codegen import _FUSED_PRELUDE, render_glue
+            from .codegen import _FUSED_PRELUDE
             full = plan_program(self.program, self.donate, sources=True)
-            key = cache.module_key(str(full.prepared) + str(sorted(full.low.fused)))[:16]
-            parts = [render_glue(full.low, full.plan, full.external, key)]
+            parts = [glue_source(full)]
             for sym, src in sorted(full.low.fused.items()):
                 parts.append(f"# ---- fused kernel {sym}\n" + src[len(_FUSED_PRELUDE):].strip())
             self._source = "\n\n".join(parts) + "\n"
@@ -253,7 +225,7 @@ def inspect_function(fn: Any, args: Sequence[Any], *, grad: bool | None = None,
     """
     from .train import TrainStep
     donate = None
-    jit_kw = parse_policy(remat)
+    jit_kw = policy_options(remat)
     policy = remat or "none"
     if isinstance(fn, TrainStep):
         cf = fn.compiled
@@ -293,13 +265,9 @@ def inspect_function(fn: Any, args: Sequence[Any], *, grad: bool | None = None,
                                "differentiate with respect to")
         target = value_and_grad(fn, argnums=nums)
         gprog = trace_flat(target, in_tree, sigs)[0]
-        arg_names = input_names
-        ranges, start = [], 0
-        for a in args:
-            n = len(tree.flatten(a)[0])
-            ranges.append(range(start, start + n))
-            start += n
-        output_names = ["value"] + [f"∂value/∂{arg_names[i]}" for n in nums for i in ranges[n]]
+        ranges = [range(start, stop) for start, stop, _ in _leaf_ranges(args)]
+        output_names = ["value"] + [f"∂value/∂{input_names[i]}" for n in nums
+                                    for i in ranges[n]]
         note = (f"gradient program: value_and_grad({name}, argnums={nums}): forward G, then "
                 f"backward B")
     elif not note:
