@@ -41,7 +41,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from . import tree
-from .api import CompiledFunction, value_and_grad
+from .api import CompiledFunction, check_finite_from_env, value_and_grad
 from .errors import JitgradError
 from .optim import Optimizer
 
@@ -145,10 +145,6 @@ class DistributedTrainStep:
                  **jit_options: Any):
         from .train import _check_params
         leaves = _check_params(params)
-        for p in leaves:
-            if not p.flags.c_contiguous:
-                raise JitgradError("parameters must be C-contiguous arrays "
-                                   "(np.ascontiguousarray) so that they can be updated in place")
         dtypes = {p.dtype for p in leaves}
         if len(dtypes) != 1:
             raise JitgradError(f"distributed training all-reduces one gradient buffer of one "
@@ -161,7 +157,7 @@ class DistributedTrainStep:
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self._mpi = mpi()
-        self.check_finite = bool(jit_options.get("check_finite"))
+        self.check_finite = bool(jit_options.get("check_finite")) or check_finite_from_env()
         self.timings = {"grad": 0.0, "allreduce": 0.0, "update": 0.0, "steps": 0}
         self._n = len(leaves)
         self._grad_tree = tree.flatten(params)[1]
@@ -194,31 +190,32 @@ class DistributedTrainStep:
         for a in tree.flatten((self.params, self.state))[0]:
             self.comm.Bcast(a, root=root)
 
-    def _buffers(self, loss: np.ndarray, grads: Any) -> tuple[np.ndarray, np.ndarray, list]:
-        """(flat buffer, loss view, gradient views) of the gradient program's results."""
-        leaves = tree.flatten(grads)[0]
+    def _buffers(self, loss: np.ndarray, grads: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+        """(flat buffer, loss view, gradients as views of it) of the gradient program's
+        results."""
         entry = self.compiled._last
         plan = getattr(entry.executable, "plan", None) if entry is not None else None
         if plan is not None and getattr(plan, "pinned_bytes", 0):
             # Numba: the results already are views of the pinned region, back to back.
             # The loss comes first in a slot of memory.ALIGN (64) bytes, so element _FLAG
             # is padding no kernel writes: the failure count lives there.
-            return entry.executable.pinned_region().view(self.dtype), loss, leaves
+            return entry.executable.pinned_region().view(self.dtype), loss, grads
         # Other backends return fresh arrays: pack them ([loss, failures, grads...]).
+        leaves = tree.flatten(grads)[0]
         flat = np.concatenate([np.ravel(loss).astype(self.dtype), np.zeros(1, self.dtype),
                                *(g.ravel() for g in leaves)])
         views, pos = [], 2
         for g in leaves:
             views.append(flat[pos:pos + g.size].reshape(g.shape))
             pos += g.size
-        return flat, flat[0:1].reshape(()), views
+        return flat, flat[0:1].reshape(()), tree.unflatten(self._grad_tree, views)
 
     def __call__(self, *batch: Any) -> np.ndarray:
         t0 = time.perf_counter()
         error: BaseException | None = None
         try:
             loss, grads = self.compiled(self.params, *batch)
-            flat, loss_view, grad_views = self._buffers(loss, grads)
+            flat, loss_view, grads = self._buffers(loss, grads)
             flat[_FLAG] = 0
         except Exception as e:
             if self._flat is None:
@@ -243,8 +240,7 @@ class DistributedTrainStep:
             raise JitgradError(f"non-finite loss {float(loss)} at step {self.t + 1}; "
                                "parameters were not updated")
         hyper = self.optimizer.hyper(self.t + 1)
-        grads_in = tree.unflatten(self._grad_tree, grad_views)
-        self.update_compiled(self.params, self.state, hyper, grads_in, 1.0 / self.size)
+        self.update_compiled(self.params, self.state, hyper, grads, 1.0 / self.size)
         t3 = time.perf_counter()
         self.t += 1
         if self.t > 1:  # the first step compiles both programs

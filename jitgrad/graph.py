@@ -113,9 +113,10 @@ def _elisions(prog: Program, max_nodes: int, collapse: bool) -> list[Elision]:
                                block[0].role))
             hidden.update(idx)
     visible = [i for i in range(len(instrs)) if i not in hidden]
-    if len(visible) + len(out) > max_nodes:
-        keep = max(max_nodes // 2, 1)
-        cut = visible[keep:len(visible) - keep]
+    keep = max(max_nodes // 2, 1)
+    cut = visible[keep:len(visible) - keep]
+    # collapsed runs count towards max_nodes, so the instructions alone may all fit
+    if len(visible) + len(out) > max_nodes and cut:
         roles = [instrs[i].role for i in cut]
         out = [e for e in out if not set(e.indices) <= set(range(cut[0], cut[-1] + 1))]
         for e in out:  # a collapsed run that straddles the cut loses its inner part

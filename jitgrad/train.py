@@ -26,6 +26,9 @@ def _check_params(params: Any) -> list[np.ndarray]:
                                f"{type(p).__name__} {getattr(p, 'dtype', '')}")
         if not p.flags.writeable:
             raise JitgradError("parameter arrays must be writeable: train_step updates them")
+        if not p.flags.c_contiguous:
+            raise JitgradError("parameters must be C-contiguous arrays "
+                               "(np.ascontiguousarray) so that they can be updated in place")
     return leaves
 
 
@@ -49,10 +52,6 @@ class TrainStep:
         # one wrote, and the step count and the copy-in below stay consistent.
         self._lock = threading.Lock()
         leaves = _check_params(params)
-        for p in leaves:
-            if not p.flags.c_contiguous:
-                raise JitgradError("parameters must be C-contiguous arrays "
-                                   "(np.ascontiguousarray) so that they can be updated in place")
 
         def step(params: Any, state: Any, hyper: Any, *batch: Any) -> Any:
             loss, grads = value_and_grad(loss_fn)(params, *batch)

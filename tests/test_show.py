@@ -388,3 +388,15 @@ def test_parse_arg_spec():
     assert a.shape == (64, 784) and a.dtype == np.float32
     assert parse_arg_spec("i64[3]").dtype == np.int64
     assert parse_arg_spec("f64[]").shape == () == parse_arg_spec("f64").shape
+
+
+def test_max_nodes_below_the_collapsed_runs_does_not_crash():
+    # collapsed runs count towards max_nodes; the instructions left may have nothing to cut
+    def f(x):
+        for _ in range(4):
+            x = jg.tanh(x) * 2.0
+        return jg.sum(x)
+
+    prog = jg.jit(f, backend="interpret").lower(np.ones(3)).program
+    for max_nodes in (2, 4, 6):
+        assert graph.to_dot(prog, max_nodes=max_nodes).startswith("digraph")
