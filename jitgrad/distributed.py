@@ -31,7 +31,6 @@ non-zero with a message naming the rank).
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 import traceback
@@ -72,26 +71,12 @@ def ranks_on_this_node(comm: Any) -> int:
         node.Free()
 
 
-def default_threads(comm: Any) -> int:
-    """Threads per rank: this machine's cores shared evenly by its ranks (at least 1)."""
-    return max(1, (os.cpu_count() or 1) // ranks_on_this_node(comm))
-
-
 def set_default_threads(comm: Any) -> int:
-    """Give this rank cores/N threads unless JITGRAD_NUM_THREADS says otherwise.
-
-    N ranks on one machine with all cores each would oversubscribe it N-fold
-    (BLAS and Numba threads spin), so the default is an even share. Call before
-    the first compile; returns the count in force.
-    """
+    """Give this rank its share of the machine's cores (unless JITGRAD_NUM_THREADS says
+    otherwise): N ranks each with all cores would oversubscribe it N-fold. Call before
+    the first compile; returns the count in force."""
     from . import threads
-    if not os.environ.get("JITGRAD_NUM_THREADS"):
-        os.environ["JITGRAD_NUM_THREADS"] = str(default_threads(comm))
-        if threads._initialised:  # already running: apply the new count now
-            import numba
-            numba.set_num_threads(min(threads.num_threads(), numba.config.NUMBA_NUM_THREADS))
-            threads.limit_blas()
-    return threads.num_threads()
+    return threads.set_local_ranks(ranks_on_this_node(comm))
 
 
 @contextlib.contextmanager

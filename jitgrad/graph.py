@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import JitgradError
@@ -132,14 +132,21 @@ def _elisions(prog: Program, max_nodes: int, collapse: bool) -> list[Elision]:
 def to_dot(prog: Program, *, kernels: Sequence[Sequence[Instr]] = (),
            input_names: Sequence[str] | None = None,
            output_names: Sequence[str] | None = None, edge_labels: bool = False,
-           max_nodes: int = 150, collapse: bool = True, title: str | None = None) -> str:
+           max_nodes: int = 150, collapse: bool = True, title: str | None = None,
+           names: Mapping[Var, str] | None = None) -> str:
     """The program's graph as DOT text.
 
     kernels: groups of instructions executed as one native call (a lowering's
     `Step.instrs`); groups of two or more visible instructions are boxed.
     input_names / output_names label the program's inputs and results.
+    names: how values are called (default: numbered as `print(prog)` does); a value
+    missing from it is called by its id.
     """
-    names = var_names(prog)
+    if names is None:
+        names = var_names(prog)
+    else:
+        every = {v for ins in prog.instrs for v in (*ins.inputs, *ins.outputs)}
+        names = {**{v: f"%{v.id}" for v in (*prog.inputs, *prog.consts, *every)}, **names}
     producer: dict[Var, int] = {o: i for i, ins in enumerate(prog.instrs) for o in ins.outputs}
     elisions = _elisions(prog, max(int(max_nodes), 2), collapse)
     node_of: dict[int, str] = {i: f"i{i}" for i in range(len(prog.instrs))}

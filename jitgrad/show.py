@@ -172,8 +172,10 @@ class Inspection:
     def dot(self, which: str = "optimized", *, edge_labels: bool = False,
             max_nodes: int = 150, collapse: bool = True) -> str:
         """DOT text of the traced, gradient or optimized program (fused kernels boxed)."""
-        if which == "optimized":
+        names = None
+        if which == "optimized":  # named as the plan and the program printout name them
             prog, kernels = self.planned.prepared, [s.instrs for s in self.planned.low.steps]
+            names = self.plan.names
         elif which == "grad" and self.grad is not None:
             prog, kernels = self.grad, []
         elif which in ("traced", "ir") or which == "grad":
@@ -185,7 +187,7 @@ class Inspection:
                                           else "")
         return graph.to_dot(prog, kernels=kernels, input_names=self.input_names,
                             output_names=outs, edge_labels=edge_labels, max_nodes=max_nodes,
-                            collapse=collapse, title=title)
+                            collapse=collapse, title=title, names=names)
 
     def summary(self) -> str:
         roles: dict[str, int] = {}

@@ -12,6 +12,7 @@ import warnings
 import numba
 
 _initialised = False
+_local_ranks: int | None = None  # set from the communicator by distributed training
 
 
 # Set for every rank by MPI launchers: MPICH's and Intel MPI's Hydra, Open MPI.
@@ -20,6 +21,8 @@ _LOCAL_RANKS_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
 def ranks_on_this_machine() -> int:
     """How many processes of an MPI job share this machine (1 outside mpiexec)."""
+    if _local_ranks is not None:
+        return _local_ranks
     for var in _LOCAL_RANKS_VARS:
         try:
             return max(1, int(os.environ[var]))
@@ -51,8 +54,24 @@ def init() -> None:
                       "falling back to Numba's default layer", stacklevel=2)
         numba.config.THREADING_LAYER = "default"
         numba.get_num_threads()
-    numba.set_num_threads(min(num_threads(), numba.config.NUMBA_NUM_THREADS))
+    _set_numba_threads()
     _initialised = True
+
+
+def _set_numba_threads() -> None:
+    numba.set_num_threads(min(num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def set_local_ranks(n: int) -> int:
+    """Tell the thread count how many ranks share this machine (when the launcher's
+    variables do not say, or to trust the communicator); applies it at once if threads
+    are already running. Returns the threads per rank now in force."""
+    global _local_ranks
+    _local_ranks = max(1, int(n))
+    if _initialised:
+        _set_numba_threads()
+        limit_blas()
+    return num_threads()
 
 
 def limit_blas() -> None:
