@@ -19,3 +19,8 @@ class NonFiniteError(JitgradError):
 
 class CacheSecurityError(JitgradError):
     """The cache holds code another user could have written; jitgrad will not run it."""
+
+
+class NoLoweringError(JitgradError):
+    """The Numba backend has no code for a primitive, or for a dtype of one (the
+    interpreter runs it); raised before anything is compiled."""
