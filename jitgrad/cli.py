@@ -3,8 +3,10 @@
 Each subcommand is one function that adds its parser and sets ``run`` (see
 ``_add_train``); list it in ``SUBCOMMANDS`` and it is wired in. A subcommand's
 ``run(args)`` returns the exit code; errors caused by bad input are raised as
-``ValueError`` / ``OSError`` (``jg.JitgradError`` is a ``ValueError``) and
-reported by :func:`main` as one line on stderr with exit code 2.
+``ValueError`` / ``OSError`` / ``MemoryError`` (``jg.JitgradError`` is a
+``ValueError``) and reported by :func:`main` as one line on stderr with exit code 2;
+argparse types (``output_path``, ``positive_int``, ...) refuse bad flags before any
+work starts.
 
 ``jitgrad train`` trains an MLP (by default on the bundled 8x8 digits) with one
 compiled program per step: forward, backward and optimizer update.
@@ -130,8 +132,8 @@ def _json_fits(value: Any, hint: Any) -> bool:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return any(_json_fits(value, h) for h in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:  # tuple[int, ...] arrives as a JSON list
-        return isinstance(value, (list, tuple)) and all(_json_fits(v, typing.get_args(hint)[0])
-                                               for v in value)
+        item = typing.get_args(hint)[0]
+        return isinstance(value, (list, tuple)) and all(_json_fits(v, item) for v in value)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
@@ -355,7 +357,7 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
     if resume is not None and resume_data is None:
         resume_data = checkpoint_io.load(resume)
     start_epoch, start_t = 0, 0
-    source = f"checkpoint {str(resume)!r}"
+    source = "the checkpoint" if resume is None else f"checkpoint {str(resume)!r}"
     if resume_data is not None:
         start_epoch, start_t = _resume_position(resume_data[2], source)
 
@@ -901,6 +903,7 @@ def _run(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print(f"\njitgrad {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -47,11 +47,11 @@ def _widen(ins: Instr, out: list[Instr]) -> None:
     dtype reads its input widened to int64 (integer sums wrap around the same whatever
     the width, so casting back gives numpy's result)."""
     from .core import registry
-    x = ins.inputs[0] if ins.inputs else None
-    if (ins.prim.name not in _INT_REDUCTIONS or x.dtype.kind not in "biu"
-            or x.dtype in _WIDE_INTS):
+    if (ins.prim.name not in _INT_REDUCTIONS or ins.inputs[0].dtype.kind not in "biu"
+            or ins.inputs[0].dtype in _WIDE_INTS):
         out.append(ins)
         return
+    x = ins.inputs[0]
     cast = registry["cast"]
     wide = _emit(out, cast, (x,), ins, dtype=np.dtype(np.int64))
     avals = ins.prim.abstract_eval([(wide.shape, wide.dtype)], ins.kw)
@@ -214,7 +214,7 @@ def lower(prog: Program, sources: bool = True) -> Lowering:
                 else:
                     raise NoLoweringError("it has no Numba lowering")
         except NoLoweringError as e:  # name the instruction and the user's line
-            ins = getattr(e, "instr", None) or (item.root if isinstance(item, Group) else item)
+            ins = e.instr or (item.root if isinstance(item, Group) else item)
             raise NoLoweringError(f"{ins.prim.name} at {ins.loc} cannot run on the Numba "
                                   f"backend: {e}; backend='interpret' runs it") from None
     return low
@@ -442,9 +442,7 @@ def _scalar_expr(ins: Instr, a: list[str]) -> str:
              "relu": "_relu({0}, " + zero + ")", "sigmoid": "_sigmoid({0})",
              "maximum": "_maximum({0}, {1})", "where": "_select({0}, {1}, {2})"}
     if name not in unary:  # a primitive defined without a scalar expression here
-        err = NoLoweringError("it has no Numba lowering")
-        err.instr = ins  # a member of a fused group: lower() names it, not the root
-        raise err
+        raise NoLoweringError("it has no Numba lowering", ins)  # not the group's root
     return unary[name].format(*a)
 
 

@@ -23,4 +23,9 @@ class CacheSecurityError(JitgradError):
 
 class NoLoweringError(JitgradError):
     """The Numba backend has no code for a primitive, or for a dtype of one (the
-    interpreter runs it); raised before anything is compiled."""
+    interpreter runs it); raised before anything is compiled. ``instr``: the instruction,
+    where the code that found out knows it."""
+
+    def __init__(self, message: str, instr: object = None):
+        super().__init__(message)
+        self.instr = instr

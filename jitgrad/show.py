@@ -86,7 +86,7 @@ def blame_script(script: str, what: str) -> Iterator[None]:
         package = os.path.dirname(os.path.abspath(__file__)) + os.sep
         in_jitgrad = bool(frames) and os.path.abspath(frames[-1].filename).startswith(package)
         if in_jitgrad or not (mine or isinstance(e, SyntaxError)):
-            raise  # a bug in jitgrad: the traceback is what its maintainers need
+            raise  # not the script's doing (a bug in jitgrad: its traceback is needed)
         where = f" (at {script}:{mine[-1].lineno})" if mine else ""
         detail = f"exit({e.code!r})" if isinstance(e, SystemExit) else \
             f"{type(e).__name__}: {e}"

@@ -375,27 +375,34 @@ def test_every_supported_dtype_runs_the_same_on_both_backends(dtype):
             np.testing.assert_array_equal(g, w, err_msg=str(k))
 
 
-_no_numba: dict[str, object] = {}
+@pytest.fixture
+def doubling_primitive():
+    """make(family): a primitive computing 2x with a numpy rule and no Numba lowering,
+    taken out of the primitive registry again after the test."""
+    from jitgrad.core import primitive, registry
+    made = []
 
-
-def _double(x, family):
-    """2x by a primitive of `family` defined with a numpy rule and no Numba lowering."""
-    if family not in _no_numba:
-        from jitgrad.core import primitive
-        p = _no_numba[family] = primitive(f"test_double_{family}", family)
+    def make(family):
+        p = primitive(f"test_double_{family}", family)
         p.def_impl(lambda x: 2 * x)
         p.def_shape(lambda x: x)
-    return _no_numba[family].bind(x)
+        made.append(p.name)
+        return p
+
+    yield make
+    for name in made:
+        registry.pop(name)
 
 
 @pytest.mark.parametrize("family, fused", [("elementwise", False), ("elementwise", True),
                                            ("reduce", False)])
 def test_a_primitive_without_numba_lowering_is_named_before_compiling(monkeypatch, family,
-                                                                      fused):
+                                                                      fused, doubling_primitive):
     from jitgrad import backend
+    double = doubling_primitive(family)
 
     def f(x):
-        y = _double(x, family)
+        y = double.bind(x)
         return y + 1.0 if fused else y
 
     x = np.arange(3.0)
