@@ -140,10 +140,11 @@ class NumbaExecutable:
         (`pinned_region()`); those results are returned as views of it, valid until the
         calling thread's next call, so that data-parallel training can all-reduce them in
         place."""
-        kernels.ensure_loaded()
         self.program = prog
         self.check_finite = check_finite
+        # Lowering names what Numba cannot run (NoLoweringError) before anything compiles.
         planned = plan_program(prog, donate, sources=True, pinned=pinned)
+        kernels.ensure_loaded()
         prepared, low, external = planned.prepared, planned.low, planned.external
         outputs = planned.outputs
         self._donate_copy = planned.donate_copy

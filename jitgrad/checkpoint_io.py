@@ -17,18 +17,21 @@ import contextlib
 import json
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import JitgradError
+from .npz import read_npz
 
 __all__ = ["CheckpointError", "FORMAT", "check_compatible", "load", "restore_into", "save"]
 
 FORMAT = "jitgrad-checkpoint-1"
 _META_KEY = "__meta__"
+# How deeply params / state trees may nest. A deeper tree (or structure description in a
+# file) is refused with a message instead of being recursed into until RecursionError.
+MAX_DEPTH = 64
 
 
 class CheckpointError(JitgradError):
@@ -38,8 +41,21 @@ class CheckpointError(JitgradError):
 # ------------------------------------------------------------------ tree <-> flat arrays
 
 
-def _encode(tree: Any, prefix: str, out: dict[str, np.ndarray]) -> Any:
+def _too_deep(prefix: str) -> CheckpointError:
+    root = prefix.split("/", 1)[0]
+    return CheckpointError(f"{root} nests more than {MAX_DEPTH} levels deep")
+
+
+def _check_numeric(arr: np.ndarray, prefix: str) -> None:
+    if arr.dtype.kind not in "biuf":
+        raise CheckpointError(f"array {prefix!r} has dtype {arr.dtype}: checkpoints hold "
+                              "bool, integer and float arrays only")
+
+
+def _encode(tree: Any, prefix: str, out: dict[str, np.ndarray], depth: int = 0) -> Any:
     """Flatten ``tree`` into ``out`` (path -> array); return a JSON description of its shape."""
+    if depth > MAX_DEPTH:
+        raise _too_deep(prefix)
     if tree is None:
         return None
     if isinstance(tree, dict):
@@ -48,31 +64,33 @@ def _encode(tree: Any, prefix: str, out: dict[str, np.ndarray]) -> Any:
             if not isinstance(k, str) or not k or "/" in k:
                 raise CheckpointError(f"checkpoint keys must be non-empty strings without '/', "
                                       f"got {k!r} under {prefix!r}")
-            spec[k] = _encode(tree[k], f"{prefix}/{k}", out)
+            spec[k] = _encode(tree[k], f"{prefix}/{k}", out, depth + 1)
         return {"dict": spec}
     if isinstance(tree, (list, tuple)):
         kind = "tuple" if isinstance(tree, tuple) else "list"
-        return {kind: [_encode(t, f"{prefix}/{i}", out) for i, t in enumerate(tree)]}
+        return {kind: [_encode(t, f"{prefix}/{i}", out, depth + 1) for i, t in enumerate(tree)]}
     arr = np.asarray(tree)
-    if arr.dtype.kind not in "biuf":
-        raise CheckpointError(f"{prefix}: only numeric arrays can be saved, got {arr.dtype}")
+    _check_numeric(arr, prefix)
     out[prefix] = arr
     return "leaf"
 
 
-def _decode(spec: Any, prefix: str, arrays: dict[str, np.ndarray]) -> Any:
+def _decode(spec: Any, prefix: str, arrays: dict[str, np.ndarray], depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise _too_deep(prefix)
     if spec is None:
         return None
     if spec == "leaf":
         if prefix not in arrays:
             raise CheckpointError(f"array {prefix!r} is missing")
+        _check_numeric(arrays[prefix], prefix)
         return arrays[prefix]
     if isinstance(spec, dict) and len(spec) == 1:
         (kind, body), = spec.items()
         if kind == "dict" and isinstance(body, dict):
-            return {k: _decode(v, f"{prefix}/{k}", arrays) for k, v in body.items()}
+            return {k: _decode(v, f"{prefix}/{k}", arrays, depth + 1) for k, v in body.items()}
         if kind in ("list", "tuple") and isinstance(body, list):
-            items = [_decode(v, f"{prefix}/{i}", arrays) for i, v in enumerate(body)]
+            items = [_decode(v, f"{prefix}/{i}", arrays, depth + 1) for i, v in enumerate(body)]
             return tuple(items) if kind == "tuple" else items
     raise CheckpointError(f"bad structure description at {prefix!r}")
 
@@ -124,42 +142,57 @@ def save(path: str | os.PathLike[str], params: Any, opt_state: Any,
 def load(path: str | os.PathLike[str]) -> tuple[Any, Any, dict[str, Any]]:
     """Read a checkpoint written by :func:`save`; returns ``(params, opt_state, meta)``."""
     path = Path(path)
+    name = f"checkpoint {str(path)!r}"
     if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"{name} does not exist")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a file")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a jitgrad "
-                              f"checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{name} is not a file")
+    arrays = read_npz(path, "checkpoint", CheckpointError)
     if _META_KEY not in arrays:
-        raise CheckpointError(f"{str(path)!r} is an .npz file but not a jitgrad checkpoint "
+        raise CheckpointError(f"{name} is an .npz archive but not a jitgrad checkpoint "
                               f"(no {_META_KEY!r} entry)")
-    try:
-        header = json.loads(str(arrays.pop(_META_KEY)))
-        fmt, structure = header["format"], header["structure"]
-        meta = header.get("meta", {})
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable header: {e}") from e
-    if fmt != FORMAT:
-        raise CheckpointError(f"checkpoint {str(path)!r} has format {fmt!r}; this jitgrad "
-                              f"reads {FORMAT!r}")
+    structure, meta = _read_header(arrays.pop(_META_KEY), name)
     try:
         params = _decode(structure["params"], "params", arrays)
         state = _decode(structure["state"], "state", arrays)
     except CheckpointError as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {e}") from None
+        raise CheckpointError(f"{name} is incomplete: {e}") from None
     return params, state, meta
+
+
+def _read_header(entry: np.ndarray, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(structure, meta) from the checkpoint's JSON header, every part of it checked."""
+    if entry.shape != () or entry.dtype.kind != "U":
+        raise CheckpointError(f"{name} has an unreadable header: {_META_KEY!r} is a "
+                              f"{entry.dtype} array of shape {entry.shape}, not a JSON string")
+    try:
+        header = json.loads(str(entry))
+    except RecursionError:
+        raise CheckpointError(f"{name} has an unreadable header: its JSON nests too deeply"
+                              ) from None
+    except ValueError as e:
+        raise CheckpointError(f"{name} has an unreadable header: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name} has an unreadable header: not a JSON object")
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{name} has format {header.get('format')!r}; this jitgrad "
+                              f"reads {FORMAT!r}")
+    structure, meta = header.get("structure"), header.get("meta", {})
+    if not (isinstance(structure, dict) and {"params", "state"} <= structure.keys()):
+        raise CheckpointError(f"{name} has an unreadable header: no params/state structure")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{name} has an unreadable header: its metadata is a "
+                              f"{type(meta).__name__}, not a JSON object")
+    return structure, meta
 
 
 # ------------------------------------------------------------------------------ resume
 
 
-def check_compatible(expected: Any, loaded: Any, what: str = "params") -> None:
+def check_compatible(expected: Any, loaded: Any, what: str = "params",
+                     source: str = "checkpoint") -> None:
     """Raise :class:`CheckpointError` unless ``loaded`` has the structure, shapes and dtypes
-    of ``expected``; the message lists what differs."""
+    of ``expected``; the message names ``source`` and lists what differs."""
     want: dict[str, np.ndarray] = {}
     got: dict[str, np.ndarray] = {}
     _encode(expected, what, want)
@@ -180,17 +213,19 @@ def check_compatible(expected: Any, loaded: Any, what: str = "params") -> None:
     if problems:
         shown = "; ".join(problems[:4]) + (f"; ... ({len(problems) - 4} more)"
                                            if len(problems) > 4 else "")
-        raise CheckpointError(f"checkpoint does not match the model ({what}): {shown}")
+        raise CheckpointError(f"{source} does not match the model ({what}): {shown}")
 
 
-def restore_into(params: Any, opt_state: Any, loaded_params: Any, loaded_state: Any) -> None:
+def restore_into(params: Any, opt_state: Any, loaded_params: Any, loaded_state: Any,
+                 source: str = "checkpoint") -> None:
     """Copy a loaded checkpoint into existing (e.g. a TrainStep's) arrays, in place.
 
-    Everything is checked before anything is copied, so a mismatch leaves the
-    destination untouched.
+    Everything is checked before anything is copied, so a mismatch (or a NaN or Inf in
+    the checkpoint: training from it could only diverge) leaves the destination
+    untouched. ``source`` names the checkpoint in error messages.
     """
-    check_compatible(params, loaded_params, "params")
-    check_compatible(opt_state, loaded_state, "state")
+    check_compatible(params, loaded_params, "params", source)
+    check_compatible(opt_state, loaded_state, "state", source)
     dst: dict[str, np.ndarray] = {}
     src: dict[str, np.ndarray] = {}
     _encode(params, "params", dst)
@@ -200,5 +235,7 @@ def restore_into(params: Any, opt_state: Any, loaded_params: Any, loaded_state: 
     for k, d in dst.items():
         if not isinstance(d, np.ndarray) or not d.flags.writeable:
             raise CheckpointError(f"cannot restore into {k}: not a writeable numpy array")
+        if src[k].dtype.kind == "f" and not np.all(np.isfinite(src[k])):
+            raise CheckpointError(f"{source} holds NaN or infinity in {k}")
     for k, d in dst.items():
         np.copyto(d, src[k])

@@ -3,8 +3,10 @@
 Each subcommand is one function that adds its parser and sets ``run`` (see
 ``_add_train``); list it in ``SUBCOMMANDS`` and it is wired in. A subcommand's
 ``run(args)`` returns the exit code; errors caused by bad input are raised as
-``ValueError`` / ``OSError`` (``jg.JitgradError`` is a ``ValueError``) and
-reported by :func:`main` as one line on stderr with exit code 2.
+``ValueError`` / ``OSError`` / ``MemoryError`` (``jg.JitgradError`` is a
+``ValueError``) and reported by :func:`main` as one line on stderr with exit code 2;
+argparse types (``output_path``, ``positive_int``, ...) refuse bad flags before any
+work starts.
 
 ``jitgrad train`` trains an MLP (by default on the bundled 8x8 digits) with one
 compiled program per step: forward, backward and optimizer update.
@@ -18,7 +20,10 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
+import types
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
@@ -32,6 +37,7 @@ from .errors import JitgradError
 from .train import TrainStep, train_step
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer whose reader left
 
 # ------------------------------------------------------------------------------ config
 
@@ -90,10 +96,13 @@ class TrainConfig:
             (all(h >= 1 for h in cfg.hidden), f"hidden sizes must be positive, got {cfg.hidden}"),
             (cfg.memory_budget is None or cfg.memory_budget > 0,
              "--memory-budget must be positive"),
+            (cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        from .remat import check_policy
+        check_policy(cfg.remat, cfg.memory_budget)
         return cfg
 
     def to_json(self) -> dict[str, Any]:
@@ -102,12 +111,34 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
+    def from_json(cls, d: Any) -> TrainConfig:
+        """The config ``to_json`` wrote; raises ValueError naming a field of the wrong type
+        (a checkpoint's JSON is input like any other)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the config is a {type(d).__name__}, not a JSON object")
+        hints = typing.get_type_hints(cls)
+        kw = {k: v for k, v in d.items() if k in hints}
+        for k, v in kw.items():
+            if not _json_fits(v, hints[k]):
+                want = hints[k].__name__ if isinstance(hints[k], type) else str(hints[k])
+                raise ValueError(f"config field {k!r} is {v!r}, not of type {want}")
         if "hidden" in kw:
             kw["hidden"] = tuple(kw["hidden"])
         return cls(**kw)
+
+
+def _json_fits(value: Any, hint: Any) -> bool:
+    """Whether a value decoded from JSON fits a TrainConfig field's type hint."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_json_fits(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:  # tuple[int, ...] arrives as a JSON list
+        item = typing.get_args(hint)[0]
+        return isinstance(value, (list, tuple)) and all(_json_fits(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 def parse_hidden(text: str) -> tuple[int, ...]:
@@ -123,6 +154,40 @@ def parse_hidden(text: str) -> tuple[int, ...]:
     if any(s < 1 for s in sizes):
         raise argparse.ArgumentTypeError(f"layer widths must be positive, got {text!r}")
     return sizes
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
+
+
+def output_path(text: str) -> str:
+    """An argparse type for a file jitgrad will write: refused at once (not after the
+    training or the sweep) if it names a directory or a place no file can be created."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file name, got an empty one")
+    path = os.path.abspath(text)
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file name")
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: directory "
+                                         f"{directory!r} does not exist")
+    try:  # the only sure test: create a file there (permissions, read-only mounts, /proc)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".jitgrad-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: cannot create files in "
+                                         f"directory {directory!r} ({e.strerror or e})"
+                                         ) from None
+    return text
 
 
 def parse_bytes(text: str) -> int:
@@ -203,6 +268,12 @@ def check_dataset(ds: Dataset, batch_size: int) -> None:
                          f"range: training labels are 0..{train_classes - 1}")
     if ds.n_classes < 2:
         raise ValueError(f"{ds.name}: need at least 2 classes, got {ds.n_classes}")
+    if ds.n_classes > len(ds.x_train):
+        # Labels number the classes 0..K-1 and the model has one output per class: a
+        # label like 10**12 would otherwise ask for a terabyte-sized output layer.
+        raise ValueError(f"{ds.name}: the largest label, {ds.n_classes - 1}, makes "
+                         f"{ds.n_classes} classes, more than the {len(ds.x_train)} training "
+                         f"examples: labels must number the classes 0, 1, 2, ...")
     if batch_size > len(ds.x_train):
         raise ValueError(f"--batch-size {batch_size} is larger than the training set "
                          f"({len(ds.x_train)} examples)")
@@ -286,14 +357,9 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
     if resume is not None and resume_data is None:
         resume_data = checkpoint_io.load(resume)
     start_epoch, start_t = 0, 0
+    source = "the checkpoint" if resume is None else f"checkpoint {str(resume)!r}"
     if resume_data is not None:
-        meta = resume_data[2]
-        try:
-            start_epoch, start_t = int(meta["epoch"]), int(meta["step"])
-        except (KeyError, TypeError, ValueError):
-            raise checkpoint_io.CheckpointError(
-                f"checkpoint {str(resume)!r} was not written by `jitgrad train` "
-                "(no epoch/step in its metadata)") from None
+        start_epoch, start_t = _resume_position(resume_data[2], source)
 
     rank = 0 if comm is None else comm.Get_rank()
     global_batch = cfg.batch_size * n_ranks
@@ -315,7 +381,8 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
         jit_options["comm"] = comm
     step = train_step(_mlp_loss, params, opt, **jit_options)
     if resume_data is not None:
-        checkpoint_io.restore_into(step.params, step.state, resume_data[0], resume_data[1])
+        checkpoint_io.restore_into(step.params, step.state, resume_data[0], resume_data[1],
+                                   source)
         step.t = start_t
         if comm is not None:
             step.broadcast()  # every rank continues from rank 0's copy
@@ -442,6 +509,18 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
     return TrainResult(metrics, step.params, step.state, step)
 
 
+def _resume_position(meta: dict[str, Any], source: str) -> tuple[int, int]:
+    """(epoch, step) a `jitgrad train` checkpoint was saved at, checked."""
+    epoch, step = meta.get("epoch"), meta.get("step")
+    for name, v in (("epoch", epoch), ("step", step)):
+        # a step count must also survive the float it becomes in the optimizer's update
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 2**53:
+            raise checkpoint_io.CheckpointError(
+                f"{source} was not written by `jitgrad train`: its metadata has "
+                f"{name}={v!r}, not a non-negative integer")
+    return epoch, step
+
+
 def _fmt_bytes(n: int | None) -> str:
     if n is None:
         return "n/a"
@@ -500,6 +579,11 @@ def _train(args: argparse.Namespace, comm: Any) -> int:
         if comm is not None:
             resume_data = comm.bcast(resume_data, root=0)
         saved_cfg = resume_data[2].get("config")
+        try:  # a checkpoint jitgrad train wrote holds a complete, valid config
+            TrainConfig.from_json({} if saved_cfg is None else saved_cfg).resolved()
+        except ValueError as e:
+            raise checkpoint_io.CheckpointError(
+                f"checkpoint {args.resume!r} holds an invalid training config: {e}") from None
     cfg = _config_from_args(args, saved_cfg)
     out = None if args.quiet or rank != 0 else sys.stdout
     progress = not args.quiet and rank == 0 and sys.stderr.isatty()
@@ -572,8 +656,8 @@ def _add_train(sub: Any) -> None:
     a("--memory-budget", type=parse_bytes, metavar="BYTES",
       help="planned memory budget for the step, e.g. 4MiB")
     a("--seed", type=int, help=f"initialisation and shuffling seed (default: {d.seed})")
-    a("--save", metavar="PATH", help="write params and optimizer state to this .npz after "
-      "every epoch (atomically)")
+    a("--save", type=output_path, metavar="PATH",
+      help="write params and optimizer state to this .npz after every epoch (atomically)")
     a("--resume", metavar="PATH", help="continue from a checkpoint written by --save")
     a("--distributed", action="store_true",
       help="data-parallel training over the ranks of an MPI job (run under mpiexec -n N; "
@@ -649,9 +733,10 @@ def _add_memsweep(sub: Any) -> None:
       help="memory budgets, e.g. 40MiB,60MiB (default: three between the sqrt and none plans)")
     a("--rounds", type=int, default=3, help="measured rounds per policy (default: 3)")
     a("--steps", type=int, default=5, help="timed steps per process (default: 5)")
-    a("--csv", metavar="PATH", help="also write the table as CSV")
-    a("--plot", metavar="PATH", help="draw the memory-vs-runtime frontier (PNG, matplotlib)")
-    a("--timeline", metavar="PATH",
+    a("--csv", type=output_path, metavar="PATH", help="also write the table as CSV")
+    a("--plot", type=output_path, metavar="PATH",
+      help="draw the memory-vs-runtime frontier (PNG, matplotlib)")
+    a("--timeline", type=output_path, metavar="PATH",
       help="draw every policy's live bytes over the step's kernels in one figure (PNG)")
     a("--quiet", "-q", action="store_true", help="no progress lines on stderr")
     p.set_defaults(run=cmd_memsweep)
@@ -699,13 +784,19 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise ValueError(f"no example inputs for {args.target}: give them with --arg "
                          f"(e.g. --arg f32[64,784] --arg i64[64]) or define "
                          f"{show.EXAMPLE_ATTR} in the script")
+    show.check_arguments(fn, example, args.target)
+    for n in args.wrt or ():
+        if not -len(example) <= n < len(example):
+            raise ValueError(f"--wrt {n}: {args.target} takes {len(example)} argument(s)")
     everything = args.all
-    show.show(fn, example, ir=args.ir or everything, grad=args.grad or everything,
-              optimized=args.optimized or everything, plan=args.plan or everything,
-              source=args.source, dot=args.dot, png=args.png, svg=args.svg,
-              timeline=args.timeline, draw=args.draw, edge_labels=args.edge_labels,
-              max_nodes=args.max_nodes, collapse=not args.no_collapse,
-              differentiate=args.differentiate, argnums=args.wrt, remat=args.remat or None)
+    with show.blame_script(args.target.rpartition(":")[0], args.target):
+        show.show(fn, example, ir=args.ir or everything, grad=args.grad or everything,
+                  optimized=args.optimized or everything, plan=args.plan or everything,
+                  source=args.source, dot=args.dot, png=args.png, svg=args.svg,
+                  timeline=args.timeline, draw=args.draw, edge_labels=args.edge_labels,
+                  max_nodes=args.max_nodes, collapse=not args.no_collapse,
+                  differentiate=args.differentiate, argnums=args.wrt,
+                  remat=args.remat or None)
     return EXIT_OK
 
 
@@ -737,19 +828,22 @@ def _add_show(sub: Any) -> None:
     a("--plan", action="store_true", help="print the memory plan table")
     a("--source", action="store_true", help="print the generated Numba source")
     a("--all", action="store_true", help="--ir --grad --optimized --plan")
-    a("--dot", metavar="PATH", help="write the graph as Graphviz DOT text")
-    a("--png", metavar="PATH", help="draw the graph as PNG (needs Graphviz's dot)")
-    a("--svg", metavar="PATH", help="draw the graph as SVG (needs Graphviz's dot)")
+    a("--dot", type=output_path, metavar="PATH", help="write the graph as Graphviz DOT text")
+    a("--png", type=output_path, metavar="PATH",
+      help="draw the graph as PNG (needs Graphviz's dot)")
+    a("--svg", type=output_path, metavar="PATH",
+      help="draw the graph as SVG (needs Graphviz's dot)")
     a("--draw", choices=("optimized", "grad", "traced"), default="optimized",
       help="which program the graph shows (default: optimized, with fused kernels boxed; "
            "grad: as back-propagation emits it, before the passes)")
     a("--edge-labels", action="store_true",
       help="label forward edges u -> v with the partial derivative dv/du they stand for")
-    a("--max-nodes", type=int, default=150, metavar="N",
+    a("--max-nodes", type=positive_int, default=150, metavar="N",
       help="elide the middle of larger graphs (default: 150)")
     a("--no-collapse", action="store_true", help="draw repeated layers one by one")
-    a("--timeline", metavar="PATH", help="plot live memory over the steps (matplotlib PNG); "
-      "several --remat policies are overlaid")
+    a("--timeline", type=output_path, metavar="PATH",
+      help="plot live memory over the steps (matplotlib PNG); several --remat policies "
+           "are overlaid")
     a("--remat", action="append", metavar="POLICY",
       help="recomputation policy: none, sqrt or a byte budget like 4MiB (repeat to overlay "
            "policies in --timeline; the first one is printed and drawn)")
@@ -778,6 +872,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jitgrad`` console script; returns the exit code."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # `jitgrad show ... | head`: the reader left, nothing to report
+        # Python flushes stdout once more at exit: point it at /dev/null (Python's docs,
+        # "Note on SIGPIPE") so that flush does not print a traceback of its own.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -785,10 +889,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
     try:
         return int(args.run(args))
-    except (ValueError, OSError) as e:  # bad input: JitgradError, CheckpointError, missing files
+    except BrokenPipeError:
+        raise
+    except (ValueError, OSError, MemoryError) as e:
+        # bad input: JitgradError, CheckpointError, missing files, a model too big to fit
         message = str(e) or type(e).__name__
         if isinstance(e, OSError) and e.filename and str(e.filename) not in message:
             message = f"{message}: {e.filename}"
+        if isinstance(e, MemoryError):
+            message = f"out of memory: {message}"
         print(f"jitgrad {args.command}: error: {message.splitlines()[0]}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import kernels
+from .errors import NoLoweringError
 from .fusion import Group, fuse, is_const
 from .ir import Instr, Program, Var, dtype_short
 from .memory import Plan
@@ -25,6 +26,10 @@ from .memory import Plan
 _INDEX_ARG = {"gather": 1, "scatter_add": 1, "take_along_axis": 1, "scatter_along_axis": 1,
               "softmax_cross_entropy": 1, "softmax_cross_entropy_grad": 1}
 _REDUCTIONS = ("sum", "max", "logsumexp")
+# Reductions the kernel library also runs on 64-bit integers; bool and narrower integers
+# are widened to int64 for them, and the values cast back to the instruction's dtype.
+_INT_REDUCTIONS = ("sum", "max", "argmax", "max_argmax")
+_WIDE_INTS = (np.dtype(np.int64), np.dtype(np.uint64))
 
 
 def _emit(out: list[Instr], prim: Any, inputs: tuple[Var, ...], like: Instr,
@@ -37,11 +42,36 @@ def _emit(out: list[Instr], prim: Any, inputs: tuple[Var, ...], like: Instr,
     return var
 
 
+def _widen(ins: Instr, out: list[Instr]) -> None:
+    """Append ins as it runs on the kernel library: an integer reduction of a narrow
+    dtype reads its input widened to int64 (integer sums wrap around the same whatever
+    the width, so casting back gives numpy's result)."""
+    from .core import registry
+    if (ins.prim.name not in _INT_REDUCTIONS or ins.inputs[0].dtype.kind not in "biu"
+            or ins.inputs[0].dtype in _WIDE_INTS):
+        out.append(ins)
+        return
+    x = ins.inputs[0]
+    cast = registry["cast"]
+    wide = _emit(out, cast, (x,), ins, dtype=np.dtype(np.int64))
+    avals = ins.prim.abstract_eval([(wide.shape, wide.dtype)], ins.kw)
+    outputs = [old if d == old.dtype else Var(s, d)
+               for (s, d), old in zip(avals, ins.outputs, strict=True)]
+    out.append(dataclasses.replace(ins, inputs=(wide,), outputs=tuple(outputs)))
+    for new, old in zip(outputs, ins.outputs, strict=True):
+        if new is not old:
+            out.append(dataclasses.replace(ins, prim=cast, inputs=(new,),
+                                           params=(("dtype", old.dtype),), outputs=(old,)))
+
+
 def prepare(prog: Program) -> Program:
     """Rewrite into kernel-friendly forms; results are unchanged."""
     from .core import registry
-    instrs: list[Instr] = []
+    widened: list[Instr] = []
     for ins in prog.instrs:
+        _widen(ins, widened)
+    instrs: list[Instr] = []
+    for ins in widened:
         name = ins.prim.name
         inputs = list(ins.inputs)
         if name in _INDEX_ARG:
@@ -169,17 +199,24 @@ def lower(prog: Program, sources: bool = True) -> Lowering:
     # a product added into a sum is lowered where the sum is
     done = {id(s.accumulates) for s in schedule if isinstance(s, Group) and s.accumulates}
     for item in schedule:
-        if isinstance(item, Group) and item.accumulates is not None:
-            _matmul_accumulate(low, item.accumulates, item)
-        elif isinstance(item, Group):
-            _lower_group(low, item)
-        elif id(item) not in done:
-            if item.prim.name.startswith("softmax_cross_entropy"):
-                pair = sce_pairs[id(item)]
-                done.update(id(i) for i in pair)
-                _lower_sce(low, pair)
-            else:
-                _LOWER[item.prim.name](low, item)
+        try:
+            if isinstance(item, Group) and item.accumulates is not None:
+                _matmul_accumulate(low, item.accumulates, item)
+            elif isinstance(item, Group):
+                _lower_group(low, item)
+            elif id(item) not in done:
+                if item.prim.name.startswith("softmax_cross_entropy"):
+                    pair = sce_pairs[id(item)]
+                    done.update(id(i) for i in pair)
+                    _lower_sce(low, pair)
+                elif item.prim.name in _LOWER:
+                    _LOWER[item.prim.name](low, item)
+                else:
+                    raise NoLoweringError("it has no Numba lowering")
+        except NoLoweringError as e:  # name the instruction and the user's line
+            ins = e.instr or (item.root if isinstance(item, Group) else item)
+            raise NoLoweringError(f"{ins.prim.name} at {ins.loc} cannot run on the Numba "
+                                  f"backend: {e}; backend='interpret' runs it") from None
     return low
 
 
@@ -254,7 +291,8 @@ def _reduction(kernel: str):
             idx = Var(y.shape, np.dtype(np.int64))
             args.append(idx)
             scratch.append(idx)
-        if kernel in ("sum", "logsumexp"):  # a running sum (float64) or maximum per column
+        # a running float sum (float64; integers sum exactly without) or maximum per column
+        if kernel == "logsumexp" or (kernel == "sum" and x.dtype.kind == "f"):
             acc = Var((max(inner, 1),), np.dtype(np.float64) if kernel == "sum" else x.dtype)
             args.append(acc)
             scratch.append(acc)
@@ -403,6 +441,8 @@ def _scalar_expr(ins: Instr, a: list[str]) -> str:
              "sign": "np.sign({0})", "stop_gradient": "{0}",
              "relu": "_relu({0}, " + zero + ")", "sigmoid": "_sigmoid({0})",
              "maximum": "_maximum({0}, {1})", "where": "_select({0}, {1}, {2})"}
+    if name not in unary:  # a primitive defined without a scalar expression here
+        raise NoLoweringError("it has no Numba lowering", ins)  # not the group's root
     return unary[name].format(*a)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import JitgradError
-from .ir import Instr, Program, Var
+from .ir import Instr, Program, Var, check_dtype
 
 Aval = tuple[tuple[int, ...], np.dtype]
 
@@ -260,10 +260,12 @@ class Trace:
                 self.captured[id(x)] = hit
             return hit[1]
         arr = np.asarray(x)
-        if arr.dtype.kind not in "biuf":
+        try:
+            dtype = check_dtype(arr.dtype)
+        except JitgradError as e:
             raise JitgradError(f"cannot use a {type(x).__name__} ({arr.dtype}) as an array "
-                               f"value: jitgrad handles bool, integer and float arrays "
-                               f"(at {current_loc()})")
+                               f"value: {e} (at {current_loc()})") from None
+        arr = arr.astype(dtype, copy=False)  # native byte order
         if arr.ndim == 0:
             from .ops.elementwise import const_p  # the const primitive lives with elementwise
             return self.emit(const_p, (), {"value": arr.item(), "dtype": arr.dtype})[0].var

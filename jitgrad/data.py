@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import DTypeLike
 
+from .npz import read_npz
+
 __all__ = [
     "Dataset",
     "batches_per_epoch",
@@ -158,6 +160,8 @@ def _as_features(x: np.ndarray, source: str) -> np.ndarray:
         raise ValueError(
             f"{source}: features must have shape [n_examples, n_features, ...], got shape {x.shape}"
         )
+    if len(x) == 0:
+        raise ValueError(f"{source}: no examples (shape {x.shape})")
     if x.dtype.kind not in "biuf":
         raise ValueError(f"{source}: features must be numeric, got dtype {x.dtype}")
     x = x.reshape(len(x), -1)
@@ -342,8 +346,11 @@ def load_idx_dir(
 
 
 def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, encoding="utf-8-sig") as f:
-        first = f.readline()
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            first = f.readline()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a CSV text file ({e})") from None
     # A first row that does not parse as numbers is taken to be a header.
     try:
         [float(v) for v in first.split(",")]
@@ -412,8 +419,7 @@ def load_file(
     suffix = path.suffix.lower()
 
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = read_npz(path, "dataset file")
         if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
             # A split shipped with the file is used as given, so results match its source.
             x_tr, y_tr = _xy(arrays["x_train"], arrays["y_train"], src, "_train")

@@ -19,3 +19,13 @@ class NonFiniteError(JitgradError):
 
 class CacheSecurityError(JitgradError):
     """The cache holds code another user could have written; jitgrad will not run it."""
+
+
+class NoLoweringError(JitgradError):
+    """The Numba backend has no code for a primitive, or for a dtype of one (the
+    interpreter runs it); raised before anything is compiled. ``instr``: the instruction,
+    where the code that found out knows it."""
+
+    def __init__(self, message: str, instr: object = None):
+        super().__init__(message)
+        self.instr = instr

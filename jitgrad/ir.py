@@ -49,6 +49,31 @@ class Var:
 _SHORT = {"float32": "f32", "float64": "f64", "int64": "i64", "int32": "i32", "bool": "bool",
           "uint8": "u8", "int8": "i8", "int16": "i16", "float16": "f16"}
 
+# The dtypes a value of a program may have, on every backend. Numba has no float16
+# arithmetic and no long double, so neither is accepted (by the interpreter either: a
+# program runs the same wherever it runs); complex numbers are not differentiated here.
+SUPPORTED_DTYPES = tuple(np.dtype(d) for d in (
+    np.bool_, np.int8, np.int16, np.int32, np.int64,
+    np.uint8, np.uint16, np.uint32, np.uint64, np.float32, np.float64))
+
+
+def check_dtype(dtype: Any, what: str = "dtype") -> np.dtype:
+    """dtype (in native byte order) as a np.dtype if programs may hold it, else a
+    JitgradError naming it and the supported ones (``what`` says where it was met)."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise JitgradError(f"unsupported {what} {dtype!r}: {supported_dtypes_text()}"
+                           ) from None
+    native = dt if dt.isnative else dt.newbyteorder("=")
+    if native not in SUPPORTED_DTYPES:
+        raise JitgradError(f"unsupported {what} {dt}: {supported_dtypes_text()}")
+    return native
+
+
+def supported_dtypes_text() -> str:
+    return "jitgrad handles " + ", ".join(d.name for d in SUPPORTED_DTYPES)
+
 
 def dtype_short(dtype: np.dtype) -> str:
     return _SHORT.get(np.dtype(dtype).name, np.dtype(dtype).name)

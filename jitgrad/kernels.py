@@ -25,6 +25,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .errors import NoLoweringError
+
 # ---------------------------------------------------------------- matmul
 
 # np.dot inside Numba calls BLAS (scipy's OpenBLAS) with transpose flags for .T views,
@@ -122,6 +124,18 @@ def reduce_sum(x, y, acc):
                 acc[i] += x[o, k, i]
         for i in range(inner):
             y[o, i] = acc[i]
+
+
+@njit(cache=True)
+def reduce_sum_int(x, y):
+    # 64-bit integers sum exactly (wrapping around as numpy's do): no float accumulator
+    outer, n, inner = x.shape
+    for o in range(outer):
+        for i in range(inner):
+            y[o, i] = 0
+        for k in range(n):
+            for i in range(inner):
+                y[o, i] += x[o, k, i]
 
 
 @njit(cache=True)
@@ -346,6 +360,15 @@ FLOAT_KERNELS = {
 }
 FLOAT_DTYPES = {"f32": "np.float32", "f64": "np.float64"}
 
+# Integer and bool reductions: codegen.prepare widens narrower integers to int64 first.
+INT_KERNELS = {
+    "sum": ("px py outer n inner", "iiiii",
+            "K.reduce_sum_int(carray(_vp(px), (outer, n, inner), {dt}), "
+            "carray(_vp(py), (outer, inner), {dt}))\nreturn 0"),
+    "max": FLOAT_KERNELS["max"],  # reduce_max compares; for integers NaN never occurs
+}
+INT_DTYPES = {"i64": "np.int64", "u64": "np.uint64"}
+
 # Data movement only needs the item size.
 MOVE_KERNELS = {
     "copy": ("px py pmeta nmeta", "iiii",
@@ -360,7 +383,7 @@ MOVE_KERNELS = {
                    "carray(_vp(pi), (outer, m, inner), np.int64), "
                    "carray(_vp(py), (outer, m, inner), {dt}))"),
 }
-MOVE_DTYPES = {"b1": "np.uint8", "b4": "np.uint32", "b8": "np.uint64"}
+MOVE_DTYPES = {"b1": "np.uint8", "b2": "np.uint16", "b4": "np.uint32", "b8": "np.uint64"}
 
 # The start of every generated module of C-ABI functions: `_vp` turns an address
 # (int64) into a pointer that numba.carray can view as an array.
@@ -382,17 +405,31 @@ I = types.int64
 '''
 
 
+_ARITHMETIC = ((FLOAT_KERNELS, FLOAT_DTYPES), (INT_KERNELS, INT_DTYPES))
+
+
 def symbol(kernel: str, dtype: np.dtype) -> str:
-    """The C symbol of a library kernel for a dtype (float kernels) or item size (moves)."""
+    """The C symbol of a library kernel for a dtype (float kernels) or item size (moves);
+    NoLoweringError if the library has no variant for it."""
     dtype = np.dtype(dtype)
-    if kernel in FLOAT_KERNELS:
-        return f"jg_{kernel}_{'f32' if dtype == np.float32 else 'f64'}"
-    return f"jg_{kernel}_b{dtype.itemsize}"
+    if kernel in FLOAT_KERNELS or kernel in INT_KERNELS:
+        variants = [np.dtype(d.removeprefix("np.")) for table, dtypes in _ARITHMETIC
+                    if kernel in table for d in dtypes.values()]
+        if dtype not in variants:
+            raise NoLoweringError(f"its {kernel} kernel takes "
+                                  f"{', '.join(d.name for d in variants)}, not {dtype}")
+        return f"jg_{kernel}_{dtype.kind}{8 * dtype.itemsize}"
+    suffix = f"b{dtype.itemsize}"
+    if suffix not in MOVE_DTYPES:
+        sizes = ", ".join(k[1:] for k in MOVE_DTYPES)
+        raise NoLoweringError(f"its {kernel} kernel moves items of {sizes} bytes, not "
+                              f"{dtype}")
+    return f"jg_{kernel}_{suffix}"
 
 
 def library_source() -> str:
     parts = [CFUNC_PRELUDE, "from jitgrad import kernels as K\n"]
-    for table, dtypes in ((FLOAT_KERNELS, FLOAT_DTYPES), (MOVE_KERNELS, MOVE_DTYPES)):
+    for table, dtypes in (*_ARITHMETIC, (MOVE_KERNELS, MOVE_DTYPES)):
         for kernel, (args, sig, body) in table.items():
             for suffix, dt in dtypes.items():
                 name = f"jg_{kernel}_{suffix}"

@@ -210,15 +210,11 @@ def write_csv(rows: list[dict[str, Any]], path: str) -> None:
 
 def plot_frontier(rows: list[dict[str, Any]], path: str, title: str) -> None:
     """Step time against planned and measured peak memory, one point per policy."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install 'jitgrad[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .timeline import new_figure
+    fig = new_figure((6.4, 4.2))
+    ax = fig.subplots()
     ok = sorted((r for r in rows if "error" not in r), key=lambda r: r["planned_peak"])
     mb = 2 ** 20
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot([r["planned_peak"] / mb for r in ok], [r["step_ms"] for r in ok], "o-",
             label="planned peak (arena)")
     ax.plot([r["measured_peak"] / mb for r in ok], [r["step_ms"] for r in ok], "x",
@@ -234,7 +230,6 @@ def plot_frontier(rows: list[dict[str, Any]], path: str, title: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main() -> None:

@@ -20,12 +20,14 @@ Numba backend would (so it is quick and needs no compiler).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
 import runpy
 import sys
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -52,8 +54,8 @@ _SPEC = re.compile(r"\s*([a-z0-9]+)\s*(?:\[\s*([0-9,\s]*)\])?\s*")
 def parse_arg_spec(text: str) -> np.ndarray:
     """'f32[64,784]' -> a float32 array of that shape; 'i64[64]', 'f32[]' or 'f32' likewise.
 
-    Only shapes and dtypes matter (nothing is run): floats are small random
-    numbers, integers zeros.
+    Only shapes and dtypes matter (nothing is run), so the array is zeros as a
+    read-only broadcast view: f32[100000,100000] takes no memory.
     """
     m = _SPEC.fullmatch(text)
     if not m or m.group(1) not in DTYPES:
@@ -61,10 +63,48 @@ def parse_arg_spec(text: str) -> np.ndarray:
                            f"f32[64,784], i64[64] or f32[] (dtypes: f32 f64 i32 i64 bool u8)")
     dims = [d.strip() for d in (m.group(2) or "").split(",") if d.strip()]
     shape = tuple(int(d) for d in dims)
-    dtype = np.dtype(DTYPES[m.group(1)])
-    if dtype.kind == "f":
-        return np.random.default_rng(0).standard_normal(shape).astype(dtype)
-    return np.zeros(shape, dtype)
+    try:
+        return np.broadcast_to(np.zeros((), DTYPES[m.group(1)]), shape)
+    except ValueError as e:  # more elements than an array can index
+        raise JitgradError(f"bad argument spec {text!r}: {e}") from None
+
+
+@contextlib.contextmanager
+def blame_script(script: str, what: str) -> Iterator[None]:
+    """Report an exception raised by the user's script (a SyntaxError in it, or one whose
+    traceback runs through it and does not end inside jitgrad) as one JitgradError naming
+    ``what`` and the script's line. jitgrad's own errors, exceptions the script has no
+    part in, and bugs inside jitgrad pass through unchanged."""
+    try:
+        yield
+    except (JitgradError, OSError, KeyboardInterrupt):
+        raise
+    except (Exception, SystemExit) as e:
+        frames = traceback.extract_tb(e.__traceback__)
+        script_path = os.path.abspath(script)
+        mine = [f for f in frames if os.path.abspath(f.filename) == script_path]
+        package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+        in_jitgrad = bool(frames) and os.path.abspath(frames[-1].filename).startswith(package)
+        if in_jitgrad or not (mine or isinstance(e, SyntaxError)):
+            raise  # not the script's doing (a bug in jitgrad: its traceback is needed)
+        where = f" (at {script}:{mine[-1].lineno})" if mine else ""
+        detail = f"exit({e.code!r})" if isinstance(e, SystemExit) else \
+            f"{type(e).__name__}: {e}"
+        raise JitgradError(f"{what} failed: {detail}{where}") from None
+
+
+def check_arguments(fn: Callable[..., Any], args: Sequence[Any], name: str) -> None:
+    """The example arguments must fit fn's parameters (else a TypeError from deep inside
+    tracing)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin or the like: tracing will say
+    try:
+        sig.bind(*args)
+    except TypeError as e:
+        raise JitgradError(f"{name} cannot be called with the {len(args)} example "
+                           f"argument(s): {e}") from None
 
 
 def load_target(target: str) -> tuple[Any, Any]:
@@ -81,9 +121,8 @@ def load_target(target: str) -> tuple[Any, Any]:
         raise FileNotFoundError(2, "no such script", script)
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # its own imports
     try:
-        namespace = runpy.run_path(script, run_name="__jitgrad_show__")
-    except Exception as e:
-        raise JitgradError(f"running {script} failed: {type(e).__name__}: {e}") from e
+        with blame_script(script, f"running {script}"):
+            namespace = runpy.run_path(script, run_name="__jitgrad_show__")
     finally:
         sys.path.pop(0)
     if name not in namespace:
@@ -99,7 +138,8 @@ def load_target(target: str) -> tuple[Any, Any]:
     if isinstance(example, dict):
         example = example.get(name)
     if callable(example):
-        example = example()
+        with blame_script(script, f"{script}:{EXAMPLE_ATTR}()"):
+            example = example()
     if example is not None and not isinstance(example, (tuple, list)):
         example = (example,)
     return obj, None if example is None else tuple(example)

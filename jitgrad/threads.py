@@ -1,7 +1,9 @@
 """One owner for threads: Numba's threading layer and BLAS share JITGRAD_NUM_THREADS.
 
 BLAS threads and Numba threads fight when they alternate on a busy machine
-(NUMBA_NOTES.md), so both get the same count, set once here.
+(NUMBA_NOTES.md), so both get the same count, set once here. The BLAS meant is the
+one Numba's `np.dot` calls (scipy's); numpy's own BLAS is the user's and is left
+as it is.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ import os
 import warnings
 
 import numba
+
+from .errors import JitgradError
+
+NUM_THREADS_VAR = "JITGRAD_NUM_THREADS"
 
 _initialised = False
 _local_ranks: int | None = None  # set from the communicator by distributed training
@@ -34,10 +40,14 @@ def ranks_on_this_machine() -> int:
 def num_threads() -> int:
     """JITGRAD_NUM_THREADS, else the cores divided among the MPI ranks on this machine:
     N ranks each spinning all cores' worth of threads would oversubscribe it N-fold."""
-    env = os.environ.get("JITGRAD_NUM_THREADS")
-    if env:
-        return max(1, int(env))
-    return max(1, (os.cpu_count() or 1) // ranks_on_this_machine())
+    default = max(1, (os.cpu_count() or 1) // ranks_on_this_machine())
+    env = os.environ.get(NUM_THREADS_VAR, "").strip()
+    if not env:
+        return default
+    if not (env.isascii() and env.isdigit() and int(env) >= 1):
+        raise JitgradError(f"{NUM_THREADS_VAR}={env!r}: expected a whole number of threads "
+                           f">= 1, such as 2 (unset it for the default, {default} here)")
+    return int(env)
 
 
 def init() -> None:
@@ -74,7 +84,22 @@ def set_local_ranks(n: int) -> int:
     return num_threads()
 
 
+def numba_blas_paths() -> list[str]:
+    """The loaded BLAS libraries Numba's `np.dot` calls: the ones scipy ships (Numba binds
+    scipy.linalg.cython_blas). numpy's wheel bundles a BLAS of its own, which this leaves
+    out; where numpy and scipy share one system BLAS (conda, distribution packages) it
+    is numpy's too, and is left out as well, so that the user's numpy never changes."""
+    import scipy
+    from threadpoolctl import threadpool_info
+    root = os.path.dirname(os.path.realpath(scipy.__file__))  # .../site-packages/scipy
+    # wheels: scipy.libs/ beside the package (Linux, Windows), scipy/.dylibs (macOS)
+    homes = (root + os.sep, root + ".libs" + os.sep)
+    return [lib["filepath"] for lib in threadpool_info() if lib["user_api"] == "blas"
+            and os.path.realpath(lib["filepath"]).startswith(homes)]
+
+
 def limit_blas() -> None:
-    """Give every loaded BLAS (numpy's and scipy's OpenBLAS, MKL) the same thread count."""
+    """Give the BLAS Numba calls (numba_blas_paths) the thread count Numba has."""
     from threadpoolctl import threadpool_limits
-    threadpool_limits(num_threads(), user_api="blas")
+    n = num_threads()
+    threadpool_limits({path: n for path in numba_blas_paths()})

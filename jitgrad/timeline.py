@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import JitgradError
 from .memory import Plan
@@ -48,26 +49,31 @@ def _unit(nbytes: int) -> tuple[str, float]:
     return "bytes", 1.0
 
 
+def new_figure(figsize: tuple[float, float], dpi: float = 100) -> Any:
+    """A matplotlib Figure that leaves the user's matplotlib as it was: no pyplot figure
+    manager, no `matplotlib.use()` (that would switch the backend an interactive session
+    chose). `fig.savefig(path)` picks a renderer from the file's suffix by itself."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise JitgradError("drawing needs matplotlib: pip install 'jitgrad[plot]'") from None
+    return Figure(figsize=figsize, dpi=dpi)
+
+
 def plot_timeline(plans: Mapping[str, Plan] | Plan, path: str | os.PathLike[str], *,
                   title: str | None = None) -> list[TimelineSeries]:
     """Draw the live-bytes timeline of one plan or of several ({name: plan}) into path
     (a .png or .svg); returns the series drawn."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise JitgradError("the memory timeline needs matplotlib: "
-                           "pip install 'jitgrad[plot]'") from None
-    matplotlib.use("Agg")  # files only: no display needed (CI, ssh)
-    import matplotlib.pyplot as plt
-
     if isinstance(plans, Plan):
         plans = {"plan": plans}
     drawn = [series(name, plan) for name, plan in plans.items()]
     if not drawn:
         raise JitgradError("plot_timeline needs at least one plan")
     unit, scale = _unit(max(max(s.arena, s.peak) for s in drawn))
-    fig, ax = plt.subplots(figsize=(8.0, 3.6), dpi=100)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = new_figure((8.0, 3.6))
+    ax = fig.subplots()
+    from matplotlib import rcParams
+    colours = rcParams["axes.prop_cycle"].by_key()["color"]
     top = 0.0
     for k, s in enumerate(drawn):
         c = colours[k % len(colours)]
@@ -100,5 +106,4 @@ def plot_timeline(plans: Mapping[str, Plan] | Plan, path: str | os.PathLike[str]
     ax.grid(alpha=0.25)
     fig.tight_layout()
     fig.savefig(os.fspath(path))
-    plt.close(fig)
     return drawn

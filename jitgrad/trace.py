@@ -15,7 +15,7 @@ import numpy as np
 from . import tree
 from .core import Trace, Tracer, with_user_loc
 from .errors import JitgradError, TracingError
-from .ir import Program
+from .ir import Program, check_dtype
 from .ops import elementwise as E
 from .ops import linalg as L
 from .ops import reduce as R
@@ -46,10 +46,7 @@ def signature_of(x: Any) -> Signature:
     if isinstance(x, (bool, int, float)) and not isinstance(x, np.generic):
         return (), np.result_type(x), True
     if isinstance(x, (np.ndarray, np.generic)):
-        if x.dtype.kind not in "biuf":
-            raise JitgradError(f"unsupported argument dtype {x.dtype}: jitgrad takes bool, "
-                               "integer and float arrays")
-        return x.shape, x.dtype, False
+        return x.shape, check_dtype(x.dtype, "argument dtype"), False
     raise JitgradError(f"unsupported argument of type {type(x).__name__}: jitgrad takes numpy "
                        "arrays, Python scalars, and dicts/lists/tuples of them")
 

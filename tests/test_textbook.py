@@ -1,5 +1,5 @@
 """Back-propagation as in Deep Learning (Goodfellow, Bengio & Courville), ch. 6.5, and
-the calling conventions of DESIGN.md.
+the calling conventions of docs/design.md.
 
 The chain rule on a chain (eqs. 6.49-6.52), the MLP with ReLU, cross-entropy and
 weight decay (fig. 6.11) against hand-derived formulas, a graph with 2^depth
@@ -304,7 +304,7 @@ def test_comparisons_and_argmax_carry_no_gradient_and_never_raise(backend, rng):
 
 
 def test_conventions_at_kinks(backend):
-    """DESIGN.md's choices where the derivative has a kink: relu'(0) = abs'(0) = 0, a tie
+    """docs/design.md's choices where the derivative has a kink: relu'(0) = abs'(0) = 0, a tie
     in maximum sends half to each side, tied maxima of a reduction share evenly, and
     d(a ** b)/db = 0 where a <= 0."""
     x = np.array([-1.0, 0.0, 2.0])

@@ -1,6 +1,6 @@
 """Elementwise primitives: constants, casts, unary maths, binary arithmetic, comparisons, where.
 
-Conventions at kinks, written once (DESIGN.md: VJP rules use masks and `where`):
+Conventions at kinks, written once (docs/design.md: VJP rules use masks and `where`):
 - relu'(0) = 0 and abs'(0) = 0 (PyTorch's choice);
 - maximum(a, b) at a tie sends half of the gradient to each argument
   (autograd's balanced_eq; JAX does the same);
@@ -18,6 +18,7 @@ import numpy as np
 
 from ..core import Tracer, primitive
 from ..errors import JitgradError
+from ..ir import check_dtype
 from . import reduce as R
 from . import shape as S
 
@@ -107,10 +108,7 @@ def _cast_vjp(cts, outs, ins, *, dtype):
 
 
 def cast(x: Any, dtype: Any) -> Any:
-    dtype = np.dtype(dtype)
-    if dtype.kind not in "biuf":
-        raise JitgradError(f"unsupported dtype {dtype}: jitgrad handles bool, int and float")
-    return cast_p.bind(x, dtype=dtype)
+    return cast_p.bind(x, dtype=check_dtype(dtype))
 
 
 stop_gradient_p = primitive("stop_gradient", "elementwise", grad="zero")
