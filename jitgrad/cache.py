@@ -76,6 +76,9 @@ def _numba_untested_reason() -> str | None:
     return None
 
 
+_UNTESTED = _numba_untested_reason()  # a reason: nothing is cached on disk
+
+
 def cache_path() -> str:
     """Where the cache lives: JITGRAD_CACHE_DIR, or jitgrad/ under the user's cache home."""
     path = os.environ.get("JITGRAD_CACHE_DIR")
@@ -127,7 +130,6 @@ class _Origin:
 
 
 _origins: dict[str, _Origin] = {}  # Python file -> how its Numba files are kept
-_UNTESTED = _numba_untested_reason()
 
 
 def load_module(prefix: str, source: str, extra_key: str = "") -> types.ModuleType:
