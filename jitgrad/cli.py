@@ -753,14 +753,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
     print(f"size: {_fmt_bytes(i['bytes'])} in {i['files']} files")
     print(f"modules: {i['modules']}")
     print(f"numba files: {i['numba_files']}")
+    if i["disk_cache_off"]:
+        print(f"on-disk caching: OFF ({i['disk_cache_off']}); every process compiles again")
     if not i["problems"]:
         print("permissions: ok (private to this user)")
         return EXIT_OK
-    print("permissions: UNSAFE, jitgrad refuses to load code from:")
+    print("permissions: UNSAFE, jitgrad refuses to load code through:")
     for problem in i["problems"]:
-        print(f"  {problem}")
-    print("fix with `chmod go-w PATH` after checking the files (or remove the files with "
-          "`jitgrad cache clear`), or set JITGRAD_CACHE_DIR to a private directory")
+        print(f"  {problem.what} {problem}\n    {problem.fix}")
     return EXIT_DIVERGED  # 1: the cache cannot be used as it is
 
 
@@ -769,7 +769,8 @@ def _add_cache(sub: Any) -> None:
         "cache", help="show or clear the cache of compiled code",
         description="jitgrad's on-disk cache of generated modules and Numba's compiled code "
                     "(JITGRAD_CACHE_DIR, default ~/.cache/jitgrad). `info` prints where it is, "
-                    "its size and whether its permissions are safe (exit code 1 if not); "
+                    "its size and whether it and every directory above it are safe from other "
+                    "users (exit code 1 if not, listing each unsafe one); "
                     "`clear` removes jitgrad's files from it.")
     p.add_argument("action", choices=("info", "clear"))
     p.set_defaults(run=cmd_cache)

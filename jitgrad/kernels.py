@@ -11,7 +11,8 @@ stays cacheable because it binds symbols by name, not by address.
 
 The wrapper module is generated (one cfunc per kernel and dtype, each with its
 own name so Numba caches each) and loaded through cache.load_module; its key
-includes this file's hash, so a changed kernel is never served stale.
+includes this file's hash, so a changed kernel is never served stale. Both the
+wrappers' and the helpers' Numba files live in the sealed cache directory.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ import threading
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+# numba.njit, except that cache=True keeps the helpers' Numba files in jitgrad's sealed
+# cache directory (checked, checksummed, cleared by `jitgrad cache clear`), not in the
+# installed package's __pycache__.
+from .cache import njit
 from .errors import NoLoweringError
 
 # ---------------------------------------------------------------- matmul

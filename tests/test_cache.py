@@ -1,25 +1,32 @@
 """The on-disk cache: concurrent writers, corrupted files, permissions, `jitgrad cache`.
 
 Most tests load a tiny hand-written cfunc module through cache.load_module in a
-fresh cache directory (a compile of ~0.2 s); the multi-process test runs the
+fresh cache directory (a compile of ~0.2 s); the multi-process tests run the
 whole pipeline in fresh processes, with the kernel library copied in from the
-session's cache so that no child compiles it.
+session's cache so that no child compiles all of it. Another user is faked:
+`foreign` makes chosen files look owned by another uid to every stat call (the
+tests cannot chown without root).
 """
 
+import hashlib
 import os
+import pickle
+import re
 import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+import types
 import uuid
 
 import numpy as np
 import pytest
 
 import jitgrad as jg
-from jitgrad import cache, cli, kernels
+from jitgrad import cache, cli, kernels, trusted_dir
 
 SOURCE = textwrap.dedent("""
     from numba import cfunc, types
@@ -55,6 +62,35 @@ def load(source):
 
 def numba_files(cache_dir, suffix):
     return sorted((cache_dir / "__pycache__").glob(f"jg_test_*{suffix}"))
+
+
+FOREIGN_UID = 4242
+
+
+def foreign(monkeypatch, paths, on_stat=None):
+    """Make `paths` look owned by uid FOREIGN_UID to os.stat/lstat/fstat; `on_stat(st)` is
+    called after every such call (a hook that can change the file system meanwhile)."""
+    inodes = {(os.lstat(p).st_dev, os.lstat(p).st_ino) for p in paths}
+
+    def wrap(real):
+        def fake(*args, **kwargs):
+            st = real(*args, **kwargs)
+            if on_stat is not None:
+                on_stat(st)
+            if (st.st_dev, st.st_ino) not in inodes:
+                return st
+            fields = {k: getattr(st, k) for k in dir(st) if k.startswith("st_")}
+            return types.SimpleNamespace(**{**fields, "st_uid": FOREIGN_UID})
+        return fake
+    for name in ("stat", "lstat", "fstat"):
+        monkeypatch.setattr(os, name, wrap(getattr(os, name)))
+
+
+def package_numba_files():
+    """Numba files under the installed jitgrad package, with their stamps."""
+    root = os.path.dirname(jg.__file__)
+    return {(d, f, os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, fs in os.walk(root) for f in fs if f.endswith((".nbi", ".nbc"))}
 
 
 def test_directory_and_files_are_private(cache_dir):
@@ -166,6 +202,143 @@ def test_cli_cache_info_and_clear(cache_dir, capsys):
     assert "modules: 0" in capsys.readouterr().out
 
 
+def test_clear_removes_only_names_jitgrad_makes(cache_dir, capsys):
+    """JITGRAD_CACHE_DIR may be a directory of the user's own: clear leaves their files."""
+    pycache = cache_dir / "__pycache__"
+    os.makedirs(pycache, mode=0o700)
+    theirs = ["thesis.tmp", "data.tmp.bak", "tmpk2j3h4x9.tmp", "jg_notes.txt", "jg_plot.py",
+              "jg_step_1234.py", "notes.py", "__pycache__/notes.cpython-311.pyc",
+              "__pycache__/notes.f-3.py311.nbi", "__pycache__/notes.f-3.py311.1.nbc",
+              "__pycache__/index.lock", "__pycache__/x.nbi.tmp.0123456789abcdef"]
+    for name in theirs:
+        (cache_dir / name).write_text("the user's")
+    source, _ = fresh_source()
+    load(source)
+    (cache_dir / f"jg_tmp_{'0' * 16}.tmp").write_bytes(b"left by a killed process")
+    assert cli.main(["cache", "clear"]) == 0
+    assert "removed 5 files" in capsys.readouterr().out  # module, index, data, lock, temp
+    left = {str(p.relative_to(cache_dir)) for p in cache_dir.rglob("*") if p.is_file()}
+    assert left == set(theirs)
+    assert all((cache_dir / name).read_text() == "the user's" for name in theirs)
+
+
+def test_trust_rule_for_each_component(monkeypatch):
+    """Above the cache: yours or root's, not writable by others unless root's sticky /tmp.
+    The cache directory and its files: yours alone."""
+    monkeypatch.setattr(os, "getuid", lambda: 1000)
+
+    def st(uid, mode):
+        return types.SimpleNamespace(st_uid=uid, st_mode=mode)
+    d, f, link = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
+    ok_above = [st(0, d | 0o755), st(1000, d | 0o700), st(0, d | 0o1777), st(0, link | 0o777),
+                st(1000, link | 0o777)]
+    bad_above = [st(1000, d | 0o1777), st(0, d | 0o777), st(0, d | 0o775), st(1001, d | 0o755),
+                 st(1001, link | 0o777), st(1001, d | 0o1777)]
+    for s_ in ok_above:
+        assert trusted_dir.problem(s_, "/p", "directory", private=False) is None, s_
+    for s_ in bad_above:
+        assert trusted_dir.problem(s_, "/p", "directory", private=False) is not None, s_
+    assert trusted_dir.problem(st(1000, d | 0o700), "/p", "cache directory", private=True) is None
+    assert trusted_dir.problem(st(1000, f | 0o600), "/p", "file", private=True) is None
+    for s_ in [st(0, d | 0o700), st(0, d | 0o1777), st(1000, d | 0o1777), st(1000, f | 0o620),
+               st(0, f | 0o600), st(1001, f | 0o600)]:
+        assert trusted_dir.problem(s_, "/p", "cache directory", private=True) is not None, s_
+
+
+def test_every_component_of_the_cache_path_is_checked(tmp_path, monkeypatch, capsys):
+    shared, group = tmp_path / "shared", tmp_path / "shared" / "group"
+    cache_dir = group / "cache"
+    os.makedirs(cache_dir, mode=0o700)
+    os.chmod(shared, 0o777)  # others could rename `group` away and put their own in its place
+    os.chmod(group, 0o770)
+    monkeypatch.setenv("JITGRAD_CACHE_DIR", str(cache_dir))
+    source, c = fresh_source()
+    with pytest.raises(jg.CacheSecurityError) as info:
+        load(source)
+    msg = str(info.value)
+    assert f"directory above the cache directory {shared} is writable by group or others" in msg
+    assert not list(cache_dir.iterdir())  # nothing was written through the unsafe path
+    assert cli.main(["cache", "info"]) == 1
+    out = capsys.readouterr().out
+    assert f"{shared} is writable" in out and f"{group} is writable" in out  # every one
+    os.chmod(shared, 0o755)
+    os.chmod(group, 0o755)
+    assert load(source).jg_scale.ctypes(2.0) == 2.0 * c + 1.0
+
+    # A symlink on the path is followed only where the link passes the same test.
+    link = tmp_path / "link"
+    os.symlink(cache_dir, link)
+    monkeypatch.setenv("JITGRAD_CACHE_DIR", str(link))
+    assert load(source).jg_scale._cache_hits == 1
+    assert cli.main(["cache", "info"]) == 0
+    assert "permissions: ok" in capsys.readouterr().out
+    foreign(monkeypatch, [link])
+    with pytest.raises(jg.CacheSecurityError, match=f"symlink on the cache path {link} is "
+                                                    f"owned by uid {FOREIGN_UID}"):
+        load(source)
+    assert cli.main(["cache", "info"]) == 1
+    assert f"symlink on the cache path {link} is owned by uid" in capsys.readouterr().out
+
+
+def test_a_temp_directory_is_trusted(monkeypatch):
+    """Root's sticky /tmp is above every `mktemp -d` cache: it must pass."""
+    path = tempfile.mkdtemp()
+    try:
+        monkeypatch.setenv("JITGRAD_CACHE_DIR", path)
+        assert cache.info()["problems"] == []
+        source, c = fresh_source()
+        assert load(source).jg_scale.ctypes(1.0) == c + 1.0
+    finally:
+        shutil.rmtree(path)
+
+
+@pytest.mark.parametrize("flip", ["link on the cache path", "index file"])
+def test_a_link_flipped_between_check_and_open_runs_nothing(tmp_path, monkeypatch, flip):
+    """An attacker who could swap a link between jitgrad's check of a file and its open
+    (here deterministically: right after the check sees the genuine file) must not get
+    their pickle unpickled. Their directory and files are owned by another user (faked)."""
+    real, evil, link = tmp_path / "real", tmp_path / "evil", tmp_path / "cache"
+    os.makedirs(real, mode=0o700)
+    os.symlink(real, link)
+    monkeypatch.setenv("JITGRAD_CACHE_DIR", str(link))
+    source, c = fresh_source()
+    load(source)
+    index = numba_files(real, ".nbi")[0]
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+    payload = pickle.dumps(Payload())
+    os.makedirs(evil / "__pycache__")
+    bad = evil / "__pycache__" / index.name
+    bad.write_bytes(cache._MAGIC + hashlib.sha256(payload).digest() + payload)
+    genuine = (os.stat(index).st_dev, os.stat(index).st_ino)
+    flipped = []
+
+    def on_stat(st):
+        if (st.st_dev, st.st_ino) == genuine and not flipped:
+            flipped.append(True)
+            if flip == "index file":
+                tmp = index.with_suffix(".swap")
+                os.symlink(bad, tmp)
+                os.replace(tmp, index)
+            else:
+                os.symlink(evil, tmp_path / "swap")
+                os.replace(tmp_path / "swap", link)
+    foreign(monkeypatch, [evil, evil / "__pycache__", bad], on_stat)
+    try:
+        mod = load(source)
+    except jg.CacheSecurityError as e:
+        mod = e
+    assert flipped  # the hook did run between the check and the read
+    assert not marker.exists(), "the attacker's pickle was unpickled"
+    # The index and data were read through the descriptors of the directories checked
+    # (the genuine ones): a cache hit, and the right result.
+    assert not isinstance(mod, Exception), mod
+    assert mod.jg_scale._cache_hits == 1 and mod.jg_scale.ctypes(2.0) == 2.0 * c + 1.0
+
+
 # ---------------------------------------------------------------- several processes at once
 
 _CHILD = textwrap.dedent("""
@@ -221,3 +394,138 @@ def test_processes_compiling_the_same_program_at_once(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "data saved" not in done.stdout and "data loaded" in done.stdout
     assert float(done.stdout.strip().splitlines()[-1]) == pytest.approx(want, rel=1e-12)
+
+
+def test_a_file_owned_by_another_user_is_refused_without_suggesting_chmod(cache_dir, monkeypatch,
+                                                                           capsys):
+    """chmod cannot change a file's owner: the fix offered is removing it or another cache."""
+    source, c = fresh_source()
+    load(source)
+    for path in [next(cache_dir.glob("jg_test_*.py")), numba_files(cache_dir, ".nbi")[0]]:
+        with monkeypatch.context() as m:
+            foreign(m, [path])
+            with pytest.raises(jg.CacheSecurityError) as info:
+                load(source)
+            msg = str(info.value)
+            assert f"{path} is owned by uid {FOREIGN_UID}, not by you" in msg
+            assert "chmod" in msg and "chmod go-w" not in msg  # "chmod cannot fix it"
+            assert "jitgrad cache clear" in msg and "JITGRAD_CACHE_DIR" in msg
+            assert cli.main(["cache", "info"]) == 1
+            out = capsys.readouterr().out
+            assert f"{path} is owned by uid {FOREIGN_UID}" in out and "chmod go-w" not in out
+            assert cli.main(["cache", "clear"]) == 0  # the fix offered works
+        assert load(source).jg_scale.ctypes(2.0) == 2.0 * c + 1.0
+
+
+# ---------------------------------------------------------------- the kernel library's helpers
+
+_LIBRARY_CHILD = textwrap.dedent("""
+    import numpy as np, jitgrad as jg
+    from jitgrad import kernels
+    kernels.ensure_loaded()
+    f = jg.jit(lambda x: jg.sum(x, axis=0), backend="numba")
+    print(repr(f(np.arange(6.0).reshape(2, 3)).tolist()))
+""")
+
+
+def _session_library():
+    """The session's compiled kernel library: its cache directory and file names."""
+    kernels.ensure_loaded()
+    module = sys.modules[next(n for n in sys.modules if n.startswith("jg_kernels_"))]
+    return os.path.dirname(module.__file__), module.__name__
+
+
+def test_kernel_helpers_are_cached_in_the_sealed_cache(tmp_path, monkeypatch, capsys):
+    """jitgrad/kernels.py's own @njit helpers: their Numba files live in the cache directory
+    (checked, checksummed, counted by `cache info`, removed by `cache clear`), never in the
+    installed package's __pycache__, where a truncated index once broke every compile."""
+    session, library = _session_library()
+    cache_dir = tmp_path / "cache"
+    (cache_dir / "__pycache__").mkdir(parents=True, mode=0o700)
+    os.chmod(cache_dir, 0o700)
+
+    def copy_library():
+        # all of the compiled library but jg_sum_f64, so that a child compiles that one
+        # wrapper and with it the reduce_sum helper, and nothing else
+        for sub in ("", "__pycache__"):
+            for name in os.listdir(os.path.join(session, sub)):
+                if name.startswith(library) and ".jg_sum_f64-" not in name:
+                    shutil.copy2(os.path.join(session, sub, name), cache_dir / sub / name)
+        for f in (cache_dir / "__pycache__").glob(f"{library}.jg_sum_f64-*"):
+            f.unlink()
+
+    env = {**os.environ, "JITGRAD_CACHE_DIR": str(cache_dir), "JITGRAD_NUM_THREADS": "1"}
+    env.pop("NUMBA_CACHE_DIR", None)
+
+    def child():
+        p = subprocess.run([sys.executable, "-c", _LIBRARY_CHILD], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip().splitlines()[-1] == "[3.0, 5.0, 7.0]"
+        return p.stderr
+
+    before = package_numba_files()
+    copy_library()
+    child()
+    assert package_numba_files() == before  # nothing written into the installed package
+    helper = sorted((cache_dir / "__pycache__").glob("jg_pkg_*.kernels.reduce_sum-*"))
+    assert [f.suffix for f in helper] == [".nbc", ".nbi"], helper
+    for f in helper:
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o600
+        assert f.read_bytes().startswith(cache._MAGIC)  # sealed like every other Numba file
+
+    index = helper[1]
+    index.write_bytes(index.read_bytes()[:len(index.read_bytes()) // 2])  # truncated
+    copy_library()
+    err = child()  # compiles again: the damaged index is a miss, not an UnpicklingError
+    assert "rebuilding" in err and index.name in err, err
+    blob = index.read_bytes()
+    assert hashlib.sha256(blob[len(cache._MAGIC) + 32:]).digest() == blob[len(cache._MAGIC):][:32]
+
+    monkeypatch.setenv("JITGRAD_CACHE_DIR", str(cache_dir))
+    assert cli.main(["cache", "info"]) == 0
+    n = len(list((cache_dir / "__pycache__").glob("*.nb?")))
+    assert f"numba files: {n}" in capsys.readouterr().out
+    assert cli.main(["cache", "clear"]) == 0
+    capsys.readouterr()
+    assert os.listdir(cache_dir) == []
+
+
+# ---------------------------------------------------------------- a Numba this was not tested with
+
+_UNTESTED_CHILD = textwrap.dedent("""
+    import sys, warnings
+    warnings.simplefilter("always")
+    import numba
+    numba.__version__ = sys.argv[1]
+    import numpy as np, jitgrad as jg
+    from numba.core import caching
+    f = jg.jit(lambda x: jg.sum(jg.tanh(x) * 3.0), backend="numba")
+    g = jg.jit(lambda x: jg.sum(x * x), backend="numba")
+    print(repr(float(f(np.arange(4.0)))), repr(float(g(np.arange(3.0)))))
+    print("patched" if getattr(caching.Cache, "_jitgrad_installed", False) else "untouched")
+    from jitgrad import cli
+    cli.main(["cache", "info"])
+""")
+
+
+def test_an_untested_numba_caches_nothing_with_one_warning(tmp_path):
+    """The cache patches Numba's private caching classes: on a Numba version it was not
+    tested with, it must neither crash nor write an unsealed cache, only compile."""
+    cache_dir = tmp_path / "cache"
+    env = {**os.environ, "JITGRAD_CACHE_DIR": str(cache_dir), "JITGRAD_NUM_THREADS": "1"}
+    env.pop("NUMBA_CACHE_DIR", None)
+    before = package_numba_files()
+    p = subprocess.run([sys.executable, "-c", _UNTESTED_CHILD, "0.99.0"], env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.splitlines()
+    x = np.arange(4.0)
+    assert out[0] == f"{float(np.sum(np.tanh(x) * 3.0))!r} 5.0"
+    assert out[1] == "untouched"  # Numba's classes are not patched
+    assert "on-disk caching: OFF (numba 0.99.0 is not a version" in p.stdout
+    warned = re.findall(r"RuntimeWarning: jitgrad: numba 0\.99\.0 is not a version it was "
+                        r"tested with \(>=0\.60,<0\.69\)", p.stderr)
+    assert len(warned) == 1, p.stderr
+    assert not cache_dir.exists() or not any(cache_dir.rglob("*"))  # nothing cached on disk
+    assert package_numba_files() == before
