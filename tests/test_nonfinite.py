@@ -8,8 +8,10 @@ optimizer updates, and requires the same NaN and ±Inf placement compiled and
 interpreted, and finite values within the tolerances of the other tests.
 
 Each case is compiled once per dtype and shared by all its examples (only the values
-change, never the signature). Examples per case: JITGRAD_PROPERTY_EXAMPLES / 8
-(default 25); JITGRAD_TEST_FULL=1 runs JITGRAD_PROPERTY_EXAMPLES (default 200).
+change, never the signature). A last property runs tests/test_properties.py's random
+programs (compositions, fused chains) on special values. Examples per case, and random
+programs: JITGRAD_PROPERTY_EXAMPLES / 8 (default 25); JITGRAD_TEST_FULL=1 runs
+JITGRAD_PROPERTY_EXAMPLES (default 200). Run once with 1,000 random programs: passed.
 
 "huge" is large enough that a product of two overflows and small enough that a sum of
 a few dozen does not: where a sum overflows depends on the order of its terms, which
@@ -29,6 +31,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_properties import programs
+from test_properties import run as run_program
 
 import jitgrad as jg
 from jitgrad import tree
@@ -426,20 +430,34 @@ def _here(marker_fn: Callable[..., Any]) -> str:
 
 
 def test_check_finite_rejects_a_non_finite_input_by_its_place(backend):
-    f = jg.jit(lambda p, x: jg.sum(jg.relu(x @ p["w"])), check_finite=True)
+    # A comparison drops the NaN (NaN > 0 is false): only the input check can see it.
+    f = jg.jit(lambda p, x: jg.sum(jg.where(x @ p["w"] > 0, 1.0, 0.0)), check_finite=True)
     p = {"w": np.ones((3, 2))}
     x = np.array([[np.nan, -1.0, 2.0]])
+    with np.errstate(invalid="ignore"):
+        assert jg.jit(f.fn)(p, x) == 0.0  # unchecked, the result is finite
 
     def call(p, x):
         return f(p, x)  # <- here
 
-    with pytest.raises(jg.NonFiniteError, match=r"args\[1\]") as info:
-        call(p, x)  # the NaN never reaches the result, yet it is an input's
+    with pytest.raises(jg.NonFiniteError,
+                       match=re.escape("input args[1] (f64[1,3]) holds nan at index (0, 0)")
+                       ) as info:
+        call(p, x)
     assert _here(call) in str(info.value)
     bad_p = {"w": np.array([[1.0, np.inf], [0.0, 1.0], [1.0, 1.0]])}
-    with pytest.raises(jg.NonFiniteError, match=re.escape("args[0]['w']")):
+    with pytest.raises(jg.NonFiniteError, match=re.escape("args[0]['w'] (f64[3,2]) holds inf")):
         f(bad_p, np.ones((1, 3)))
-    assert np.isfinite(f(p, np.ones((1, 3))))
+    assert f(p, np.ones((1, 3))) == 2.0
+
+
+def test_check_finite_rejects_the_mlp_input_holding_one_nan(backend, rng):
+    params, x, nan_x, y = _mlp_problem(rng)
+    f = jg.jit(jg.nn.mlp_loss, check_finite=True)
+    assert np.isfinite(f(params, x, y))
+    with pytest.raises(jg.NonFiniteError, match=re.escape("input args[1] (f32[6,4]) holds nan "
+                                                          "at index (2, 1)")):
+        f(params, nan_x, y)
 
 
 def test_check_finite_from_the_environment_checks_inputs(backend, monkeypatch):
@@ -474,3 +492,30 @@ def test_train_step_with_check_finite_rejects_a_nan_batch_and_updates_nothing(ba
         np.testing.assert_array_equal(params[k], before[k])
         np.testing.assert_array_equal(step.state["momentum"][k], state[k])
     assert step.t == 1
+    params["b0"][3] = np.inf  # a parameter is named as the caller knows it
+    with pytest.raises(jg.NonFiniteError, match=re.escape("input params['b0']")):
+        step(x, y)
+    assert step.t == 1
+
+
+# ---------------------------------------------------------------- random programs
+
+@settings(**_SETTINGS)
+@given(spec=programs(), data=st.data())
+def test_random_programs_on_special_values_compiled_as_interpreted(spec, data):
+    """test_properties' random programs (fused chains, reductions, matmul, masks, softmax
+    cross-entropy) on inputs holding special values: the same NaN and ±Inf placement."""
+    inputs = [data.draw(special_arrays(s, np.float64, moderate), label=f"input {k}")
+              for k, s in enumerate(spec.in_shapes)]
+    if spec.int_input:
+        length, bound = spec.int_input
+        inputs.append(data.draw(int_arrays((length,), 0, bound), label="labels"))
+
+    def fn(*xs):
+        return run_program(spec, *xs)
+
+    with np.errstate(all="ignore"):
+        want = _as_tuple(jg.jit(fn, backend="interpret")(*inputs))
+        got = _as_tuple(jg.jit(fn, backend="numba")(*inputs))
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert_same_specials(g, w, None, f"result {k} of\n{spec!r}\non {inputs!r}")
