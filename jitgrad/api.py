@@ -16,8 +16,8 @@ from . import remat as remat_mod
 from . import tree
 from .autodiff import grad_program
 from .core import Tracer, _trace_stack, eval_program, instr_tags, user_frame_loc
-from .errors import JitgradError, UndefinedGradientError
-from .ir import Program
+from .errors import JitgradError, NonFiniteError, UndefinedGradientError
+from .ir import Program, dtype_short
 from .passes import dce, optimize
 from .trace import Signature, signature_of, trace_flat
 
@@ -69,6 +69,29 @@ def _supported(x: Any) -> bool:
     return True
 
 
+def check_finite_inputs(arrays: Sequence[np.ndarray], in_tree: tree.TreeDef,
+                        arg_names: Sequence[str] = ()) -> None:
+    """check_finite: a NaN or Inf passed in is the caller's, named by its place and line.
+
+    Compiled code may drop a NaN before any result sees it (relu once did, an argmax or a
+    comparison still may), so the inputs are checked, not only the results. arg_names
+    names the leading arguments (train_step: "params", "state", ...); the others are
+    args[0], args[1], ... Integer and boolean inputs are never non-finite.
+    """
+    bad = next((i for i, a in enumerate(arrays)
+                if a.dtype.kind == "f" and not np.isfinite(a).all()), None)
+    if bad is None:
+        return
+    paths = [p for k, td in enumerate(in_tree[1]) for p in tree.leaf_paths(
+        td, arg_names[k] if k < len(arg_names) else f"args[{k - len(arg_names)}]")]
+    a = arrays[bad]
+    first = tuple(int(i) for i in np.unravel_index(np.flatnonzero(~np.isfinite(a))[0], a.shape))
+    shape = ",".join(map(str, a.shape))
+    raise NonFiniteError(f"input {paths[bad]} ({dtype_short(a.dtype)}[{shape}]) holds "
+                         f"{a[first]} at index {first} (at {user_frame_loc()}); check_finite "
+                         "rejects non-finite inputs")
+
+
 def _as_input_array(x: Any, sig: Signature) -> np.ndarray:
     arr = np.asarray(x, dtype=sig[1])
     return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
@@ -101,11 +124,14 @@ class CompiledFunction:
 
     def __init__(self, fn: Callable[..., Any], *, remat: Any = None, memory_budget: Any = None,
                  backend: str | None = None, check_finite: bool = False,
-                 donate: dict[int, int] | None = None, pinned: Sequence[int] | None = None):
+                 donate: dict[int, int] | None = None, pinned: Sequence[int] | None = None,
+                 arg_names: Sequence[str] = ()):
         """donate maps result leaf -> argument leaf whose array receives it (train_step);
         pinned lists result leaves the Numba backend lays out contiguously at the start of
-        its arena and returns as views of it (distributed training all-reduces them)."""
+        its arena and returns as views of it (distributed training all-reduces them);
+        arg_names name the leading arguments in errors (check_finite_inputs)."""
         self.fn = fn
+        self.arg_names = tuple(arg_names)
         self._backend = backend
         self.options = {"check_finite": bool(check_finite) or check_finite_from_env()}
         remat_mod.check_policy(remat, memory_budget)
@@ -161,6 +187,8 @@ class CompiledFunction:
         flat = tree.flatten(args)
         entry, leaves, sigs = self._specialise(args, flat)
         arrays = [_as_input_array(x, s) for x, s in zip(leaves, sigs, strict=True)]
+        if self.options["check_finite"]:
+            check_finite_inputs(arrays, flat[1], self.arg_names)
         return tree.unflatten(entry.out_tree, entry.executable.run(arrays))
 
     def lower(self, *args: Any) -> Compiled:

@@ -435,10 +435,11 @@ def _scalar_expr(ins: Instr, a: list[str]) -> str:
         if ins.inputs[0].dtype == np.bool_:
             return f"({_literal(1, dt)} if {a[0]} else {zero})"
         return f"{_NP[dt.name]}({a[0]})"
+    # Numba's np.sign(-0.0) is -0.0, numpy's 0.0: adding 0 gives numpy's (NaN stays NaN).
     unary = {"neg": "(-{0})", "exp": "np.exp({0})", "log": "np.log({0})",
              "tanh": "np.tanh({0})", "sqrt": "np.sqrt({0})", "abs": "abs({0})",
              "floor": "np.floor({0})", "ceil": "np.ceil({0})", "round": "np.rint({0})",
-             "sign": "np.sign({0})", "stop_gradient": "{0}",
+             "sign": "(np.sign({0}) + " + zero + ")", "stop_gradient": "{0}",
              "relu": "_relu({0}, " + zero + ")", "sigmoid": "_sigmoid({0})",
              "maximum": "_maximum({0}, {1})", "where": "_select({0}, {1}, {2})"}
     if name not in unary:  # a primitive defined without a scalar expression here
@@ -459,14 +460,19 @@ def _select(typingctx, c, a, b):
     return a(c, a, b), codegen
 
 
+# relu and maximum are numpy's maximum: NaN propagates (`x if x > 0 else 0` made relu(NaN)
+# 0, hiding a NaN from the loss and from check_finite) and on a tie the second operand wins.
+# relu is `0 if x < 0 else x` (one maxss/maxps, NaN passing through) plus 0, which turns
+# -0.0 into numpy's 0.0 (so 1/relu(-0.0) is +inf) and changes nothing else; LLVM keeps the
+# addition (no fast-math). Measured as fast as the old form, vectorised or not.
 @njit(inline="always")
 def _relu(x, zero):
-    return x if x > zero else zero
+    return (zero if x < zero else x) + zero
 
 
 @njit(inline="always")
 def _maximum(a, b):
-    return a if (a >= b or a != a) else b
+    return a if (a > b or a != a) else b
 
 
 @njit(inline="always")

@@ -157,7 +157,7 @@ class DistributedTrainStep:
 
         # Result leaves are (loss, grads...): all pinned, in this order, as the flat buffer.
         self.compiled = CompiledFunction(grads_fn, pinned=list(range(1 + self._n)),
-                                         **jit_options)
+                                         arg_names=("params",), **jit_options)
 
         def update_fn(params: Any, state: Any, hyper: Any, grads: Any, scale: Any) -> Any:
             grads = tree.unflatten(self._grad_tree, [g * scale for g in tree.flatten(grads)[0]])

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .core import current_loc, replay
+from .core import replay
 from .errors import NonFiniteError
 from .ir import Instr, Program, Var, format_instr
 
@@ -18,11 +18,7 @@ def run(prog: Program, args: Sequence[np.ndarray], check_finite: bool = False) -
             raise NonFiniteError(f"non-finite value produced by instruction "
                                  f"`{format_instr(ins, {})}` at {ins.loc}")
 
-    if check_finite:  # a NaN passed in is the caller's, not the first instruction's
-        for k, (var, a) in enumerate(zip(prog.inputs, args, strict=True)):
-            if var.dtype.kind == "f" and not np.all(np.isfinite(a)):
-                raise NonFiniteError(f"input {k} ({var.type_str()}) of the call contains "
-                                     f"NaN or Inf (at {current_loc()})")
+    # Inputs are jit's to check (api.check_finite_inputs names them by their place).
     if not check_finite:
         env = replay(prog, args)
     else:

@@ -61,7 +61,9 @@ class TrainStep:
         n_state = len(leaves) + len(tree.flatten(self.state)[0])
         # Result leaves are (loss, params..., state...); argument leaves start (params, state).
         donate = None if self.check_finite else {1 + i: i for i in range(n_state)}
-        self.compiled = CompiledFunction(step, donate=donate, **jit_options)
+        # check_finite names a bad leaf as the caller sees it: params['W0'], args[0] (the batch)
+        self.compiled = CompiledFunction(step, donate=donate,
+                                         arg_names=("params", "state", "hyper"), **jit_options)
 
     def __call__(self, *batch: Any) -> np.ndarray:
         with self._lock:
