@@ -251,3 +251,45 @@ def test_a_recomputed_loss_pairs_with_its_gradient():
     full = jg.jit(jg.value_and_grad(f), remat="full")
     assert _same_bits(base, full(x, y))
     assert any(i.role == "recompute" for i in full.program.instrs)
+
+
+# ---------------------------------------------------------------- the training step
+
+# Every optimizer of the registry, and each update path of the ones with options
+# (momentum, Nesterov, L2 weight decay added to the gradient, decoupled decay).
+_OPTIMIZER_VARIANTS = {"sgd": [{}, {"momentum": 0.9}, {"weight_decay": 1e-4},
+                               {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}],
+                       "adam": [{}, {"weight_decay": 1e-4}]}
+_OPTIMIZERS = [(name, kw) for name in jg.optim.OPTIMIZERS
+               for kw in _OPTIMIZER_VARIANTS.get(name, [{}])]
+
+
+def _planned_arena(entry, donate=None):
+    return plan_program(entry.program, donate).plan.peak_bytes
+
+
+@pytest.mark.parametrize("sizes", [[784] + [128] * 8 + [10], [64] * 33 + [10]],
+                         ids=["8x128-batch1024", "32-layer-chain"])
+def test_train_step_arena_is_the_gradient_arena_plus_optimizer_state(sizes):
+    # Recomputation must work in the training step as in jit(grad): the update must not
+    # keep activations or their gradients live (fusing a weight gradient into the
+    # momentum or weight-decay sum once held every layer's until the end of the step).
+    batch = 1024 if sizes[0] == 784 else 512
+    x = np.zeros((batch, sizes[0]), np.float32)
+    y = np.zeros(batch, np.int64)
+    arenas: dict = {}
+    for policy in (None, "sqrt"):
+        params = jg.nn.mlp_init(sizes, 0)
+        grad = _planned_arena(jg.jit(jg.grad(jg.nn.mlp_loss), remat=policy,
+                                     backend="interpret").lower(params, x, y))
+        for name, kw in _OPTIMIZERS:
+            opt = jg.optim.OPTIMIZERS[name](**kw)
+            step = jg.train_step(jg.nn.mlp_loss, params, opt, remat=policy,
+                                 backend="interpret")
+            state = sum(a.nbytes for a in tree.flatten(step.state)[0])
+            arena = _planned_arena(step.lower(x, y), step.compiled.options["donate"])
+            arenas[policy, name, str(kw)] = arena
+            assert arena <= 1.05 * (grad + state), (policy, name, kw, arena, grad, state)
+    # and recomputation pays off in every one of them
+    for name, kw in _OPTIMIZERS:
+        assert arenas["sqrt", name, str(kw)] < 0.8 * arenas[None, name, str(kw)], arenas
