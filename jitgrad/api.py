@@ -216,8 +216,10 @@ def jit(fn: Callable[..., Any], *, remat: str | None = None, memory_budget: int 
     """Compile fn: traced once per input signature, run natively (backend="numba").
 
     remat="sqrt" stores about sqrt(n) of the values the backward sweep needs and
-    recomputes the rest ("full" stores none of them); memory_budget=BYTES stores what
-    fits an arena of that many bytes with the least recomputation (see jitgrad.remat).
+    recomputes the rest; "full" stores none of them, as jax.checkpoint around fn:
+    backward recomputes each from the arguments (on a chain all at once, so the peak
+    stays where it was); memory_budget=BYTES stores what fits an arena of that many
+    bytes with the least recomputation (see jitgrad.remat).
     """
     return CompiledFunction(fn, remat=remat, memory_budget=memory_budget, backend=backend,
                             check_finite=check_finite)

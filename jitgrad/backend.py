@@ -46,11 +46,15 @@ def _address(a: np.ndarray) -> int:
 def _donatable(uses: list[memory.StepUse], steps: list[Any], out: Var, into: Var) -> bool:
     """Can the step computing `out` write straight into the memory of input `into`?
 
-    Only if no later step reads the old value, and the writing step itself reads
-    `into` (if at all) element by element where it writes.
+    Only if no later step reads the old value, the writing step itself reads
+    `into` (if at all) element by element where it writes, and no step from it on
+    can fail (a label or index check): a failed call must leave the caller's arrays
+    untouched (train_step's contract), whatever the order fusion chose.
     """
     writer = next((i for i, u in enumerate(uses) if out in u.writes), None)
     if writer is None or into.shape != out.shape or into.dtype != out.dtype:
+        return False
+    if any(s.can_fail for s in steps[writer:]):
         return False
     if any(into in u.reads for u in uses[writer + 1:]):
         return False

@@ -99,5 +99,31 @@ def fuse(prog: Program) -> list[Instr | Group]:
         schedule.append(group)
     # A constant needs its own buffer only where a non-elementwise op or the caller reads it.
     needed = outputs | {v for ins in prog.instrs if not is_elementwise(ins) for v in ins.inputs}
-    return [s for s in schedule if not (isinstance(s, Group) and (
-        id(s) in absorbed or (is_const(s.root) and s.out not in needed)))]
+    return _accumulate_early([s for s in schedule if not (isinstance(s, Group) and (
+        id(s) in absorbed or (is_const(s.root) and s.out not in needed)))])
+
+
+def _accumulate_early(schedule: list[Instr | Group]) -> list[Instr | Group]:
+    """The schedule with each GEMM-accumulating group moved up to where its inputs are ready.
+
+    Such a group runs its matmul, so left at its root's place it would delay the
+    matmul there: a weight gradient added into the optimizer's momentum or weight
+    decay (`mu*buf + A.T@G`) would keep the layer's activation A and gradient G live
+    from the backward sweep to the update at the end of the step, every layer at once.
+    Right after its last input is computed, it frees them where the matmul would.
+    Order among the other steps is unchanged; moving a computation earlier is always
+    safe in SSA form (the planner refuses in-place donation into a caller's array
+    before a step that can fail, see backend._donatable).
+    """
+    position: dict[Var, tuple[int, ...]] = {}  # sort key of the step that writes a value
+    keys: list[tuple[int, ...]] = []
+    for i, item in enumerate(schedule):
+        if isinstance(item, Group) and item.accumulates is not None:
+            # right after the latest step writing one of its inputs, before anything later
+            key = max((position[v] for v in item.leaves if v in position), default=(-1,)) + (i,)
+        else:
+            key = (i,)
+        keys.append(key)
+        for v in ([item.out] if isinstance(item, Group) else item.outputs):
+            position[v] = key
+    return [item for _, item in sorted(zip(keys, schedule), key=lambda p: p[0])]

@@ -375,6 +375,21 @@ def apply(prog: Program, remat: Policy = None, memory_budget: int | None = None,
     return out, describe(prog, out, saved, stored, policy)
 
 
+def stores_and_recomputes(stored: int, saved: int) -> str:
+    """What an arena keeps of the `saved` values backward reads, and what it recomputes."""
+    if saved == 0:
+        return "the backward sweep reads no forward values, so there is nothing to recompute"
+    values = "value" if saved == 1 else "values"
+    if stored == saved:
+        return (f"storing {'the' if saved == 1 else 'all'} {saved} {values} saved for "
+                "backward and recomputing none")
+    if stored == 0:
+        return (f"storing none of the {saved} {values} saved for backward and recomputing "
+                f"{'it' if saved == 1 else 'them all'}")
+    return (f"storing {stored} of the {saved} values saved for backward and recomputing "
+            f"the other {saved - stored}")
+
+
 def _fit_budget(prog: Program, free: list[Var], budget: int,
                 plan_of: Callable[[Program], Plan] | None) -> set[Var]:
     if plan_of is None:
@@ -434,11 +449,13 @@ def _fit_budget(prog: Program, free: list[Var], budget: int,
 
     feasible = [k for k, peak in measured.items() if peak <= budget]
     if not feasible:
-        least = improve(min(measured, key=measured.__getitem__), measured.__getitem__)
+        # of equally small arenas, the one recomputing least (storing everything, if that ties)
+        least = improve(min(measured, key=lambda k: (measured[k], cands.recompute_cost(k))),
+                        measured.__getitem__)
         raise JitgradError(
             f"memory_budget={budget} bytes cannot be met: the smallest arena this planner "
-            f"fits is {measured[least]} bytes (storing {sum(least)} of {n} values saved for "
-            f"backward and recomputing the rest); without recomputation it is {full} bytes")
+            f"fits is {measured[least]} bytes ({stores_and_recomputes(sum(least), n)}); "
+            f"without recomputation it is {full} bytes")
     best = min(feasible, key=cands.recompute_cost)
     best = improve(best, lambda t: cands.recompute_cost(t) if measured[t] <= budget
                    else math.inf)

@@ -36,10 +36,12 @@ class TrainStep:
     """Call with a batch; returns the loss and updates params and optimizer state in place.
 
     The new parameters and state are donated to the caller's arrays: the fused
-    update kernels write them in place as the last steps of the native call,
-    after every kernel that can fail (label and index checks) has run, so a
-    failed step leaves every parameter untouched. With check_finite the
-    results are instead copied in only once the loss was found finite.
+    update kernels write them in place (a momentum buffer as soon as its weight
+    gradient is computed, so the layer's activations can be freed), but only
+    after every kernel that can fail (label and index checks) has run; a result
+    ready before that is copied in after the call. So a failed step leaves every
+    parameter untouched. With check_finite the results are instead copied in only
+    once the loss was found finite.
     """
 
     def __init__(self, loss_fn: Any, params: Any, optimizer: Optimizer, **jit_options: Any):

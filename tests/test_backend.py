@@ -110,6 +110,28 @@ def test_failed_step_leaves_params_and_state_untouched():
         np.testing.assert_array_equal(step.state["momentum"][k], momentum[k])
 
 
+@pytest.mark.parametrize("update", [lambda b, a: 0.9 * b + a.T @ a,   # GEMM accumulating
+                                    lambda b, a: b - 0.1 * jg.sum(a, axis=0)],  # a fused loop
+                         ids=["matmul+add", "fused"])
+def test_no_in_place_write_into_a_donated_array_before_a_failing_check(update):
+    # The donated result is computed before a gather that rejects its indices: writing it
+    # into the caller's array there would change it although the call fails.
+    def f(b, a, x, idx):
+        return update(b, a), jg.sum(x[idx])
+
+    cf = jg.api.CompiledFunction(f, donate={0: 0}, backend="numba")
+    rng = np.random.default_rng(5)
+    b, a = np.ones((4, 4), np.float32), rng.normal(size=(4, 4)).astype(np.float32)
+    x = rng.normal(size=(6, 3)).astype(np.float32)
+    before = b.copy()
+    with pytest.raises(jg.JitgradError, match="index 9 is out of bounds"):
+        cf(b, a, x, np.array([0, 9]))
+    np.testing.assert_array_equal(b, before)
+    new, _ = cf(b, a, x, np.array([0, 5]))
+    np.testing.assert_allclose(new, update(before, a), rtol=1e-6)
+    assert new is b  # the result still lands in the caller's array
+
+
 def test_float32_sum_of_many_terms_is_accurate():
     x = np.random.default_rng(3).normal(size=(1 << 20,)).astype(np.float32) + 1
     got = jg.jit(jg.sum, backend="numba")(x)

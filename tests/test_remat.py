@@ -1,6 +1,7 @@
 """Recomputation checkpointing: what is saved, what is recomputed, budgets, and identical bits."""
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -177,6 +178,23 @@ def test_sqrt_keeps_about_sqrt_n_activations_on_a_32_layer_chain():
     assert sreport.recompute_instrs <= 3 * dropped + 3
 
 
+def test_full_is_a_checkpoint_around_the_whole_function():
+    # What the README says of remat="full": nothing stored, the whole forward pass
+    # recomputed once from the arguments, the same as jg.checkpoint(fn), and on a chain
+    # no smaller an arena than without recomputation.
+    args = _data(np.random.default_rng(12), [32] * 9, 64)
+    prog, _ = _lowered(_chain_loss, args)
+    fprog, freport = _lowered(_chain_loss, args, remat="full")
+    cprog, creport = _lowered(jg.checkpoint(_chain_loss), args)
+    assert freport.stored == []
+    forward = [i.prim for i in prog.instrs if i.role == "forward" and i.prim.name != "const"]
+    recomputed = [i.prim for i in fprog.instrs if i.role == "recompute"]
+    assert recomputed == forward[:-1]  # all but the loss, which backward does not read
+    assert [i.prim for i in fprog.instrs] == [i.prim for i in cprog.instrs]
+    assert creport.recompute_flops == freport.recompute_flops
+    assert _arena(fprog) >= 0.95 * _arena(prog)
+
+
 def test_budget_is_respected_and_infeasible_budget_names_the_smallest():
     rng = np.random.default_rng(8)
     args = _data(rng, [32] * 13, 128)
@@ -187,11 +205,25 @@ def test_budget_is_respected_and_infeasible_budget_names_the_smallest():
         _lowered(_chain_loss, args, memory_budget=full // 10)
     smallest = int(err.value.args[0].split("fits is ")[1].split(" ")[0])
     assert smallest < full
+    # it says what that arena stores and what it recomputes, and the two add up
+    kept, other = map(int, re.search(r"\(storing (\d+) of the 12 values saved for backward "
+                                     r"and recomputing the other (\d+)\)",
+                                     str(err.value)).groups())
+    assert 0 < kept < 12 and kept + other == 12
     sprog, _ = _lowered(_chain_loss, args, memory_budget=smallest)
     assert _arena(sprog) <= smallest
     # a budget above the need stores everything
     same, report = _lowered(_chain_loss, args, memory_budget=full)
     assert report.recompute_instrs == 0 and _arena(same) == full
+
+
+def test_the_smallest_arena_says_what_it_stores_and_recomputes():
+    say = remat.stores_and_recomputes
+    assert say(3, 9) == "storing 3 of the 9 values saved for backward and recomputing the other 6"
+    assert say(5, 5) == "storing all 5 values saved for backward and recomputing none"
+    assert say(1, 1) == "storing the 1 value saved for backward and recomputing none"
+    assert say(0, 4) == "storing none of the 4 values saved for backward and recomputing them all"
+    assert "nothing to recompute" in say(0, 0)
 
 
 @pytest.mark.parametrize("bad", [0, -5, 1.5, "4MiB", True])
@@ -251,3 +283,45 @@ def test_a_recomputed_loss_pairs_with_its_gradient():
     full = jg.jit(jg.value_and_grad(f), remat="full")
     assert _same_bits(base, full(x, y))
     assert any(i.role == "recompute" for i in full.program.instrs)
+
+
+# ---------------------------------------------------------------- the training step
+
+# Every optimizer of the registry, and each update path of the ones with options
+# (momentum, Nesterov, L2 weight decay added to the gradient, decoupled decay).
+_OPTIMIZER_VARIANTS = {"sgd": [{}, {"momentum": 0.9}, {"weight_decay": 1e-4},
+                               {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}],
+                       "adam": [{}, {"weight_decay": 1e-4}]}
+_OPTIMIZERS = [(name, kw) for name in jg.optim.OPTIMIZERS
+               for kw in _OPTIMIZER_VARIANTS.get(name, [{}])]
+
+
+def _planned_arena(entry, donate=None):
+    return plan_program(entry.program, donate).plan.peak_bytes
+
+
+@pytest.mark.parametrize("sizes", [[784] + [128] * 8 + [10], [64] * 33 + [10]],
+                         ids=["8x128-batch1024", "32-layer-chain"])
+def test_train_step_arena_is_the_gradient_arena_plus_optimizer_state(sizes):
+    # Recomputation must work in the training step as in jit(grad): the update must not
+    # keep activations or their gradients live (fusing a weight gradient into the
+    # momentum or weight-decay sum once held every layer's until the end of the step).
+    batch = 1024 if sizes[0] == 784 else 512
+    x = np.zeros((batch, sizes[0]), np.float32)
+    y = np.zeros(batch, np.int64)
+    arenas: dict = {}
+    for policy in (None, "sqrt"):
+        params = jg.nn.mlp_init(sizes, 0)
+        grad = _planned_arena(jg.jit(jg.grad(jg.nn.mlp_loss), remat=policy,
+                                     backend="interpret").lower(params, x, y))
+        for name, kw in _OPTIMIZERS:
+            opt = jg.optim.OPTIMIZERS[name](**kw)
+            step = jg.train_step(jg.nn.mlp_loss, params, opt, remat=policy,
+                                 backend="interpret")
+            state = sum(a.nbytes for a in tree.flatten(step.state)[0])
+            arena = _planned_arena(step.lower(x, y), step.compiled.options["donate"])
+            arenas[policy, name, str(kw)] = arena
+            assert arena <= 1.05 * (grad + state), (policy, name, kw, arena, grad, state)
+    # and recomputation pays off in every one of them
+    for name, kw in _OPTIMIZERS:
+        assert arenas["sqrt", name, str(kw)] < 0.8 * arenas[None, name, str(kw)], arenas

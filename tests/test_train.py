@@ -371,6 +371,8 @@ def test_cli_remat_is_passed_through(capsys, monkeypatch):
     assert seen == {"memory_budget": 1000}
     assert_usage_error(code, err)
     assert "cannot be met: the smallest arena" in err
+    # at this size recomputation cannot shrink the arena, and the message says so exactly
+    assert "(storing all 2 values saved for backward and recomputing none)" in err
 
 
 def test_cli_nonfinite_loss_stops_cleanly(tmp_path, capsys):
