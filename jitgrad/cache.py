@@ -132,8 +132,16 @@ class _Origin:
 _origins: dict[str, _Origin] = {}  # Python file -> how its Numba files are kept
 
 
+# The kind of a generated module ("step", "fused", "kernels"): part of its name, which
+# `jitgrad cache clear` must recognise (_JITGRAD_NAME).
+_KIND = r"[a-z][a-z0-9_]*"
+
+
 def load_module(prefix: str, source: str, extra_key: str = "") -> types.ModuleType:
-    """Run `source` as a module backed by a file in the cache directory (written first if new)."""
+    """Run `source` as a module backed by a file in the cache directory (written first if new);
+    `prefix` names its kind (lower-case letters, digits, underscores)."""
+    if not re.fullmatch(_KIND, prefix):
+        raise ValueError(f"cache.load_module: prefix {prefix!r} is not {_KIND}")
     name = f"jg_{prefix}_{module_key(source, extra_key)}"
     with _lock:
         module = sys.modules.get(name)
@@ -362,7 +370,7 @@ _install()
 # things): modules jg_<kind>_<key>.py; Numba's files of a module (or of a package file,
 # jg_pkg_<key>.<module>...) <module>.<function>-<line>.py<version>.nbi and
 # ....<key hash>.nbc; the index lock; temp files being published.
-_MODULE = r"jg_[a-z]+_[0-9a-f]{20}"
+_MODULE = rf"jg_{_KIND}_[0-9a-f]{{20}}"
 _JITGRAD_NAME = re.compile(rf"{_MODULE}\.py"
                            rf"|{_MODULE}\.[\w.]+-\d+\.py\d+\w*(\.nbi|\.[0-9a-f]{{16}}\.nbc)"
                            rf"|{re.escape(_INDEX_LOCK)}|jg_tmp_[0-9a-f]{{16}}\.tmp")

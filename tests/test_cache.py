@@ -293,10 +293,13 @@ def test_a_temp_directory_is_trusted(monkeypatch):
 
 
 @pytest.mark.parametrize("flip", ["link on the cache path", "index file"])
-def test_a_link_flipped_between_check_and_open_runs_nothing(tmp_path, monkeypatch, flip):
-    """An attacker who could swap a link between jitgrad's check of a file and its open
-    (here deterministically: right after the check sees the genuine file) must not get
-    their pickle unpickled. Their directory and files are owned by another user (faked)."""
+def test_a_link_flipped_between_check_and_open_runs_nothing(tmp_path, monkeypatch, caplog,
+                                                             flip):
+    """An attacker who could swap a link between jitgrad's check of a file and its open must
+    not get their pickle unpickled. The hook flips the link deterministically at the first
+    moment jitgrad looks at the genuine index: right after a stat of it (a check that looks
+    at the file by path, as d0d2227 did) or right before opening it by name. The attacker's
+    directory and files are owned by another user (faked)."""
     real, evil, link = tmp_path / "real", tmp_path / "evil", tmp_path / "cache"
     os.makedirs(real, mode=0o700)
     os.symlink(real, link)
@@ -316,27 +319,66 @@ def test_a_link_flipped_between_check_and_open_runs_nothing(tmp_path, monkeypatc
     genuine = (os.stat(index).st_dev, os.stat(index).st_ino)
     flipped = []
 
+    def flip_now():
+        if flipped:
+            return
+        flipped.append(True)
+        if flip == "index file":
+            tmp = index.with_suffix(".swap")
+            os.symlink(bad, tmp)
+            os.replace(tmp, index)
+        else:
+            os.symlink(evil, tmp_path / "swap")
+            os.replace(tmp_path / "swap", link)
+
     def on_stat(st):
-        if (st.st_dev, st.st_ino) == genuine and not flipped:
-            flipped.append(True)
-            if flip == "index file":
-                tmp = index.with_suffix(".swap")
-                os.symlink(bad, tmp)
-                os.replace(tmp, index)
-            else:
-                os.symlink(evil, tmp_path / "swap")
-                os.replace(tmp_path / "swap", link)
+        if (st.st_dev, st.st_ino) == genuine:
+            flip_now()
     foreign(monkeypatch, [evil, evil / "__pycache__", bad], on_stat)
+    real_open = os.open
+
+    def os_open(path, *args, **kwargs):
+        if os.path.basename(os.fsdecode(path)) == index.name:
+            flip_now()
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", os_open)
     try:
         mod = load(source)
     except jg.CacheSecurityError as e:
         mod = e
     assert flipped  # the hook did run between the check and the read
     assert not marker.exists(), "the attacker's pickle was unpickled"
-    # The index and data were read through the descriptors of the directories checked
-    # (the genuine ones): a cache hit, and the right result.
     assert not isinstance(mod, Exception), mod
-    assert mod.jg_scale._cache_hits == 1 and mod.jg_scale.ctypes(2.0) == 2.0 * c + 1.0
+    assert mod.jg_scale.ctypes(2.0) == 2.0 * c + 1.0
+    if flip == "link on the cache path":
+        # the index and data were read through the descriptor of the directory checked
+        # (the genuine one): a cache hit
+        assert mod.jg_scale._cache_hits == 1
+    else:  # opened with O_NOFOLLOW: the link is never followed, a miss that replaces it
+        assert mod.jg_scale._cache_hits == 0 and "rebuilding" in caplog.text
+        assert not index.is_symlink()
+
+
+def test_load_module_names_are_the_names_clear_removes(cache_dir):
+    """Every name load_module makes matches what `jitgrad cache clear` removes."""
+    source, _ = fresh_source()
+    sys.modules.pop(f"jg_kernel_2d_{cache.module_key(source)}", None)
+    cache.load_module("kernel_2d", source)
+    made = {p.name for p in cache_dir.rglob("*") if p.is_file()}
+    assert len(made) == 4  # module, index, data, index lock
+    assert all(cache._JITGRAD_NAME.fullmatch(n) for n in made), made
+    for bad in ("Step", "a.b", "../x", ""):
+        with pytest.raises(ValueError, match="prefix"):
+            cache.load_module(bad, source)
+
+
+def test_numba_bound_in_pyproject_is_the_tested_range():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cache.__file__)))
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        spec = re.search(r'"numba>=(\d+)\.(\d+),<(\d+)\.(\d+)"', f.read())
+    assert spec, "pyproject.toml must bound numba from both sides"
+    lo, hi = (int(spec[1]), int(spec[2])), (int(spec[3]), int(spec[4]))
+    assert (lo, hi) == cache.TESTED_NUMBA
 
 
 # ---------------------------------------------------------------- several processes at once
