@@ -18,25 +18,12 @@ from .codegen import lower, prepare, render_glue
 from .errors import JitgradError, NonFiniteError
 from .ir import Program, Var, var_names
 
-_registered: set[str] = set()
-_register_lock = threading.Lock()
-
-
-def _register_symbols(module: Any, prefix: str) -> None:
-    """Make the module's C-ABI functions callable by name from generated code."""
-    import llvmlite.binding as llb
-    with _register_lock:
-        for name in dir(module):
-            if name.startswith(prefix) and name not in _registered:
-                llb.add_symbol(name, getattr(module, name).address)
-                _registered.add(name)
-
 
 def _load_fused(fused: dict[str, str]) -> None:
     for sym, source in fused.items():
-        if sym not in _registered:
+        if not kernels.is_registered(sym):
             module = cache.load_module("fused", source, extra_key=kernels.library_hash())
-            _register_symbols(module, sym)
+            kernels.register_symbols(module, [sym])
 
 
 def _address(a: np.ndarray) -> int:
@@ -148,7 +135,7 @@ class NumbaExecutable:
         self.check_finite = check_finite
         # Lowering names what Numba cannot run (NoLoweringError) before anything compiles.
         planned = plan_program(prog, donate, sources=True, pinned=pinned)
-        kernels.ensure_loaded()
+        kernels.require(s.sym for s in planned.low.steps)  # only the kernels it calls
         prepared, low, external = planned.prepared, planned.low, planned.external
         outputs = planned.outputs
         self._donate_copy = planned.donate_copy

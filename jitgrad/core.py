@@ -12,17 +12,19 @@ built on that.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .errors import JitgradError
-from .ir import Instr, Program, Var, check_dtype
+from .ir import Instr, Program, Var, check_dtype, literal, numpy_name
 
 Aval = tuple[tuple[int, ...], np.dtype]
 
@@ -31,24 +33,55 @@ _NUMPY_DIR = os.path.dirname(os.path.abspath(np.__file__))
 
 
 class Primitive:
-    """An operation of the IR. Rules are registered beside the primitive's definition.
+    """An operation of the IR, with every rule about it declared beside its definition.
 
+    Meaning: `def_impl` (numpy reference), `def_shape` (abstract evaluation), `def_vjp`.
     grad: "rule" (has a VJP rule), "zero" (constant: no gradient flows, e.g.
     stop_gradient), or "undefined" (piecewise constant: a requested gradient
     through it raises UndefinedGradientError).
+
+    Compilation (read by the pipeline, which never names a primitive):
+    - `def_scalar`: the scalar expression of an elementwise primitive, which fusion
+      inlines into one loop with its neighbours;
+    - `def_lowering`: library-kernel calls (a `kernels.Kernel` declares its C signature);
+    - `def_accumulate`: the call computing `x + this` in x's buffer (GEMM's beta = 1),
+      used where a primitive that `absorbs_accumulation` (add) reads this one's result;
+    - `joint`: primitives lowered as one call when they share inputs (a loss and its
+      gradient);
+    - `def_prepare`: a rewrite into the form the kernels take (reductions over
+      contiguous axes); `index_inputs`: inputs the kernels read as int64;
+    - `def_simplify`: an algebraic simplification (`passes.simplify`);
+    - `def_cost`: the work of one instruction, for recomputation (default: elements);
+    - `def_label`: how `jitgrad show`'s graph prints its parameters.
     """
 
-    def __init__(self, name: str, family: str, *, n_outputs: int = 1, grad: str = "rule"):
+    def __init__(self, name: str, family: str, *, n_outputs: int = 1, grad: str = "rule",
+                 index_inputs: tuple[int, ...] = (), absorbs_accumulation: bool = False):
         self.name = name
         self.family = family
         self.n_outputs = n_outputs
         self.grad = grad
+        self.index_inputs = index_inputs
+        self.absorbs_accumulation = absorbs_accumulation
         self.impl: Callable[..., Any] | None = None
         self.shape_rule: Callable[..., Any] | None = None
         self.vjp: Callable[..., Any] | None = None
+        self.scalar: ScalarRule | None = None
+        self.lowering: Callable[..., None] | None = None
+        self.accumulate: Callable[..., Any] | None = None
+        self.joint: Joint | None = None
+        self.prepare: Callable[[Instr, list[Instr]], None] | None = None
+        self.simplify: Callable[[Instr, dict[Var, Instr]], Var | Instr | None] | None = None
+        self.cost: Callable[[Instr], int] | None = None
+        self.label: Callable[[Instr], str] | None = None
 
     def __repr__(self) -> str:
         return self.name
+
+    @property
+    def elementwise(self) -> bool:
+        """Each output element depends on the same element of each (broadcast) input."""
+        return self.family == "elementwise"
 
     def def_impl(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         self.impl = fn
@@ -60,6 +93,48 @@ class Primitive:
 
     def def_vjp(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         self.vjp = fn
+        return fn
+
+    def def_scalar(self, expr: str | Callable[[Instr, list[str]], str],
+                   helpers: str = "") -> Any:
+        """expr: a format string over the arguments' expressions ({0}, {1}, ...; {zero} and
+        {one} are literals of the result's dtype, {dt} its numpy type), or a function
+        (instruction, argument expressions) -> expression. helpers: source of the
+        @njit(inline="always") functions expr calls, added to every loop that uses it."""
+        if not self.elementwise:
+            raise JitgradError(f"{self.name}: only elementwise primitives have a scalar "
+                               f"expression")
+        self.scalar = ScalarRule(expr, helpers)
+        return expr
+
+    def def_lowering(self, fn: Callable[..., None]) -> Callable[..., None]:
+        """fn(low: codegen.Lowering, ins) appends the kernel calls computing ins."""
+        self.lowering = fn
+        return fn
+
+    def def_accumulate(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """fn(ins, out, x) -> (kernel, dtype, args): one call computing out = x + ins's
+        result (x possibly out's own memory)."""
+        self.accumulate = fn
+        return fn
+
+    def def_prepare(self, fn: Callable[[Instr, list[Instr]], None]) -> Callable[..., None]:
+        """fn(ins, out) appends to out the instructions standing for ins on the kernels."""
+        self.prepare = fn
+        return fn
+
+    def def_simplify(self, fn: Callable[[Instr, dict[Var, Instr]], Var | Instr | None]
+                     ) -> Callable[..., Any]:
+        """fn(ins, producers) -> a Var equal to ins's result, a simpler Instr, or None."""
+        self.simplify = fn
+        return fn
+
+    def def_cost(self, fn: Callable[[Instr], int]) -> Callable[[Instr], int]:
+        self.cost = fn
+        return fn
+
+    def def_label(self, fn: Callable[[Instr], str]) -> Callable[[Instr], str]:
+        self.label = fn
         return fn
 
     def abstract_eval(self, in_avals: Sequence[Aval], params: dict[str, Any]) -> list[Aval]:
@@ -93,6 +168,34 @@ class Primitive:
             raise type(e)(f"{self.name}: {e} (at {current_loc()})") from None
 
 
+@dataclass(frozen=True)
+class ScalarRule:
+    """How an elementwise primitive computes one element (Primitive.def_scalar)."""
+
+    expr: str | Callable[[Instr, list[str]], str]
+    helpers: str = ""
+
+    def render(self, ins: Instr, args: list[str]) -> str:
+        if callable(self.expr):
+            return self.expr(ins, args)
+        dt = ins.outputs[0].dtype
+        return self.expr.format(*args, zero=literal(0, dt), one=literal(1, dt),
+                                dt=numpy_name(dt))
+
+
+class Joint:
+    """Primitives computed by one kernel call where they share their inputs (a loss and its
+    gradient in one pass). `lower(low, {primitive: instruction})` makes that call; the first
+    primitive listed leads: after recomputation it may appear twice, and the last copy
+    joins the first of each other primitive."""
+
+    def __init__(self, prims: Sequence[Primitive], lower: Callable[..., None]):
+        self.prims = list(prims)
+        self.lower = lower
+        for p in self.prims:
+            p.joint = self
+
+
 registry: dict[str, Primitive] = {}
 
 
@@ -102,6 +205,62 @@ def primitive(name: str, family: str, **kw: Any) -> Primitive:
     p = Primitive(name, family, **kw)
     registry[name] = p
     return p
+
+
+def emit_like(out: list[Instr], prim: Primitive, inputs: tuple[Var, ...], like: Instr,
+              **params: Any) -> Var:
+    """Append an instruction standing in for part of `like` (same line and tags) to out;
+    returns its result. Rewrites (`def_prepare`) build with it."""
+    (shape, dtype), = prim.abstract_eval([(v.shape, v.dtype) for v in inputs], params)
+    var = Var(shape, dtype)
+    out.append(dataclasses.replace(like, prim=prim, inputs=inputs,
+                                   params=tuple(sorted(params.items())), outputs=(var,)))
+    return var
+
+
+# ---------------------------------------------------------------- primitives the core needs
+
+# Scalar constants: Trace.var_of makes one of every Python or 0-d numpy scalar it meets.
+const_p = primitive("const", "elementwise", grad="zero")
+const_p.def_impl(lambda *, value, dtype: np.asarray(value, dtype=dtype))
+const_p.def_shape(lambda *, value, dtype: ((), dtype))
+const_p.def_scalar(lambda ins, args: literal(ins.kw["value"], ins.outputs[0].dtype))
+const_p.def_cost(lambda ins: 0)  # folded into the kernels that read it
+
+
+@const_p.def_label
+def _const_label(ins: Instr) -> str:
+    v = ins.kw["value"]
+    return f" {v:.4g}" if isinstance(v, float) else f" {v!r}"  # f32 reprs are long
+
+
+def is_const(ins: Instr | None) -> bool:
+    return ins is not None and ins.prim is const_p
+
+
+# Casts: code generation also makes them, where a kernel reads int64 indices.
+cast_p = primitive("cast", "elementwise")
+cast_p.def_impl(lambda x, *, dtype: x.astype(dtype))
+cast_p.def_shape(lambda x, *, dtype: (x[0], dtype))
+
+
+@cast_p.def_vjp
+def _cast_vjp(cts, outs, ins, *, dtype):
+    return [cast(cts[0], ins[0].dtype)]
+
+
+@cast_p.def_scalar
+def _cast_scalar(ins: Instr, args: list[str]) -> str:
+    dt = ins.outputs[0].dtype
+    if dt == np.bool_:
+        return f"({args[0]} != 0)"
+    if ins.inputs[0].dtype == np.bool_:
+        return f"({literal(1, dt)} if {args[0]} else {literal(0, dt)})"
+    return f"{numpy_name(dt)}({args[0]})"
+
+
+def cast(x: Any, dtype: Any) -> Any:
+    return cast_p.bind(x, dtype=check_dtype(dtype))
 
 
 # ---------------------------------------------------------------- source locations
@@ -267,7 +426,6 @@ class Trace:
                                f"value: {e} (at {current_loc()})") from None
         arr = arr.astype(dtype, copy=False)  # native byte order
         if arr.ndim == 0:
-            from .ops.elementwise import const_p  # the const primitive lives with elementwise
             return self.emit(const_p, (), {"value": arr.item(), "dtype": arr.dtype})[0].var
         var = Var(arr.shape, arr.dtype)
         self.consts[var] = arr

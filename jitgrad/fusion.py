@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from .core import is_const
 from .ir import Instr, Program, Var
 
 MAX_LEAVES = 12  # keeps kernel signatures short; a larger tree is split at a leaf
@@ -22,8 +23,9 @@ class Group:
     root: Instr
     members: dict[Var, Instr]  # every output Var of the tree -> its instruction
     leaves: list[Var]          # materialised inputs, in first-use order
-    # For a root `x + A@B` whose product nothing else reads: that matmul, which code
-    # generation turns into one GEMM accumulating into the group's result.
+    # For a root `x + A@B` whose product nothing else reads: that matmul (a primitive with
+    # `def_accumulate`), which code generation turns into one GEMM accumulating into the
+    # group's result.
     accumulates: Instr | None = None
 
     @property
@@ -32,22 +34,18 @@ class Group:
 
 
 def is_elementwise(ins: Instr) -> bool:
-    return ins.prim.family == "elementwise"
+    return ins.prim.elementwise
 
 
-def is_const(ins: Instr | None) -> bool:
-    return ins is not None and ins.prim.name == "const"
-
-
-def accumulated_matmul(ins: Instr, producer: dict[Var, Instr], uses: Counter[Var]) -> Var | None:
+def accumulated_product(ins: Instr, producer: dict[Var, Instr], uses: Counter[Var]) -> Var | None:
     """For `x + A@B` whose product nothing else reads, the product: code generation makes
     such a sum one GEMM accumulating into the sum's buffer, so it stays a group's root."""
-    if ins.prim.name != "add":
+    if not ins.prim.absorbs_accumulation:
         return None
     out = ins.outputs[0]
     for m, x in (ins.inputs, ins.inputs[::-1]):  # prefer the later product
         p = producer.get(m)
-        if (p is not None and p.prim.name == "matmul" and uses[m] == 1 and m is not x
+        if (p is not None and p.prim.accumulate is not None and uses[m] == 1 and m is not x
                 and m.shape == x.shape == out.shape and m.dtype == x.dtype == out.dtype):
             return m
     return None
@@ -92,7 +90,7 @@ def fuse(prog: Program) -> list[Instr | Group]:
                 if len(leaves_of(ins, trial)) <= MAX_LEAVES:
                     members = trial
                     absorbed.add(id(g))
-        product = accumulated_matmul(ins, producer, uses)
+        product = accumulated_product(ins, producer, uses)
         group = Group(ins, members, leaves_of(ins, members),
                       producer[product] if product is not None else None)
         group_of[ins.outputs[0]] = group

@@ -20,6 +20,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from .core import is_const
 from .errors import JitgradError
 from .ir import Instr, Program, Var, var_names
 
@@ -60,14 +61,8 @@ def _q(text: str) -> str:
 
 
 def _short_params(ins: Instr) -> str:
-    kw = ins.kw
-    name = ins.prim.name
-    if name == "const":
-        v = kw["value"]
-        return f" {v:.4g}" if isinstance(v, float) else f" {v!r}"  # f32 reprs are long
-    if name == "matmul":
-        # ta/tb: the transposes GEMM applies, written as the product it computes
-        return f" {'Aᵀ' if kw.get('ta') else 'A'}·{'Bᵀ' if kw.get('tb') else 'B'}"
+    if ins.prim.label is not None:  # the primitive's own (a constant's value, matmul's flags)
+        return ins.prim.label(ins)
     shown = [f"{k}={v}" for k, v in ins.params if k in ("axes", "axis", "perm")]
     return f" [{' '.join(shown)}]" if shown else ""
 
@@ -106,7 +101,7 @@ def _elisions(prog: Program, max_nodes: int, collapse: bool) -> list[Elision]:
             if len(idx) < 2:
                 continue
             block = instrs[start:start + p]
-            ops = " → ".join(i.prim.name for i in block if i.prim.name != "const")
+            ops = " → ".join(i.prim.name for i in block if not is_const(i))
             locs = sorted({i.loc for i in block if i.loc})
             out.append(Elision(idx, f"⋮ {r - 2} more × [{ops}]\n({len(idx)} instructions"
                                     f"{', ' + ', '.join(locs[:2]) if locs else ''})",
@@ -197,7 +192,7 @@ def to_dot(prog: Program, *, kernels: Sequence[Sequence[Instr]] = (),
 
     def node_line(i: int, ins: Instr) -> str:
         fill, border, _ = ROLES.get(ins.role, ROLES["forward"])
-        if ins.prim.name == "const":
+        if is_const(ins):
             return (f"  i{i} [label={_q(f'{ins.prim.name}{_short_params(ins)}')}, shape=plaintext, "
                     f'style="", fontcolor="{border}"];')
         head = ("↻ " if ins.role == "recompute" else "") + ins.prim.name + _short_params(ins)
@@ -219,7 +214,7 @@ def to_dot(prog: Program, *, kernels: Sequence[Sequence[Instr]] = (),
     boxes: list[tuple[str, list[int]]] = []
     for group in kernels:
         members = [index[id(ins)] for ins in group
-                   if id(ins) in index and prog.instrs[index[id(ins)]].prim.name != "const"]
+                   if id(ins) in index and not is_const(prog.instrs[index[id(ins)]])]
         members = sorted(i for i in members if node_of[i] == f"i{i}" and i not in kernel_of)
         if len(members) >= 2:
             for i in members:
@@ -228,7 +223,7 @@ def to_dot(prog: Program, *, kernels: Sequence[Sequence[Instr]] = (),
     # Scalar constants are drawn next to each use: one shared node would send long edges
     # across the whole picture (the 0 of every relu-backward).
     inline = {i for i, ins in enumerate(prog.instrs)
-              if ins.prim.name == "const" and ins.outputs[0] not in outputs}
+              if is_const(ins) and ins.outputs[0] not in outputs}
     for role, (_, border, title_text) in ROLES.items():
         nodes = [i for i, ins in enumerate(prog.instrs) if ins.role == role
                  and node_of[i] == f"i{i}" and i not in kernel_of and i not in inline]

@@ -79,6 +79,25 @@ def dtype_short(dtype: np.dtype) -> str:
     return _SHORT.get(np.dtype(dtype).name, np.dtype(dtype).name)
 
 
+def numpy_name(dtype: np.dtype) -> str:
+    """The dtype as generated code spells it (`np.float32`, `np.bool_`)."""
+    name = np.dtype(dtype).name
+    return "np.bool_" if name == "bool" else f"np.{name}"
+
+
+def literal(value: Any, dtype: np.dtype) -> str:
+    """A scalar constant of dtype as generated code spells it (NaN and infinities too)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return repr(bool(value))
+    if dtype.kind == "f":
+        value = float(value)
+        if not np.isfinite(value):
+            value = "np.nan" if np.isnan(value) else ("np.inf" if value > 0 else "-np.inf")
+    return f"{numpy_name(dtype)}({value!r})" if not isinstance(value, str) \
+        else f"{numpy_name(dtype)}({value})"
+
+
 @dataclass(frozen=True, eq=False)
 class Instr:
     """`outputs = prim[params](inputs)`; params is a sorted tuple of (name, value) pairs."""

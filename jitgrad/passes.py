@@ -1,8 +1,8 @@
 """Program-to-Program optimisations. Each is pure, switchable and never changes results.
 
-- simplify: drops stop_gradient (it only matters to differentiation) and `x * 1`, and folds
-  2-d transposes into matmul's transpose flags, so `A.T @ G` reaches GEMM
-  without a copy;
+- simplify: each primitive's own simplification (`Primitive.def_simplify`): stop_gradient
+  is dropped (it only matters to differentiation), `x * 1` becomes x, 2-d transposes fold
+  into matmul's transpose flags (so `A.T @ G` reaches GEMM without a copy);
 - cse: one instruction per distinct (primitive, inputs, params);
 - dce: removes instructions whose results are never used.
 """
@@ -15,9 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 from .ir import Instr, Program, Var
-from .ops.elementwise import mul_p, stop_gradient_p
-from .ops.linalg import matmul_p
-from .ops.shape import transpose_p
 
 
 def _rename(ins: Instr, subst: dict[Var, Var]) -> Instr:
@@ -69,37 +66,17 @@ def simplify(prog: Program) -> Program:
     instrs: list[Instr] = []
     for ins in prog.instrs:
         ins = _rename(ins, subst)
-        if ins.prim is stop_gradient_p:
-            subst[ins.outputs[0]] = ins.inputs[0]
+        rule = ins.prim.simplify
+        simpler = rule(ins, producer) if rule is not None else None
+        if isinstance(simpler, Var):
+            subst[ins.outputs[0]] = simpler
             continue
-        if ins.prim is mul_p:
-            same = _multiplied_by_one(ins, producer)
-            if same is not None:
-                subst[ins.outputs[0]] = same
-                continue
-        if ins.prim is matmul_p:
-            kw = ins.kw
-            a, b = ins.inputs
-            pa, pb = producer.get(a), producer.get(b)
-            if pa is not None and pa.prim is transpose_p and pa.kw["perm"] == (1, 0):
-                a, kw["ta"] = pa.inputs[0], not kw["ta"]
-            if pb is not None and pb.prim is transpose_p and pb.kw["perm"] == (1, 0):
-                b, kw["tb"] = pb.inputs[0], not kw["tb"]
-            ins = dataclasses.replace(ins, inputs=(a, b), params=tuple(sorted(kw.items())))
+        if simpler is not None:
+            ins = simpler
         for o in ins.outputs:
             producer[o] = ins
         instrs.append(ins)
     return _finish(prog, instrs, subst)
-
-
-def _multiplied_by_one(ins: Instr, producer: dict[Var, Instr]) -> Var | None:
-    """x for `x * 1` (the seed of every gradient) when that changes no shape or dtype."""
-    for one, x in (ins.inputs, ins.inputs[::-1]):
-        p = producer.get(one)
-        if (p is not None and p.prim.name == "const" and p.kw["value"] == 1
-                and x.shape == ins.outputs[0].shape and x.dtype == ins.outputs[0].dtype):
-            return x
-    return None
 
 
 DEFAULT_PASSES: tuple[Callable[[Program], Program], ...] = (simplify, cse, dce)

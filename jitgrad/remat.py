@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .core import is_const
 from .errors import JitgradError
 from .ir import Instr, Program, Var
 from .memory import Plan, aligned
@@ -61,19 +62,15 @@ def saved_for_backward(prog: Program) -> list[Var]:
     b = _boundary(prog)
     read_later = {v for ins in prog.instrs[b:] for v in ins.inputs}
     outputs = set(prog.outputs)
-    return [o for ins in prog.instrs[:b] if ins.role == "forward" and ins.prim.name != "const"
+    return [o for ins in prog.instrs[:b] if ins.role == "forward" and not is_const(ins)
             for o in ins.outputs if o in read_later and o not in outputs]
 
 
 def flops(ins: Instr) -> int:
-    """Work of one instruction: 2mnk for a matmul, none for a scalar constant (folded into
-    the kernels that read it), one per element touched otherwise."""
-    if ins.prim.name == "const":
-        return 0
-    if ins.prim.name == "matmul":
-        a = ins.inputs[0]
-        k = a.shape[0] if ins.kw["ta"] else a.shape[1]
-        return 2 * ins.outputs[0].size * k
+    """Work of one instruction: what its primitive declares (`def_cost`: 2mnk for a matmul,
+    none for a scalar constant), else one per element touched."""
+    if ins.prim.cost is not None:
+        return ins.prim.cost(ins)
     return max([v.size for v in ins.inputs] + [o.size for o in ins.outputs])
 
 
@@ -91,7 +88,7 @@ def rematerialize(prog: Program, store: Iterable[Var]) -> Program:
     instrs = list(prog.instrs[:b])
 
     def stored(v: Var) -> bool:
-        return v not in producer or v in keep or producer[v].prim.name == "const"
+        return v not in producer or v in keep or is_const(producer[v])
 
     def available(v: Var) -> Var:
         # Depth-first with an explicit stack: a long dropped stretch (a checkpointed

@@ -36,6 +36,7 @@ import numpy as np
 from . import graph, tree
 from .api import CompiledFunction, _leaf_ranges, jit, value_and_grad
 from .backend import Planned, glue_source, plan_program
+from .core import is_const
 from .errors import JitgradError
 from .ir import Program
 from .remat import policy_options
@@ -193,7 +194,7 @@ class Inspection:
                 f"({sum(len(s.instrs) > 1 for s in self.planned.low.steps)} fused):"]
         for i, s in enumerate(self.planned.low.steps):
             runs = ", ".join(f"{ins.prim.name}->{names.get(ins.outputs[0], '?')}"
-                             for ins in s.instrs if ins.prim.name != "const")
+                             for ins in s.instrs if not is_const(ins))
             rows.append(f"  {i:>4} {s.role:<9} {s.label}" + (f"   [{runs}]" if
                                                               len(s.instrs) > 1 else ""))
         return "\n".join(rows)

@@ -471,17 +471,19 @@ _LIBRARY_CHILD = textwrap.dedent("""
 
 
 def _session_library():
-    """The session's compiled kernel library: its cache directory and file names."""
+    """The session's compiled kernel library: its cache directory, and the name of the
+    module (one per kernel and dtype) holding jg_sum_f64."""
     kernels.ensure_loaded()
-    module = sys.modules[next(n for n in sys.modules if n.startswith("jg_kernels_"))]
+    module = next(m for n, m in sys.modules.items()
+                  if n.startswith("jg_kernels_") and hasattr(m, "jg_sum_f64"))
     return os.path.dirname(module.__file__), module.__name__
 
 
 def test_kernel_helpers_are_cached_in_the_sealed_cache(tmp_path, monkeypatch, capsys):
-    """jitgrad/kernels.py's own @njit helpers: their Numba files live in the cache directory
+    """The kernel library's own @njit helpers: their Numba files live in the cache directory
     (checked, checksummed, counted by `cache info`, removed by `cache clear`), never in the
     installed package's __pycache__, where a truncated index once broke every compile."""
-    session, library = _session_library()
+    session, sum_f64 = _session_library()
     cache_dir = tmp_path / "cache"
     (cache_dir / "__pycache__").mkdir(parents=True, mode=0o700)
     os.chmod(cache_dir, 0o700)
@@ -491,9 +493,9 @@ def test_kernel_helpers_are_cached_in_the_sealed_cache(tmp_path, monkeypatch, ca
         # wrapper and with it the reduce_sum helper, and nothing else
         for sub in ("", "__pycache__"):
             for name in os.listdir(os.path.join(session, sub)):
-                if name.startswith(library) and ".jg_sum_f64-" not in name:
+                if name.startswith("jg_kernels_") and not name.startswith(sum_f64):
                     shutil.copy2(os.path.join(session, sub, name), cache_dir / sub / name)
-        for f in (cache_dir / "__pycache__").glob(f"{library}.jg_sum_f64-*"):
+        for f in (cache_dir / "__pycache__").glob(f"{sum_f64}.*"):
             f.unlink()
 
     env = {**os.environ, "JITGRAD_CACHE_DIR": str(cache_dir), "JITGRAD_NUM_THREADS": "1"}
@@ -510,7 +512,7 @@ def test_kernel_helpers_are_cached_in_the_sealed_cache(tmp_path, monkeypatch, ca
     copy_library()
     child()
     assert package_numba_files() == before  # nothing written into the installed package
-    helper = sorted((cache_dir / "__pycache__").glob("jg_pkg_*.kernels.reduce_sum-*"))
+    helper = sorted((cache_dir / "__pycache__").glob("jg_pkg_*.reduce.reduce_sum-*"))
     assert [f.suffix for f in helper] == [".nbc", ".nbi"], helper
     for f in helper:
         assert stat.S_IMODE(os.stat(f).st_mode) == 0o600

@@ -6,12 +6,19 @@ without materialising a transpose: the kernels hand them to GEMM.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
+from ..cache import njit
 from ..core import Tracer, primitive
 from ..errors import JitgradError
+from ..kernels import FLOATS, Kernel
 from . import elementwise as E
 from . import shape as S
 
@@ -65,3 +72,123 @@ def matmul(a: Any, b: Any) -> Any:
     out = matmul_p.bind(a2, b2, ta=False, tb=False)
     shape = a.shape[:-1] + b.shape[1:]
     return S.reshape(out, shape) if out.shape != shape else out
+
+
+# ---------------------------------------------------------------- compiling
+
+# np.dot inside Numba calls BLAS (scipy's OpenBLAS) with transpose flags for .T views,
+# so no transpose is ever materialised.
+
+
+@njit(cache=True)
+def gemm(a, b, c, ta, tb):
+    if ta and tb:
+        np.dot(a.T, b.T, c)
+    elif ta:
+        np.dot(a.T, b, c)
+    elif tb:
+        np.dot(a, b.T, c)
+    else:
+        np.dot(a, b, c)
+
+
+@intrinsic
+def _xxgemm_accumulate(typingctx, c, transa, transb, m, n, k, pa, lda, pb, ldb, ldc):
+    """Column-major C += op(A)·op(B) (alpha = beta = 1) through Numba's own BLAS binding
+    (`numba_xxgemm`, scipy's BLAS): np.dot has no way to accumulate into its output."""
+    def codegen(context, builder, signature, args):
+        from numba.np.linalg import get_blas_kind, make_constant_slot
+        c_arr, ta, tb, m_, n_, k_, pa_, lda_, pb_, ldb_, ldc_ = args
+        dtype = signature.args[0].dtype
+        char, vp = ir.IntType(8), cgutils.voidptr_t
+        intp = context.get_value_type(types.intp)
+        fnty = ir.FunctionType(ir.IntType(32), [char, char, char, intp, intp, intp, vp, vp,
+                                                intp, vp, intp, vp, vp, intp])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
+        one = make_constant_slot(context, builder, dtype, 1.0)
+
+        def trans(flag):
+            return builder.select(builder.icmp_unsigned("!=", flag, flag.type(0)),
+                                  char(ord("t")), char(ord("n")))
+
+        data_c = context.make_array(signature.args[0])(context, builder, c_arr).data
+        res = builder.call(fn, (char(ord(get_blas_kind(dtype))), trans(ta), trans(tb),
+                                m_, n_, k_, builder.bitcast(one, vp),
+                                builder.inttoptr(pa_, vp), lda_, builder.inttoptr(pb_, vp),
+                                ldb_, builder.bitcast(one, vp), builder.bitcast(data_c, vp),
+                                ldc_))
+        return builder.sext(res, context.get_value_type(types.int64))
+    return types.int64(c, transa, transb, m, n, k, pa, lda, pb, ldb, ldc), codegen
+
+
+@njit(cache=True)
+def gemm_accumulate(pa, pb, c, x, m, n, k, ta, tb):
+    """C = op(A)·op(B) + X, row-major, with X possibly C's own memory: a gradient
+    contribution from a matmul is added into the gradient's one buffer as it is computed
+    (Deep Learning 6.5), never materialised on its own and summed."""
+    if x.ctypes.data != c.ctypes.data:
+        for i in range(c.size):
+            c[i] = x[i]
+    if m == 0 or n == 0 or k == 0:
+        return 0
+    # Row-major C = op(A)·op(B) is column-major C^T = op(B)^T·op(A)^T.
+    return _xxgemm_accumulate(c, tb, ta, n, m, k, pb, k if tb else n, pa, m if ta else k, n)
+
+
+GEMM = Kernel("gemm", "pa pb pc m n k ta tb", (
+    "a = carray(_vp(pa), (k, m) if ta else (m, k), {dt})\n"
+    "b = carray(_vp(pb), (n, k) if tb else (k, n), {dt})\n"
+    "K.gemm(a, b, carray(_vp(pc), (m, n), {dt}), ta, tb)\nreturn 0"), FLOATS, uses_blas=True)
+GEMM_ACC = Kernel("gemm_acc", "pa pb pc px m n k ta tb", (
+    "return K.gemm_accumulate(pa, pb, carray(_vp(pc), m * n, {dt}), "
+    "carray(_vp(px), m * n, {dt}), m, n, k, ta, tb)"), FLOATS, uses_blas=True)
+
+
+def _gemm_args(ins, out) -> list[Any]:
+    a, b = ins.inputs
+    kw = ins.kw
+    k = a.shape[0] if kw["ta"] else a.shape[1]
+    return [out.shape[0], out.shape[1], k, int(kw["ta"]), int(kw["tb"])]
+
+
+@matmul_p.def_lowering
+def _lower_matmul(low, ins) -> None:
+    a, b = ins.inputs
+    c = ins.outputs[0]
+    low.call(GEMM, a.dtype, [a, b, c, *_gemm_args(ins, c)], [c], [a, b], ins)
+
+
+@matmul_p.def_accumulate
+def _accumulate_matmul(ins, out, x):
+    a, b = ins.inputs
+    return GEMM_ACC, a.dtype, [a, b, out, x, *_gemm_args(ins, out)]
+
+
+@matmul_p.def_simplify
+def _fold_transposes(ins, producer):
+    """2-d transposes of the operands become GEMM's transpose flags: `A.T @ G` reaches
+    GEMM without a copy."""
+    kw = ins.kw
+    a, b = ins.inputs
+    pa, pb = producer.get(a), producer.get(b)
+    if pa is not None and pa.prim is S.transpose_p and pa.kw["perm"] == (1, 0):
+        a, kw["ta"] = pa.inputs[0], not kw["ta"]
+    if pb is not None and pb.prim is S.transpose_p and pb.kw["perm"] == (1, 0):
+        b, kw["tb"] = pb.inputs[0], not kw["tb"]
+    if (a, b) == ins.inputs:
+        return None
+    return dataclasses.replace(ins, inputs=(a, b), params=tuple(sorted(kw.items())))
+
+
+@matmul_p.def_cost
+def _matmul_flops(ins) -> int:
+    a = ins.inputs[0]
+    k = a.shape[0] if ins.kw["ta"] else a.shape[1]
+    return 2 * ins.outputs[0].size * k
+
+
+@matmul_p.def_label
+def _matmul_label(ins) -> str:
+    # ta/tb: the transposes GEMM applies, written as the product it computes
+    kw = ins.kw
+    return f" {'Aᵀ' if kw.get('ta') else 'A'}·{'Bᵀ' if kw.get('tb') else 'B'}"

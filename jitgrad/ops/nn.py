@@ -6,8 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from ..core import Tracer, primitive
+from ..cache import njit
+from ..core import Joint, Tracer, primitive
 from ..errors import JitgradError
+from ..kernels import FLOATS, Kernel
 from . import elementwise as E
 from . import reduce as R
 
@@ -36,7 +38,7 @@ def _sce_shape(logits, labels):
                            f"{logits[0]} (one label per row)")
 
 
-softmax_cross_entropy_p = primitive("softmax_cross_entropy", "nn")
+softmax_cross_entropy_p = primitive("softmax_cross_entropy", "nn", index_inputs=(1,))
 
 
 @softmax_cross_entropy_p.def_impl
@@ -59,7 +61,8 @@ def _sce_vjp(cts, outs, ins):
     return [softmax_cross_entropy_grad_p.bind(ins[0], ins[1]) * cts[0], None]
 
 
-softmax_cross_entropy_grad_p = primitive("softmax_cross_entropy_grad", "nn")
+softmax_cross_entropy_grad_p = primitive("softmax_cross_entropy_grad", "nn",
+                                         index_inputs=(1,))
 
 
 @softmax_cross_entropy_grad_p.def_impl
@@ -97,3 +100,58 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> Any:
 def softmax(x: Any, axis: int = -1) -> Any:
     x = E.asdtype(x, E._float_dtype(x))
     return E.exp(x - R.logsumexp(x, axis=axis, keepdims=True))
+
+
+# ---------------------------------------------------------------- compiling
+
+@njit(cache=True)
+def softmax_xent(z, labels, loss, dz, want_loss, want_grad):
+    """Loss (mean over rows) and/or its gradient (softmax - onehot) / rows, fused."""
+    rows, cols = z.shape
+    for r in range(rows):
+        if labels[r] < 0 or labels[r] >= cols:
+            return r + 1
+    total = 0.0
+    inv_rows = 1.0 / max(rows, 1)
+    for r in range(rows):
+        m = z[r, 0]
+        for j in range(1, cols):
+            if z[r, j] > m:
+                m = z[r, j]
+        s = 0.0
+        for j in range(cols):
+            e = np.exp(z[r, j] - m)
+            if want_grad:
+                dz[r, j] = e
+            s += e
+        if want_grad:
+            scale = inv_rows / s
+            for j in range(cols):
+                dz[r, j] *= scale
+            dz[r, labels[r]] -= inv_rows
+        total += np.log(s) + m - z[r, labels[r]]
+    if want_loss:
+        loss[0] = total * inv_rows
+    return 0
+
+
+SCE = Kernel("sce", "pz pl ploss pdz rows cols want_loss want_grad", (
+    "return K.softmax_xent(carray(_vp(pz), (rows, cols), {dt}), "
+    "carray(_vp(pl), rows, np.int64), carray(_vp(ploss), 1, {dt}), "
+    "carray(_vp(pdz), (rows, cols), {dt}), want_loss, want_grad)"), FLOATS, can_fail=True)
+
+
+def _lower_sce(low, instrs) -> None:
+    """The loss and/or its gradient on the same logits and labels: one pass."""
+    loss_ins = instrs.get(softmax_cross_entropy_p)
+    grad_ins = instrs.get(softmax_cross_entropy_grad_p)
+    z, labels = (loss_ins or grad_ins).inputs
+    loss = loss_ins.outputs[0] if loss_ins else None
+    dz = grad_ins.outputs[0] if grad_ins else None
+    low.call(SCE, z.dtype, [z, labels, loss if loss is not None else 0,
+                            dz if dz is not None else 0, z.shape[0], z.shape[1],
+                            int(loss is not None), int(dz is not None)],
+             [v for v in (loss, dz) if v is not None], [z, labels], tuple(instrs.values()))
+
+
+Joint([softmax_cross_entropy_p, softmax_cross_entropy_grad_p], _lower_sce)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import builtins
+import dataclasses
 from typing import Any
 
 import numpy as np
 
-from ..core import Tracer, primitive
+from ..cache import njit
+from ..core import Tracer, cast_p, emit_like, primitive
 from ..errors import JitgradError
+from ..ir import Var
+from ..kernels import FLOATS, WIDE_INTS, Kernel
 from . import elementwise as E
 from . import shape as S
 
@@ -190,3 +195,190 @@ def logsumexp(x: Any, axis: Any = -1, keepdims: bool = False) -> Any:
     """log(sum(exp(x))) along axes, computed stably."""
     x = E.asdtype(x, E._float_dtype(x))
     return logsumexp_p.bind(x, axes=normalize_axes(axis, x.ndim), keepdims=bool(keepdims))
+
+
+# ---------------------------------------------------------------- compiling
+
+# Kernels reduce an (outer, n, inner) view over its middle axis: `prepare` makes every
+# reduction's axes contiguous, and widens bool and narrow integers to int64 (integer sums
+# wrap around the same whatever the width, so casting back gives numpy's result).
+
+@njit(cache=True)
+def reduce_sum(x, y, acc):
+    # Accumulate in float64 whatever the dtype: a float32 running sum over millions of
+    # terms (a weight-decay term) drifts by ~0.1%. acc (inner float64s) is scratch in the
+    # arena: kernels allocate nothing.
+    outer, n, inner = x.shape
+    if inner == 1:
+        for o in range(outer):
+            # eight partial sums let LLVM vectorise without reassociating one accumulator
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+            k = 0
+            while k + 8 <= n:
+                a0 += x[o, k, 0]
+                a1 += x[o, k + 1, 0]
+                a2 += x[o, k + 2, 0]
+                a3 += x[o, k + 3, 0]
+                a4 += x[o, k + 4, 0]
+                a5 += x[o, k + 5, 0]
+                a6 += x[o, k + 6, 0]
+                a7 += x[o, k + 7, 0]
+                k += 8
+            total = 0.0
+            while k < n:
+                total += x[o, k, 0]
+                k += 1
+            y[o, 0] = total + (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)))
+        return
+    for o in range(outer):
+        acc[:] = 0.0
+        for k in range(n):  # row by row: contiguous, vectorised over the columns
+            for i in range(inner):
+                acc[i] += x[o, k, i]
+        for i in range(inner):
+            y[o, i] = acc[i]
+
+
+@njit(cache=True)
+def reduce_sum_int(x, y):
+    # 64-bit integers sum exactly (wrapping around as numpy's do): no float accumulator
+    outer, n, inner = x.shape
+    for o in range(outer):
+        for i in range(inner):
+            y[o, i] = 0
+        for k in range(n):
+            for i in range(inner):
+                y[o, i] += x[o, k, i]
+
+
+@njit(cache=True)
+def reduce_max(x, y, idx):
+    outer, n, inner = x.shape
+    for o in range(outer):
+        for i in range(inner):
+            y[o, i] = x[o, 0, i]
+            idx[o, i] = 0
+        for k in range(1, n):
+            for i in range(inner):
+                v = x[o, k, i]
+                # NaN wins, as in numpy's max/argmax
+                if v > y[o, i] or (v != v and y[o, i] == y[o, i]):
+                    y[o, i] = v
+                    idx[o, i] = k
+
+
+@njit(cache=True)
+def reduce_logsumexp(x, y, m):
+    # m (inner values of x's dtype): the running maxima, scratch in the arena
+    outer, n, inner = x.shape
+    for o in range(outer):
+        for i in range(inner):
+            m[i] = x[o, 0, i]
+            y[o, i] = 0
+        for k in range(1, n):
+            for i in range(inner):
+                if x[o, k, i] > m[i]:
+                    m[i] = x[o, k, i]
+        for i in range(inner):
+            if not np.isfinite(m[i]):
+                m[i] = 0
+        for k in range(n):
+            for i in range(inner):
+                y[o, i] += np.exp(x[o, k, i] - m[i])
+        for i in range(inner):
+            y[o, i] = np.log(y[o, i]) + m[i]
+
+
+_VIEW = "carray(_vp(px), (outer, n, inner), {dt}), carray(_vp(py), (outer, inner), {dt})"
+SUM = Kernel("sum", "px py pacc outer n inner", (
+    f"K.reduce_sum({_VIEW}, carray(_vp(pacc), max(inner, 1), np.float64))\nreturn 0"), FLOATS)
+SUM_INT = Kernel("sum", "px py outer n inner", f"K.reduce_sum_int({_VIEW})\nreturn 0",
+                 WIDE_INTS)
+# reduce_max compares; for integers NaN never occurs
+MAX = Kernel("max", "px py pi outer n inner", (
+    f"K.reduce_max({_VIEW}, carray(_vp(pi), (outer, inner), np.int64))\nreturn 0"),
+    {**FLOATS, **WIDE_INTS})
+LOGSUMEXP = Kernel("logsumexp", "px py pm outer n inner", (
+    f"K.reduce_logsumexp({_VIEW}, carray(_vp(pm), max(inner, 1), {{dt}}))\nreturn 0"), FLOATS)
+
+_WIDE = (np.dtype(np.int64), np.dtype(np.uint64))
+
+
+def _prepare_reduction(ins, out) -> None:
+    casts_back = []
+    x = ins.inputs[0]
+    if x.dtype.kind in "biu" and x.dtype not in _WIDE:
+        wide = emit_like(out, cast_p, (x,), ins, dtype=np.dtype(np.int64))
+        avals = ins.prim.abstract_eval([(wide.shape, wide.dtype)], ins.kw)
+        outputs = [old if d == old.dtype else Var(s, d)
+                   for (s, d), old in zip(avals, ins.outputs, strict=True)]
+        casts_back = [dataclasses.replace(ins, prim=cast_p, inputs=(new,),
+                                          params=(("dtype", old.dtype),), outputs=(old,))
+                      for new, old in zip(outputs, ins.outputs, strict=True) if new is not old]
+        ins = dataclasses.replace(ins, inputs=(wide,), outputs=tuple(outputs))
+        x = wide
+    axes = ins.kw.get("axes")
+    if axes and axes != tuple(range(axes[0], axes[-1] + 1)):
+        rest = tuple(a for a in range(x.ndim) if a not in axes)
+        moved = emit_like(out, S.transpose_p, (x,), ins, perm=rest + axes)
+        red = emit_like(out, ins.prim, (moved,), ins, axes=tuple(range(len(rest), x.ndim)),
+                        keepdims=False)
+        out.append(dataclasses.replace(ins, prim=S.reshape_p, inputs=(red,),
+                                       params=(("shape", ins.outputs[0].shape),)))
+    else:
+        out.append(ins)
+    out.extend(casts_back)
+
+
+def _reduce_dims(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int, int]:
+    if not axes:
+        return S.prod(shape), 1, 1
+    first, last = axes[0], axes[-1]
+    return S.prod(shape[:first]), S.prod(shape[first:last + 1]), S.prod(shape[last + 1:])
+
+
+@sum_p.def_lowering
+def _lower_sum(low, ins) -> None:
+    x, y = ins.inputs[0], ins.outputs[0]
+    dims = _reduce_dims(x.shape, ins.kw["axes"])
+    if x.dtype.kind != "f":  # 64-bit integers sum exactly: no running sum
+        low.call(SUM_INT, x.dtype, [x, y, *dims], [y], [x], ins)
+        return
+    # a float64 running sum per column (scratch in the arena, which the planner frees at
+    # once: kernels allocate nothing)
+    acc = Var((builtins.max(dims[2], 1),), np.dtype(np.float64))
+    low.call(SUM, x.dtype, [x, y, acc, *dims], [y, acc], [x], ins)
+
+
+@max_p.def_lowering
+def _lower_max(low, ins) -> None:
+    x, y = ins.inputs[0], ins.outputs[0]
+    idx = Var(y.shape, np.dtype(np.int64))  # the positions: scratch
+    low.call(MAX, x.dtype, [x, y, idx, *_reduce_dims(x.shape, ins.kw["axes"])], [y, idx], [x],
+             ins)
+
+
+@logsumexp_p.def_lowering
+def _lower_logsumexp(low, ins) -> None:
+    x, y = ins.inputs[0], ins.outputs[0]
+    dims = _reduce_dims(x.shape, ins.kw["axes"])
+    running_max = Var((builtins.max(dims[2], 1),), x.dtype)  # scratch
+    low.call(LOGSUMEXP, x.dtype, [x, y, running_max, *dims], [y, running_max], [x], ins)
+
+
+def _lower_argmax(low, ins) -> None:
+    x = ins.inputs[0]
+    if len(ins.outputs) == 2:
+        y, idx = ins.outputs
+    else:  # argmax alone: the maxima go to a scratch buffer the planner frees at once
+        idx = ins.outputs[0]
+        y = Var(idx.shape, x.dtype)
+    dims = _reduce_dims(x.shape, (ins.kw["axis"],))
+    low.call(MAX, x.dtype, [x, y, idx, *dims], [y, idx], [x], ins)
+
+
+for _p in (sum_p, max_p, argmax_p, max_argmax_p, logsumexp_p):
+    _p.def_prepare(_prepare_reduction)
+argmax_p.def_lowering(_lower_argmax)
+max_argmax_p.def_lowering(_lower_argmax)
+

@@ -10,8 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from ..cache import njit
 from ..core import Tracer, primitive
 from ..errors import JitgradError
+from ..kernels import FLOATS, ITEM_SIZES, Kernel
 
 
 def _as_array(x: Any) -> Any:
@@ -190,7 +192,7 @@ def _check_bounds(idx: np.ndarray, n: int) -> None:
         raise JitgradError(f"index {bad} is out of bounds for an axis of size {n}")
 
 
-gather_p = primitive("gather", "shape")
+gather_p = primitive("gather", "shape", index_inputs=(1,))
 
 
 @gather_p.def_impl
@@ -211,7 +213,7 @@ gather_p.def_vjp(lambda cts, outs, ins: [
     scatter_add_p.bind(cts[0], ins[1], n=ins[0].shape[0]), None])
 
 
-scatter_add_p = primitive("scatter_add", "shape")
+scatter_add_p = primitive("scatter_add", "shape", index_inputs=(1,))
 
 
 @scatter_add_p.def_impl
@@ -247,7 +249,7 @@ def _along_axis_shape(x_shape, idx, axis, what):
                            f"{x_shape} outside axis {axis}")
 
 
-take_along_axis_p = primitive("take_along_axis", "shape")
+take_along_axis_p = primitive("take_along_axis", "shape", index_inputs=(1,))
 
 
 @take_along_axis_p.def_impl
@@ -266,7 +268,7 @@ take_along_axis_p.def_vjp(lambda cts, outs, ins, *, axis: [
     scatter_along_axis(cts[0], ins[1], ins[0].shape, axis), None])
 
 
-scatter_along_axis_p = primitive("scatter_along_axis", "shape")
+scatter_along_axis_p = primitive("scatter_along_axis", "shape", index_inputs=(1,))
 
 
 @scatter_along_axis_p.def_impl
@@ -346,3 +348,242 @@ def getitem(x: Any, key: Any) -> Any:
     if any(t != (0, d, 1) for t, d in zip(index, x.shape)):
         out = slice_p.bind(x, index=tuple(index))
     return reshape(out, tuple(out_shape))
+
+
+# ---------------------------------------------------------------- compiling
+
+@njit(cache=True)
+def copy_strided(src, dst, meta):
+    """dst[dst_off + i·dst_strides] = src[src_off + i·src_strides] over an N-d index space.
+
+    meta = [ndim, shape..., src_strides..., dst_strides..., src_off, dst_off] (elements).
+    Serves transpose, broadcast_to, slice, pad_slice and concatenate.
+    """
+    nd = meta[0]
+    shape = meta[1:1 + nd]
+    ss = meta[1 + nd:1 + 2 * nd]
+    ds = meta[1 + 2 * nd:1 + 3 * nd]
+    so = meta[1 + 3 * nd]
+    do = meta[2 + 3 * nd]
+    total = 1
+    for d in range(nd):
+        total *= shape[d]
+    if total == 0:
+        return
+    if nd == 0:
+        dst[do] = src[so]
+        return
+    last = nd - 1
+    n_last, s_last, d_last = shape[last], ss[last], ds[last]
+    if nd == 1:
+        for j in range(n_last):
+            dst[do + j * d_last] = src[so + j * s_last]
+        return
+    # Rows of the last dim, in blocks along the dim before it. A block's start comes from
+    # its number by division (no index array: kernels allocate nothing); rows within a
+    # block just step.
+    rows, s_row, d_row = shape[last - 1], ss[last - 1], ds[last - 1]
+    for block in range(total // (n_last * rows)):
+        s, t, rest = so, do, block
+        for d in range(last - 2, -1, -1):
+            i = rest % shape[d]
+            rest //= shape[d]
+            s += i * ss[d]
+            t += i * ds[d]
+        for _ in range(rows):
+            for j in range(n_last):
+                dst[t + j * d_last] = src[s + j * s_last]
+            s += s_row
+            t += d_row
+
+
+@njit(cache=True)
+def fill_zero(dst):
+    for i in range(dst.size):
+        dst[i] = 0
+
+
+@njit(inline="always", cache=True)
+def wrap_index(k, n):
+    """k in [0, n), negative indices counting from the end as in numpy; -1 if out of range."""
+    if k < -n or k >= n:
+        return -1
+    return k + n if k < 0 else k
+
+
+@njit(cache=True)
+def gather_rows(x, idx, y):
+    n = x.shape[0]
+    for r in range(idx.size):
+        k = wrap_index(idx[r], n)
+        if k < 0:
+            return r + 1
+        y[r, :] = x[k, :]
+    return 0
+
+
+@njit(cache=True)
+def scatter_add_rows(g, idx, y):
+    n = y.shape[0]
+    y[:] = 0
+    for r in range(idx.size):
+        k = wrap_index(idx[r], n)
+        if k < 0:
+            return r + 1
+        y[k, :] += g[r, :]
+    return 0
+
+
+@njit(cache=True)
+def take_along(x, idx, y):
+    outer, n, inner = x.shape
+    m = idx.shape[1]
+    for o in range(outer):
+        for j in range(m):
+            for i in range(inner):
+                k = wrap_index(idx[o, j, i], n)
+                if k < 0:
+                    return 1
+                y[o, j, i] = x[o, k, i]
+    return 0
+
+
+@njit(cache=True)
+def scatter_along(g, idx, y):
+    outer, n, inner = y.shape
+    m = idx.shape[1]
+    y[:] = 0
+    for o in range(outer):
+        for j in range(m):
+            for i in range(inner):
+                k = wrap_index(idx[o, j, i], n)
+                if k < 0:
+                    return 1
+                y[o, k, i] += g[o, j, i]
+    return 0
+
+
+COPY = Kernel("copy", "px py pmeta nmeta", (
+    "K.copy_strided(carray(_vp(px), 1 << 40, {dt}), carray(_vp(py), 1 << 40, {dt}), "
+    "carray(_vp(pmeta), nmeta, np.int64))\nreturn 0"), ITEM_SIZES)
+ZERO = Kernel("zero", "py n", "K.fill_zero(carray(_vp(py), n, {dt}))\nreturn 0", ITEM_SIZES)
+GATHER = Kernel("gather", "px pi py nidx nrows row", (
+    "return K.gather_rows(carray(_vp(px), (nrows, row), {dt}), "
+    "carray(_vp(pi), nidx, np.int64), carray(_vp(py), (nidx, row), {dt}))"), ITEM_SIZES,
+    can_fail=True)
+SCATTER_ADD = Kernel("scatter_add", "pg pi py nidx nrows row", (
+    "return K.scatter_add_rows(carray(_vp(pg), (nidx, row), {dt}), "
+    "carray(_vp(pi), nidx, np.int64), carray(_vp(py), (nrows, row), {dt}))"), FLOATS,
+    can_fail=True)
+TAKE_ALONG = Kernel("take_along", "px pi py outer n m inner", (
+    "return K.take_along(carray(_vp(px), (outer, n, inner), {dt}), "
+    "carray(_vp(pi), (outer, m, inner), np.int64), "
+    "carray(_vp(py), (outer, m, inner), {dt}))"), ITEM_SIZES, can_fail=True)
+SCATTER_ALONG = Kernel("scatter_along", "pg pi py outer n m inner", (
+    "return K.scatter_along(carray(_vp(pg), (outer, m, inner), {dt}), "
+    "carray(_vp(pi), (outer, m, inner), np.int64), "
+    "carray(_vp(py), (outer, n, inner), {dt}))"), FLOATS, can_fail=True)
+
+
+def prod(xs: Any) -> int:
+    return int(np.prod(xs, dtype=np.int64))
+
+
+def strides(shape: tuple[int, ...]) -> list[int]:
+    """Row-major strides in elements."""
+    out, acc = [], 1
+    for d in reversed(shape):
+        out.append(acc)
+        acc *= d
+    return out[::-1]
+
+
+def _copy(low, src, dst, shape, src_strides, dst_strides, src_off, dst_off, ins) -> None:
+    meta = low.meta_block([len(shape), *shape, *src_strides, *dst_strides, src_off, dst_off])
+    low.call(COPY, src.dtype, [src, dst, *meta], [dst], [src], ins)
+
+
+@reshape_p.def_lowering
+def _lower_reshape(low, ins) -> None:
+    # Row-major data is unchanged by a reshape: the result is the same memory.
+    low.same_memory(ins.outputs[0], ins.inputs[0])
+
+
+@transpose_p.def_lowering
+def _lower_transpose(low, ins) -> None:
+    x, y = ins.inputs[0], ins.outputs[0]
+    xs = strides(x.shape)
+    _copy(low, x, y, y.shape, [xs[p] for p in ins.kw["perm"]], strides(y.shape), 0, 0, ins)
+
+
+@broadcast_to_p.def_lowering
+def _lower_broadcast_to(low, ins) -> None:
+    x, y = ins.inputs[0], ins.outputs[0]
+    lead = y.ndim - x.ndim
+    xs = strides(x.shape)
+    src = [0] * lead + [0 if x.shape[i] == 1 else xs[i] for i in range(x.ndim)]
+    _copy(low, x, y, y.shape, src, strides(y.shape), 0, 0, ins)
+
+
+def _slice_geometry(shape: tuple[int, ...], index: tuple) -> tuple[list[int], int]:
+    st = strides(shape)
+    return [s * step for s, (_, _, step) in zip(st, index)], sum(
+        s * start for s, (start, _, _) in zip(st, index))
+
+
+@slice_p.def_lowering
+def _lower_slice(low, ins) -> None:
+    x, y = ins.inputs[0], ins.outputs[0]
+    st, off = _slice_geometry(x.shape, ins.kw["index"])
+    _copy(low, x, y, y.shape, st, strides(y.shape), off, 0, ins)
+
+
+@pad_slice_p.def_lowering
+def _lower_pad_slice(low, ins) -> None:
+    g, y = ins.inputs[0], ins.outputs[0]
+    low.call(ZERO, y.dtype, [y, y.size], [y], [], ins)
+    st, off = _slice_geometry(y.shape, ins.kw["index"])
+    _copy(low, g, y, g.shape, strides(g.shape), st, 0, off, ins)
+
+
+@concatenate_p.def_lowering
+def _lower_concatenate(low, ins) -> None:
+    y = ins.outputs[0]
+    axis = ins.kw["axis"]
+    ys = strides(y.shape)
+    start = 0
+    for x in ins.inputs:
+        _copy(low, x, y, x.shape, strides(x.shape), ys, 0, start * ys[axis], ins)
+        start += x.shape[axis]
+
+
+@gather_p.def_lowering
+def _lower_gather(low, ins) -> None:
+    x, idx = ins.inputs
+    y = ins.outputs[0]
+    low.call(GATHER, x.dtype, [x, idx, y, idx.size, x.shape[0], prod(x.shape[1:])], [y],
+             [x, idx], ins)
+
+
+@scatter_add_p.def_lowering
+def _lower_scatter_add(low, ins) -> None:
+    g, idx = ins.inputs
+    y = ins.outputs[0]
+    low.call(SCATTER_ADD, g.dtype, [g, idx, y, idx.size, y.shape[0], prod(y.shape[1:])], [y],
+             [g, idx], ins)
+
+
+def _along(kernel: Kernel, full_is_result: bool):
+    def lower_it(low, ins) -> None:
+        a, idx = ins.inputs
+        y = ins.outputs[0]
+        axis = ins.kw["axis"]
+        full = y if full_is_result else a
+        outer, inner = prod(full.shape[:axis]), prod(full.shape[axis + 1:])
+        low.call(kernel, a.dtype, [a, idx, y, outer, full.shape[axis], idx.shape[axis], inner],
+                 [y], [a, idx], ins)
+    return lower_it
+
+
+take_along_axis_p.def_lowering(_along(TAKE_ALONG, full_is_result=False))
+scatter_along_axis_p.def_lowering(_along(SCATTER_ALONG, full_is_result=True))
