@@ -147,12 +147,11 @@ def lower(prog: Program, sources: bool = True) -> Lowering:
             elif isinstance(item, Group):
                 _lower_group(low, item)
             elif id(item) not in done:
-                if id(item) in joint:
+                if id(item) in joint:  # alone or with its partners: one call
                     members = joint[id(item)]
                     done.update(id(i) for i in members.values())
-                    if len(members) > 1:
-                        item.prim.joint.lower(low, members)
-                        continue
+                    item.prim.joint.lower(low, members)
+                    continue
                 if item.prim.lowering is None:
                     raise NoLoweringError("it has no Numba lowering")
                 item.prim.lowering(low, item)

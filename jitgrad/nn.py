@@ -24,7 +24,7 @@ __all__ = [
     "mlp_init", "mlp_loss", "num_layers",
 ]
 
-ACTIVATIONS = {"relu": relu, "tanh": tanh}
+ACTIVATIONS = {f.__name__: f for f in (relu, tanh)}
 
 
 def _rng(rng: np.random.Generator | int | None) -> np.random.Generator:

@@ -202,11 +202,11 @@ class Inspection:
     def source(self) -> str:
         """The generated glue, then every fused kernel the Numba backend would compile."""
         if self._source is None:
-            from .codegen import _FUSED_PRELUDE
+            from .kernels import CFUNC_PRELUDE
             full = plan_program(self.program, self.donate, sources=True)
             parts = [glue_source(full)]
             for sym, src in sorted(full.low.fused.items()):
-                parts.append(f"# ---- fused kernel {sym}\n" + src[len(_FUSED_PRELUDE):].strip())
+                parts.append(f"# ---- fused kernel {sym}\n" + src[len(CFUNC_PRELUDE):].strip())
             self._source = "\n\n".join(parts) + "\n"
         return self._source
 
