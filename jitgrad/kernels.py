@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -151,6 +152,7 @@ def library_hash() -> str:
 
 _registered: set[str] = set()
 _lock = threading.RLock()
+_load_seconds = 0.0  # spent compiling or loading library kernels, for the compile benchmark
 
 
 def register_symbols(module: Any, names: Iterable[str]) -> None:
@@ -170,11 +172,13 @@ def is_registered(sym: str) -> bool:
 def require(symbols: Iterable[str]) -> None:
     """Compile (or load from the cache) and register the library kernels among symbols that
     are not loaded yet; other symbols (generated loops) are left to their caller."""
+    global _load_seconds
     from . import cache, threads
     with _lock:
         missing = sorted(s for s in set(symbols) if s in _by_symbol and s not in _registered)
         if not missing:
             return
+        start = time.perf_counter()
         threads.init()
         blas = False
         for sym in missing:
@@ -185,6 +189,12 @@ def require(symbols: Iterable[str]) -> None:
             blas = blas or kernel.uses_blas
         if blas:
             threads.limit_blas()  # now that Numba has loaded scipy's BLAS, threadpoolctl sees it
+        _load_seconds += time.perf_counter() - start
+
+
+def load_seconds() -> float:
+    """Seconds this process has spent compiling or loading library kernels."""
+    return _load_seconds
 
 
 def declared_symbols() -> list[str]:
