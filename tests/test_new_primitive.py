@@ -13,7 +13,7 @@ import pytest
 from gradcheck import assert_grads_close, check_grads, numeric_grad, vdot
 
 import jitgrad as jg
-from jitgrad.core import primitive
+from jitgrad.core import primitive, registry
 from jitgrad.ir import Var
 from jitgrad.ops import elementwise as E
 from jitgrad.ops import reduce as R
@@ -21,52 +21,74 @@ from jitgrad.ops import shape as S
 
 # ---------------------------------------------------------------- from a scalar expression
 
-softplus_p = primitive("test_softplus", "elementwise")
-softplus_p.def_impl(lambda x: np.logaddexp(0, x).astype(x.dtype))
-softplus_p.def_shape(lambda x: x)
-softplus_p.def_vjp(lambda cts, outs, ins: [cts[0] * E.sigmoid(ins[0])])
-softplus_p.def_scalar("_test_softplus({0}, {zero})", helpers='''
+_SOFTPLUS_HELPER = '''
 @njit(inline="always")
 def _test_softplus(x, zero):
     # log(1 + e^x) without overflow: max(x, 0) + log1p(e^-|x|)
     return (x if x > zero else zero) + np.log1p(np.exp(-abs(x)))
-''')
+'''
+
+
+def _define_softplus():
+    p = primitive("test_softplus", "elementwise")
+    p.def_impl(lambda x: np.logaddexp(0, x).astype(x.dtype))
+    p.def_shape(lambda x: x)
+    p.def_vjp(lambda cts, outs, ins: [cts[0] * E.sigmoid(ins[0])])
+    p.def_scalar("_test_softplus({0}, {zero})", helpers=_SOFTPLUS_HELPER)
+    return p
 
 
 def softplus(x):
-    return softplus_p.bind(E.asdtype(x, E._float_dtype(x)))
+    return PRIMS["test_softplus"].bind(E.asdtype(x, E._float_dtype(x)))
 
 
 # ---------------------------------------------------------------- calling a library kernel
 
-row_sum_p = primitive("test_row_sum", "reduce")
-row_sum_p.def_impl(lambda x: x.sum(axis=1))
+def _define_row_sum():
+    p = primitive("test_row_sum", "reduce")
+    p.def_impl(lambda x: x.sum(axis=1))
 
+    @p.def_shape
+    def _row_sum_shape(x):
+        if len(x[0]) != 2 or x[1].kind != "f":
+            raise jg.JitgradError(f"expects a 2-d float array, got {x[0]} {x[1]}")
+        return x[0][:1], x[1]
 
-@row_sum_p.def_shape
-def _row_sum_shape(x):
-    if len(x[0]) != 2 or x[1].kind != "f":
-        raise jg.JitgradError(f"expects a 2-d float array, got {x[0]} {x[1]}")
-    return x[0][:1], x[1]
+    @p.def_vjp
+    def _row_sum_vjp(cts, outs, ins):
+        rows, cols = ins[0].shape
+        return [S.broadcast_to(S.reshape(cts[0], (rows, 1)), (rows, cols))]
 
+    @p.def_lowering
+    def _row_sum_lowering(low, ins):
+        x, y = ins.inputs[0], ins.outputs[0]
+        rows, cols = x.shape
+        acc = Var((1,), np.dtype(np.float64))  # the kernel's running sum: arena scratch
+        # the sum kernel reduces an (outer, n, inner) view over its middle axis
+        low.call(R.SUM, x.dtype, [x, y, acc, rows, cols, 1], [y, acc], [x], ins)
 
-@row_sum_p.def_vjp
-def _row_sum_vjp(cts, outs, ins):
-    rows, cols = ins[0].shape
-    return [S.broadcast_to(S.reshape(cts[0], (rows, 1)), (rows, cols))]
-
-
-@row_sum_p.def_lowering
-def _row_sum_lowering(low, ins):
-    x, y = ins.inputs[0], ins.outputs[0]
-    rows, cols = x.shape
-    acc = Var((1,), np.dtype(np.float64))  # the kernel's running sum: arena scratch
-    # the sum kernel reduces an (outer, n, inner) view over its middle axis
-    low.call(R.SUM, x.dtype, [x, y, acc, rows, cols, 1], [y, acc], [x], ins)
+    return p
 
 
 def row_sum(x):
-    return row_sum_p.bind(x)
+    return PRIMS["test_row_sum"].bind(x)
+
+
+PRIMS = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def primitives():
+    """Defined for this file's tests only, then taken out of the registry: registry-wide
+    tests elsewhere (every primitive has a gradcheck row, a non-finite case) list what
+    jitgrad itself defines, and pytest collects every file before running any."""
+    for define in (_define_softplus, _define_row_sum):
+        p = define()
+        PRIMS[p.name] = p
+    yield
+    for name in list(PRIMS):
+        del registry[name]
+        del PRIMS[name]
 
 
 # ---------------------------------------------------------------- tests
