@@ -39,7 +39,7 @@ from .backend import Planned, glue_source, plan_program
 from .core import is_const
 from .errors import JitgradError
 from .ir import Program
-from .remat import policy_options
+from .options import policy_options
 from .trace import signature_of, trace_flat
 
 EXAMPLE_ATTR = "__jitgrad_example__"

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..cache import njit
 from ..core import Joint, Tracer, primitive
+from ..data import check_labels
 from ..errors import JitgradError
 from ..kernels import FLOATS, Kernel
 from . import elementwise as E
@@ -15,11 +16,7 @@ from . import reduce as R
 
 
 def _check_labels(labels: np.ndarray, n_classes: int) -> None:
-    bad = (labels < 0) | (labels >= n_classes)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise JitgradError(f"label {labels[i]} at index {i} is out of range for "
-                           f"{n_classes} classes")
+    check_labels(labels, n_classes, out_of_range=f"out of range for {n_classes} classes")
 
 
 def _softmax_ref(logits: np.ndarray) -> np.ndarray:
