@@ -344,6 +344,24 @@ def test_the_dtype_list_is_one_list():
     assert jg.jit(lambda a: a * 2)(np.arange(3, dtype=">f4")).tolist() == [0, 2, 4]
 
 
+def test_the_dtype_names_are_one_table():
+    # ir.dtype_short names a dtype everywhere: the IR printer, kernel symbols, --arg specs
+    from jitgrad import kernels
+    from jitgrad.show import parse_arg_spec
+    names = [ir.dtype_short(d) for d in SUPPORTED]
+    assert names == ["bool", "i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64", "f32", "f64"]
+    for d, name in zip(SUPPORTED, names, strict=True):
+        assert ir.dtype_named(name) == d and ir.dtype_named(d.name) == d
+        assert parse_arg_spec(f"{name}[2]").dtype == d
+        assert ir.Var((2,), d).type_str() == f"{name}[2]"
+    assert ir.dtype_named("float16") is None and ir.dtype_named("f16") is None
+    assert kernels.FLOATS == {"f32": "np.float32", "f64": "np.float64"}
+    assert kernels.ITEM_SIZES == {"b1": "np.uint8", "b2": "np.uint16", "b4": "np.uint32",
+                                  "b8": "np.uint64"}
+    with pytest.raises(jg.JitgradError, match="dtypes: bool i8 .* f64"):
+        parse_arg_spec("f16[2]")
+
+
 def _every_kind_of_op(a, idx, cols):
     return (jg.transpose(a), a[1:, ::2], jg.reshape(a, (-1,)), jg.concatenate([a, a], axis=1),
             a[idx], jg.take_along_axis(a, cols, axis=1),

@@ -96,6 +96,21 @@ def test_checkpoint_roundtrip(tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["ck.npz"]  # no temp files left
 
 
+def test_checkpoint_archive_layout(tmp_path):
+    # The names and the header's structure are the file format: old checkpoints must load.
+    state = {"m": [np.ones(2), (np.zeros(1), None)], "t": np.array(3)}
+    path = checkpoint_io.save(tmp_path / "ck.npz", {"W0": np.ones((2, 3))}, state)
+    with np.load(path) as z:
+        assert sorted(z.files) == ["__meta__", "params/W0", "state/m/0", "state/m/1/0",
+                                   "state/t"]
+        header = json.loads(str(z["__meta__"]))
+    assert header["structure"] == {
+        "params": {"dict": {"W0": "leaf"}},
+        "state": {"dict": {"m": {"list": ["leaf", {"tuple": ["leaf", None]}]}, "t": "leaf"}}}
+    _, s, _ = checkpoint_io.load(path)
+    assert isinstance(s["m"][1], tuple) and s["m"][1][1] is None
+
+
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ck.npz"
     checkpoint_io.save(path, {"w": np.ones(3)}, {}, {"epoch": 1})
@@ -389,6 +404,19 @@ def test_cli_help_and_no_command(capsys):
     assert cli.main(["train", "--help"]) == 0
     assert "--memory-budget" in capsys.readouterr().out
     assert cli.main([]) == 2
+
+
+def test_the_optimizer_comes_from_optim_optimizers():
+    assert list(recipe.OPTIMIZER_DEFAULTS) == list(jg.optim.OPTIMIZERS)
+    for name, cls in jg.optim.OPTIMIZERS.items():
+        opt = recipe.make_optimizer(recipe.TrainConfig(optimizer=name).resolved(), 30)
+        assert type(opt) is cls and opt.lr == recipe.OPTIMIZER_DEFAULTS[name]["lr"]
+        assert opt.weight_decay == recipe.OPTIMIZER_DEFAULTS[name]["weight_decay"]
+    sgd = recipe.make_optimizer(recipe.TrainConfig(momentum=0.5).resolved(), 30)
+    assert (sgd.momentum, sgd.nesterov) == (0.5, True)
+    plain = recipe.make_optimizer(recipe.TrainConfig(momentum=0.0).resolved(), 30)
+    assert (plain.momentum, plain.nesterov) == (0.0, False)
+    assert recipe.OPTIMIZER_DEFAULTS["adamw"] == {"lr": 1e-3, "weight_decay": 1e-2}
 
 
 def test_parse_bytes():
