@@ -13,15 +13,15 @@ tuples and nested dicts come back exactly as they were saved.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import tree
+from .atomic_write import atomic_write
 from .errors import JitgradError
 from .npz import read_npz
 
@@ -52,47 +52,70 @@ def _check_numeric(arr: np.ndarray, prefix: str) -> None:
                               "bool, integer and float arrays only")
 
 
-def _encode(tree: Any, prefix: str, out: dict[str, np.ndarray], depth: int = 0) -> Any:
-    """Flatten ``tree`` into ``out`` (path -> array); return a JSON description of its shape."""
+def _paths(td: tree.TreeDef, root: str) -> list[str]:
+    """The archive's names of a tree's leaves, in flatten order: params/W0, state/m/0."""
+    return tree.leaf_paths(td, root, key="/{}".format, index="/{}".format)
+
+
+def _arrays(tree_: Any, root: str) -> tuple[dict[str, np.ndarray], Any]:
+    """A params or state pytree's leaves by path (``params/W0``, ``state/m/0``), as numeric
+    arrays, and the JSON description of its structure (keys and depth checked)."""
+    leaves, td = tree.flatten(tree_)
+    structure = _structure(td, root)
+    arrays = {}
+    for path, leaf in zip(_paths(td, root), leaves, strict=True):
+        arrays[path] = np.asarray(leaf)
+        _check_numeric(arrays[path], path)
+    return arrays, structure
+
+
+def _structure(td: tree.TreeDef, prefix: str, depth: int = 0) -> Any:
+    """The JSON description of a tree structure, as the header stores it."""
     if depth > MAX_DEPTH:
         raise _too_deep(prefix)
-    if tree is None:
+    kind = td[0]
+    if kind == "leaf":
+        return "leaf"
+    if kind == "none":
         return None
-    if isinstance(tree, dict):
-        spec = {}
-        for k in sorted(tree):
+    if kind == "dict":
+        for k in td[1]:
             if not isinstance(k, str) or not k or "/" in k:
                 raise CheckpointError(f"checkpoint keys must be non-empty strings without '/', "
                                       f"got {k!r} under {prefix!r}")
-            spec[k] = _encode(tree[k], f"{prefix}/{k}", out, depth + 1)
-        return {"dict": spec}
-    if isinstance(tree, (list, tuple)):
-        kind = "tuple" if isinstance(tree, tuple) else "list"
-        return {kind: [_encode(t, f"{prefix}/{i}", out, depth + 1) for i, t in enumerate(tree)]}
-    arr = np.asarray(tree)
-    _check_numeric(arr, prefix)
-    out[prefix] = arr
-    return "leaf"
+        return {"dict": {k: _structure(c, f"{prefix}/{k}", depth + 1)
+                         for k, c in zip(td[1], td[2], strict=True)}}
+    return {kind: [_structure(c, f"{prefix}/{i}", depth + 1) for i, c in enumerate(td[1])]}
 
 
-def _decode(spec: Any, prefix: str, arrays: dict[str, np.ndarray], depth: int = 0) -> Any:
+def _treedef(spec: Any, prefix: str, depth: int = 0) -> tree.TreeDef:
+    """The tree structure a header's JSON description stands for, checked."""
     if depth > MAX_DEPTH:
         raise _too_deep(prefix)
     if spec is None:
-        return None
+        return ("none",)
     if spec == "leaf":
-        if prefix not in arrays:
-            raise CheckpointError(f"array {prefix!r} is missing")
-        _check_numeric(arrays[prefix], prefix)
-        return arrays[prefix]
+        return tree.LEAF
     if isinstance(spec, dict) and len(spec) == 1:
         (kind, body), = spec.items()
         if kind == "dict" and isinstance(body, dict):
-            return {k: _decode(v, f"{prefix}/{k}", arrays, depth + 1) for k, v in body.items()}
+            return ("dict", tuple(body), tuple(_treedef(v, f"{prefix}/{k}", depth + 1)
+                                                for k, v in body.items()))
         if kind in ("list", "tuple") and isinstance(body, list):
-            items = [_decode(v, f"{prefix}/{i}", arrays, depth + 1) for i, v in enumerate(body)]
-            return tuple(items) if kind == "tuple" else items
+            return (kind, tuple(_treedef(v, f"{prefix}/{i}", depth + 1)
+                                for i, v in enumerate(body)))
     raise CheckpointError(f"bad structure description at {prefix!r}")
+
+
+def _decode(spec: Any, root: str, arrays: dict[str, np.ndarray]) -> Any:
+    td = _treedef(spec, root)
+    leaves = []
+    for path in _paths(td, root):
+        if path not in arrays:
+            raise CheckpointError(f"array {path!r} is missing")
+        _check_numeric(arrays[path], path)
+        leaves.append(arrays[path])
+    return tree.unflatten(td, leaves)
 
 
 # ------------------------------------------------------------------------- save / load
@@ -105,9 +128,10 @@ def save(path: str | os.PathLike[str], params: Any, opt_state: Any,
     The file is written exactly at ``path`` (no suffix is added). Returns the path.
     """
     path = Path(path)
-    arrays: dict[str, np.ndarray] = {}
-    structure = {"params": _encode(params, "params", arrays),
-                 "state": _encode(opt_state, "state", arrays)}
+    arrays, params_structure = _arrays(params, "params")
+    state_arrays, state_structure = _arrays(opt_state, "state")
+    arrays |= state_arrays
+    structure = {"params": params_structure, "state": state_structure}
     try:
         header = json.dumps({"format": FORMAT, "structure": structure, "meta": meta or {}})
     except (TypeError, ValueError) as e:
@@ -118,24 +142,8 @@ def save(path: str | os.PathLike[str], params: Any, opt_state: Any,
     if not directory.is_dir():
         raise CheckpointError(f"cannot save checkpoint {str(path)!r}: directory "
                               f"{str(directory)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # includes KeyboardInterrupt: never leave the temp file behind
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # Make the rename itself durable (best effort; not every platform can open a dir).
-    with contextlib.suppress(OSError):
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    atomic_write(str(path), lambda f: np.savez(f, **arrays), temp_prefix=f".{path.name}.",
+                 durable=True)
     return path
 
 
@@ -193,10 +201,7 @@ def check_compatible(expected: Any, loaded: Any, what: str = "params",
                      source: str = "checkpoint") -> None:
     """Raise :class:`CheckpointError` unless ``loaded`` has the structure, shapes and dtypes
     of ``expected``; the message names ``source`` and lists what differs."""
-    want: dict[str, np.ndarray] = {}
-    got: dict[str, np.ndarray] = {}
-    _encode(expected, what, want)
-    _encode(loaded, what, got)
+    want, got = _arrays(expected, what)[0], _arrays(loaded, what)[0]
     problems = []
     missing = sorted(want.keys() - got.keys())
     extra = sorted(got.keys() - want.keys())
@@ -226,12 +231,8 @@ def restore_into(params: Any, opt_state: Any, loaded_params: Any, loaded_state: 
     """
     check_compatible(params, loaded_params, "params", source)
     check_compatible(opt_state, loaded_state, "state", source)
-    dst: dict[str, np.ndarray] = {}
-    src: dict[str, np.ndarray] = {}
-    _encode(params, "params", dst)
-    _encode(opt_state, "state", dst)
-    _encode(loaded_params, "params", src)
-    _encode(loaded_state, "state", src)
+    dst = _arrays(params, "params")[0] | _arrays(opt_state, "state")[0]
+    src = _arrays(loaded_params, "params")[0] | _arrays(loaded_state, "state")[0]
     for k, d in dst.items():
         if not isinstance(d, np.ndarray) or not d.flags.writeable:
             raise CheckpointError(f"cannot restore into {k}: not a writeable numpy array")

@@ -22,6 +22,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from .npz import read_npz
+from .ops.nn import check_labels
 
 __all__ = [
     "Dataset",
@@ -79,6 +80,8 @@ class Dataset:
     def __post_init__(self) -> None:
         # Validate once here so every loader (and hand-built datasets) share one
         # definition of "well-formed" and training code can trust the arrays.
+        if self.n_classes < 1:
+            raise ValueError(f"{self.name}: n_classes must be at least 1, got {self.n_classes}")
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if x.ndim != 2:
@@ -111,27 +114,6 @@ class Dataset:
 # --------------------------------------------------------------------------- validation
 
 
-def check_labels(y: np.ndarray, n_classes: int) -> None:
-    """Raise ``ValueError`` unless every label is an integer in ``[0, n_classes)``.
-
-    The message names the first offending value and its index, because an
-    out-of-range label otherwise surfaces much later as an opaque indexing error
-    inside a compiled loss kernel.
-    """
-    y = np.asarray(y)
-    if y.dtype.kind not in "iu":
-        raise ValueError(f"labels must have an integer dtype, got {y.dtype}")
-    if n_classes < 1:
-        raise ValueError(f"n_classes must be at least 1, got {n_classes}")
-    bad = np.flatnonzero((y < 0) | (y >= n_classes))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(
-            f"label {y.flat[i]} at index {i} is outside [0, {n_classes}) "
-            f"({bad.size} out-of-range label(s) in total)"
-        )
-
-
 def _as_labels(y: np.ndarray, source: str) -> np.ndarray:
     """Convert labels read from a file to int64, rejecting anything that is not a
     non-negative whole number (CSV readers hand us floats, so 3.0 must be accepted)."""
@@ -146,10 +128,7 @@ def _as_labels(y: np.ndarray, source: str) -> np.ndarray:
     elif y.dtype.kind not in "iu":
         raise ValueError(f"{source}: labels must be integers, got dtype {y.dtype}")
     y = y.astype(np.int64)
-    neg = np.flatnonzero(y < 0)
-    if neg.size:
-        i = int(neg[0])
-        raise ValueError(f"{source}: label {y[i]} at index {i} is negative")
+    check_labels(y, what=f"{source}: label")
     return y
 
 

@@ -46,9 +46,6 @@ class Var:
         return f"%{self.id}:{self.type_str()}"
 
 
-_SHORT = {"float32": "f32", "float64": "f64", "int64": "i64", "int32": "i32", "bool": "bool",
-          "uint8": "u8", "int8": "i8", "int16": "i16", "float16": "f16"}
-
 # The dtypes a value of a program may have, on every backend. Numba has no float16
 # arithmetic and no long double, so neither is accepted (by the interpreter either: a
 # program runs the same wherever it runs); complex numbers are not differentiated here.
@@ -76,7 +73,17 @@ def supported_dtypes_text() -> str:
 
 
 def dtype_short(dtype: np.dtype) -> str:
-    return _SHORT.get(np.dtype(dtype).name, np.dtype(dtype).name)
+    """The dtype as the IR prints it, kernel symbols end and `jitgrad show --arg` reads it:
+    kind and bits (f32, i64, u8), and bool."""
+    dt = np.dtype(dtype)
+    if dt.kind == "b":
+        return "bool"
+    return f"{dt.kind}{8 * dt.itemsize}" if dt.kind in "iuf" else dt.name
+
+
+def dtype_named(name: str) -> np.dtype | None:
+    """The supported dtype called `name`, short (f32) or as numpy calls it (float32)."""
+    return next((d for d in SUPPORTED_DTYPES if name in (dtype_short(d), d.name)), None)
 
 
 def numpy_name(dtype: np.dtype) -> str:

@@ -28,12 +28,14 @@ from typing import Any
 import numpy as np
 
 from .errors import NoLoweringError
+from .ir import dtype_short, numpy_name
 
-# Variant tables: symbol suffix -> the numpy type the wrapper views memory as.
-FLOATS = {"f32": "np.float32", "f64": "np.float64"}
-WIDE_INTS = {"i64": "np.int64", "u64": "np.uint64"}
-# Data movement only needs the item size.
-ITEM_SIZES = {"b1": "np.uint8", "b2": "np.uint16", "b4": "np.uint32", "b8": "np.uint64"}
+# Variant tables: symbol suffix (ir.dtype_short) -> the numpy type the wrapper views memory as.
+FLOATS = {dtype_short(d): numpy_name(d) for d in map(np.dtype, (np.float32, np.float64))}
+WIDE_INTS = {dtype_short(d): numpy_name(d) for d in map(np.dtype, (np.int64, np.uint64))}
+# Data movement only needs the item size: b1 .. b8, viewed as unsigned integers.
+ITEM_SIZES = {f"b{d.itemsize}": numpy_name(d)
+              for d in map(np.dtype, (np.uint8, np.uint16, np.uint32, np.uint64))}
 
 # The start of every generated module of C-ABI functions: `_vp` turns an address
 # (int64) into a pointer that numba.carray can view as an array.
@@ -96,8 +98,7 @@ class Kernel:
 
     def suffix(self, dtype: np.dtype) -> str | None:
         dtype = np.dtype(dtype)
-        suffix = (f"b{dtype.itemsize}" if self.by_item_size
-                  else f"{dtype.kind}{8 * dtype.itemsize}")
+        suffix = f"b{dtype.itemsize}" if self.by_item_size else dtype_short(dtype)
         return suffix if suffix in self.variants else None
 
     def symbol(self, dtype: np.dtype) -> str:

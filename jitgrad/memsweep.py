@@ -31,7 +31,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from .memory import Plan
-from .remat import policy_options
+from .options import policy_options
 
 
 @dataclass(frozen=True)

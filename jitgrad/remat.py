@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -300,35 +298,6 @@ def describe(prog: Program, out: Program, saved: list[Var], stored: set[Var],
     rec = [i for i in out.instrs if i.role == "recompute"]
     return RematReport(policy, saved, [v for v in saved if v in stored], len(rec),
                        sum(flops(i) for i in rec), fwd)
-
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
-          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30}
-
-
-def parse_bytes(text: str) -> int:
-    """'1048576', '512KiB', '1.5MB', '2G' -> bytes (ValueError if it is not a positive size)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"expected a size in bytes like 1048576, 512KiB or 1.5MB, got {text!r}")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value <= 0:
-        raise ValueError(f"memory budget must be positive, got {text!r}")
-    return value
-
-
-def policy_options(policy: str | None) -> dict[str, Any]:
-    """A policy as commands spell it -- 'none', 'sqrt', 'full' or a byte budget ('4MiB',
-    '4096') -- as jg.jit / jg.train_step keywords."""
-    if policy is None or policy == "none":
-        return {}
-    if policy in ("sqrt", "full"):
-        return {"remat": policy}
-    try:
-        return {"memory_budget": parse_bytes(policy)}
-    except ValueError:
-        raise JitgradError(f"bad recomputation policy {policy!r}: use none, sqrt, full or a "
-                           "byte budget such as 4MiB") from None
 
 
 def check_policy(remat: Policy, memory_budget: int | None) -> None:

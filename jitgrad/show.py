@@ -38,14 +38,11 @@ from .api import CompiledFunction, _leaf_ranges, jit, value_and_grad
 from .backend import Planned, glue_source, plan_program
 from .core import is_const
 from .errors import JitgradError
-from .ir import Program
-from .remat import policy_options
+from .ir import SUPPORTED_DTYPES, Program, dtype_named, dtype_short
+from .options import policy_options
 from .trace import signature_of, trace_flat
 
 EXAMPLE_ATTR = "__jitgrad_example__"
-DTYPES = {"f32": np.float32, "f64": np.float64, "i64": np.int64, "i32": np.int32,
-          "bool": np.bool_, "u8": np.uint8, "float32": np.float32, "float64": np.float64,
-          "int64": np.int64, "int32": np.int32}
 _SPEC = re.compile(r"\s*([a-z0-9]+)\s*(?:\[\s*([0-9,\s]*)\])?\s*")
 
 
@@ -59,13 +56,15 @@ def parse_arg_spec(text: str) -> np.ndarray:
     read-only broadcast view: f32[100000,100000] takes no memory.
     """
     m = _SPEC.fullmatch(text)
-    if not m or m.group(1) not in DTYPES:
+    dtype = dtype_named(m.group(1)) if m else None
+    if dtype is None:
+        names = " ".join(dtype_short(d) for d in SUPPORTED_DTYPES)
         raise JitgradError(f"bad argument spec {text!r}: expected DTYPE[d0,d1,...] such as "
-                           f"f32[64,784], i64[64] or f32[] (dtypes: f32 f64 i32 i64 bool u8)")
+                           f"f32[64,784], i64[64] or f32[] (dtypes: {names})")
     dims = [d.strip() for d in (m.group(2) or "").split(",") if d.strip()]
     shape = tuple(int(d) for d in dims)
     try:
-        return np.broadcast_to(np.zeros((), DTYPES[m.group(1)]), shape)
+        return np.broadcast_to(np.zeros((), dtype), shape)
     except ValueError as e:  # more elements than an array can index
         raise JitgradError(f"bad argument spec {text!r}: {e}") from None
 

@@ -55,15 +55,6 @@ def _unflatten(td: TreeDef, it: Any) -> Any:
     return tuple(children) if kind == "tuple" else children
 
 
-def num_leaves(td: TreeDef) -> int:
-    kind = td[0]
-    if kind == "leaf":
-        return 1
-    if kind == "none":
-        return 0
-    return sum(num_leaves(c) for c in (td[2] if kind == "dict" else td[1]))
-
-
 def describe(td: TreeDef) -> str:
     """A short human description of a structure, for error messages."""
     kind = td[0]
@@ -78,10 +69,11 @@ def describe(td: TreeDef) -> str:
         f"({inner})" if kind == "tuple" else f"[{inner}]")
 
 
-def leaf_paths(td: TreeDef, prefix: str = "", key: Callable[[Any], str] = "[{!r}]".format
-               ) -> list[str]:
+def leaf_paths(td: TreeDef, prefix: str = "", key: Callable[[Any], str] = "[{!r}]".format,
+               index: Callable[[int], str] = "[{}]".format) -> list[str]:
     """Where each leaf sits, in flatten order, as indexing text: "[0]['W'][1]" (or, with
-    key=".{}".format, "[0].W[1]")."""
+    key=".{}".format, "[0].W[1]"; checkpoints name arrays "params/W0" with "/{}".format
+    for both)."""
     kind = td[0]
     if kind == "leaf":
         return [prefix]
@@ -89,5 +81,5 @@ def leaf_paths(td: TreeDef, prefix: str = "", key: Callable[[Any], str] = "[{!r}
         return []
     if kind == "dict":
         return [p for k, c in zip(td[1], td[2], strict=True)
-                for p in leaf_paths(c, prefix + key(k), key)]
-    return [p for i, c in enumerate(td[1]) for p in leaf_paths(c, f"{prefix}[{i}]", key)]
+                for p in leaf_paths(c, prefix + key(k), key, index)]
+    return [p for i, c in enumerate(td[1]) for p in leaf_paths(c, prefix + index(i), key, index)]

@@ -21,12 +21,12 @@ import contextlib
 import errno
 import os
 import re
-import secrets
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .atomic_write import atomic_write
 from .errors import CacheSecurityError
 
 try:
@@ -39,7 +39,6 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | _CLOEXEC
 # O_NONBLOCK: a FIFO planted under a cache name must not hang the open (regular files ignore it)
 _O_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
-_O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | _CLOEXEC
 _MAX_LINKS = 40  # symlinks followed on one path, as the kernel's own ELOOP limit
 
 
@@ -224,27 +223,10 @@ class TrustedDir:
             return f.read()
 
     def publish(self, name: str, data: bytes, replace: bool) -> None:
-        """Write `data` to `name` atomically: readers see the old file or the whole new one."""
-        tmp = f"jg_tmp_{secrets.token_hex(8)}.tmp"
-        fd = os.open(self._at(tmp), _O_CREATE, 0o600, dir_fd=self.fd)
-        moved = {"src_dir_fd": self.fd, "dst_dir_fd": self.fd}
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            if replace:
-                os.replace(self._at(tmp), self._at(name), **moved)
-            else:
-                # link never replaces a file another process published meanwhile (same
-                # content: the name is its hash)
-                try:
-                    os.link(self._at(tmp), self._at(name), **moved)
-                except FileExistsError:
-                    pass
-                except OSError:  # no hard links here: same bytes, so replacing is safe
-                    os.replace(self._at(tmp), self._at(name), **moved)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._at(tmp), dir_fd=self.fd)
+        """Write `data` to `name` atomically: readers see the old file or the whole new one.
+        replace=False keeps a file another process published meanwhile (same content: the
+        name is its hash)."""
+        atomic_write(self._at(name), lambda f: f.write(data), dir_fd=self.fd, replace=replace)
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import jitgrad as jg
-from jitgrad import checkpoint_io, cli, errors, ir, nn, threads
+from jitgrad import checkpoint_io, cli, errors, ir, nn, recipe, threads
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--hidden", "16", "--batch-size", "64"]
@@ -47,9 +47,9 @@ def assert_one_line_error(code, err, *needles):
 @pytest.fixture(scope="module")
 def good_checkpoint(tmp_path_factory):
     """A checkpoint as `jitgrad train --save` writes it for the TINY model (nothing trained)."""
-    cfg = cli.TrainConfig(hidden=(16,), batch_size=64, epochs=1).resolved()
+    cfg = recipe.TrainConfig(hidden=(16,), batch_size=64, epochs=1).resolved()
     params = nn.mlp_init([64, 16, 10], np.random.default_rng(0), np.float32)
-    state = cli.make_optimizer(cfg, 22).init(params)
+    state = recipe.make_optimizer(cfg, 22).init(params)
     meta = {"epoch": 1, "step": 22, "config": cfg.to_json(), "dataset": "digits",
             "sizes": [64, 16, 10]}
     path = tmp_path_factory.mktemp("ck") / "good.npz"
@@ -211,7 +211,7 @@ def test_an_unwritable_save_path_is_refused_before_training(tmp_path, capsys, mo
     def no_training(*args, **kw):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(cli, "run_training", no_training)
+    monkeypatch.setattr(recipe, "run_training", no_training)
     code, _, err = run(capsys, "train", "--save", path)
     assert code == cli.EXIT_USAGE and "Traceback" not in err
     assert "argument --save" in err.strip().splitlines()[-1]
@@ -221,7 +221,7 @@ def test_a_model_too_big_for_memory_is_one_line(capsys, monkeypatch):
     def too_big(*args, **kw):
         raise MemoryError("Unable to allocate 47.7 GiB for an array with shape (64, 100000000)")
 
-    monkeypatch.setattr(cli.nn, "mlp_init", too_big)
+    monkeypatch.setattr(recipe.nn, "mlp_init", too_big)
     code, _, err = run(capsys, "train", "--hidden", "100000000", "--epochs", "1")
     assert_one_line_error(code, err, "out of memory", "47.7 GiB")
 
@@ -342,6 +342,24 @@ def test_the_dtype_list_is_one_list():
     assert list(ir.SUPPORTED_DTYPES) == SUPPORTED
     assert ir.check_dtype(np.dtype(">f4")) == np.float32  # another byte order is converted
     assert jg.jit(lambda a: a * 2)(np.arange(3, dtype=">f4")).tolist() == [0, 2, 4]
+
+
+def test_the_dtype_names_are_one_table():
+    # ir.dtype_short names a dtype everywhere: the IR printer, kernel symbols, --arg specs
+    from jitgrad import kernels
+    from jitgrad.show import parse_arg_spec
+    names = [ir.dtype_short(d) for d in SUPPORTED]
+    assert names == ["bool", "i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64", "f32", "f64"]
+    for d, name in zip(SUPPORTED, names, strict=True):
+        assert ir.dtype_named(name) == d and ir.dtype_named(d.name) == d
+        assert parse_arg_spec(f"{name}[2]").dtype == d
+        assert ir.Var((2,), d).type_str() == f"{name}[2]"
+    assert ir.dtype_named("float16") is None and ir.dtype_named("f16") is None
+    assert kernels.FLOATS == {"f32": "np.float32", "f64": "np.float64"}
+    assert kernels.ITEM_SIZES == {"b1": "np.uint8", "b2": "np.uint16", "b4": "np.uint32",
+                                  "b8": "np.uint64"}
+    with pytest.raises(jg.JitgradError, match="dtypes: bool i8 .* f64"):
+        parse_arg_spec("f16[2]")
 
 
 def _every_kind_of_op(a, idx, cols):

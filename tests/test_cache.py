@@ -372,6 +372,29 @@ def test_load_module_names_are_the_names_clear_removes(cache_dir):
             cache.load_module(bad, source)
 
 
+def test_one_atomic_write_for_the_cache_and_checkpoints(tmp_path):
+    from jitgrad.atomic_write import atomic_write
+    target = tmp_path / "f"
+    atomic_write(str(target), lambda f: f.write(b"first"))
+    atomic_write(str(target), lambda f: f.write(b"same name, other bytes"), replace=False)
+    assert target.read_bytes() == b"first"  # a published file is kept
+    with trusted_dir.open_trusted(str(tmp_path), create=False) as d:
+        d.publish("f", b"second", replace=True)
+    assert target.read_bytes() == b"second"
+    assert oct(target.stat().st_mode & 0o777) == "0o600"
+
+    def fails(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(str(target), fails, durable=True)
+    assert target.read_bytes() == b"second"
+    # no temporary file is left behind
+    atomic_write(str(tmp_path / "g"), lambda f: f.write(b""))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "g"]
+
+
 def test_numba_bound_in_pyproject_is_the_tested_range():
     root = os.path.dirname(os.path.dirname(os.path.abspath(cache.__file__)))
     with open(os.path.join(root, "pyproject.toml")) as f:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import jitgrad as jg
-from jitgrad import checkpoint_io, cli, memory, nn
+from jitgrad import checkpoint_io, memory, nn, recipe
 from jitgrad.api import CompiledFunction
 from jitgrad.data import minibatches
 from jitgrad.ir import Var
@@ -121,12 +121,12 @@ def test_rank_shards_partition_each_global_batch():
 
 
 def test_default_lr_scales_with_the_number_of_ranks():
-    cfg = cli.TrainConfig()
-    assert cli.scale_default_lr(cfg, 1) is cfg
-    assert cli.scale_default_lr(cfg, 4).resolved().lr == pytest.approx(0.2)
-    assert cli.scale_default_lr(cli.TrainConfig(optimizer="adam"), 4).resolved().lr == \
+    cfg = recipe.TrainConfig()
+    assert recipe.scale_default_lr(cfg, 1) is cfg
+    assert recipe.scale_default_lr(cfg, 4).resolved().lr == pytest.approx(0.2)
+    assert recipe.scale_default_lr(recipe.TrainConfig(optimizer="adam"), 4).resolved().lr == \
         pytest.approx(2e-3)
-    assert cli.scale_default_lr(cli.TrainConfig(lr=0.01), 4).resolved().lr == 0.01
+    assert recipe.scale_default_lr(recipe.TrainConfig(lr=0.01), 4).resolved().lr == 0.01
 
 
 def test_threads_default_to_an_even_share_of_the_cores_per_rank(monkeypatch):
@@ -276,8 +276,8 @@ def test_cli_distributed_trains_like_one_process_with_the_global_batch(tmp_path)
     assert 0 <= metrics["allreduce_share"] <= 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dist.npz"]  # saved once
 
-    cfg = cli.TrainConfig(hidden=(16,), epochs=2, lr=0.05, batch_size=64, dtype="float64")
-    single = cli.run_training(cfg, out=None)
+    cfg = recipe.TrainConfig(hidden=(16,), epochs=2, lr=0.05, batch_size=64, dtype="float64")
+    single = recipe.run_training(cfg, out=None)
     saved, _, meta = checkpoint_io.load(ckpt)
     assert meta["step"] == single.metrics["steps"]
     for k, v in single.params.items():

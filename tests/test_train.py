@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 import jitgrad as jg
-from jitgrad import checkpoint_io, cli, nn
+from jitgrad import checkpoint_io, cli, nn, options, recipe
 from jitgrad.checkpoint_io import CheckpointError
 
 TINY = ["--hidden", "16", "--batch-size", "64"]
-TINY_CFG = cli.TrainConfig(hidden=(16,), batch_size=64)
+TINY_CFG = recipe.TrainConfig(hidden=(16,), batch_size=64)
 
 
 def copy_tree(t):
@@ -96,6 +96,21 @@ def test_checkpoint_roundtrip(tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["ck.npz"]  # no temp files left
 
 
+def test_checkpoint_archive_layout(tmp_path):
+    # The names and the header's structure are the file format: old checkpoints must load.
+    state = {"m": [np.ones(2), (np.zeros(1), None)], "t": np.array(3)}
+    path = checkpoint_io.save(tmp_path / "ck.npz", {"W0": np.ones((2, 3))}, state)
+    with np.load(path) as z:
+        assert sorted(z.files) == ["__meta__", "params/W0", "state/m/0", "state/m/1/0",
+                                   "state/t"]
+        header = json.loads(str(z["__meta__"]))
+    assert header["structure"] == {
+        "params": {"dict": {"W0": "leaf"}},
+        "state": {"dict": {"m": {"list": ["leaf", {"tuple": ["leaf", None]}]}, "t": "leaf"}}}
+    _, s, _ = checkpoint_io.load(path)
+    assert isinstance(s["m"][1], tuple) and s["m"][1][1] is None
+
+
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ck.npz"
     checkpoint_io.save(path, {"w": np.ones(3)}, {}, {"epoch": 1})
@@ -154,12 +169,12 @@ def test_restore_checks_before_copying():
 
 
 def test_resume_equals_uninterrupted_constant_schedule(tmp_path):
-    full = cli.run_training(dataclasses.replace(TINY_CFG, epochs=2, schedule="constant"),
+    full = recipe.run_training(dataclasses.replace(TINY_CFG, epochs=2, schedule="constant"),
                             out=None)
     ck = tmp_path / "ck.npz"
-    cli.run_training(dataclasses.replace(TINY_CFG, epochs=1, schedule="constant"),
+    recipe.run_training(dataclasses.replace(TINY_CFG, epochs=1, schedule="constant"),
                      out=None, save=ck)
-    resumed = cli.run_training(dataclasses.replace(TINY_CFG, epochs=2, schedule="constant"),
+    resumed = recipe.run_training(dataclasses.replace(TINY_CFG, epochs=2, schedule="constant"),
                                out=None, resume=ck)
     assert resumed.step.t == full.step.t
     for k in full.params:
@@ -173,17 +188,17 @@ def test_resume_equals_uninterrupted_constant_schedule(tmp_path):
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     # Cosine schedule over the whole run: Ctrl-C after epoch 1, then --resume.
     cfg = dataclasses.replace(TINY_CFG, epochs=2)
-    full = cli.run_training(cfg, out=None)
+    full = recipe.run_training(cfg, out=None)
     ck = tmp_path / "ck.npz"
 
     def ctrl_c(epoch, record):
         raise KeyboardInterrupt
 
-    with pytest.raises(cli.TrainingInterrupted) as info:
-        cli.run_training(cfg, out=None, save=ck, on_epoch_end=ctrl_c)
+    with pytest.raises(recipe.TrainingInterrupted) as info:
+        recipe.run_training(cfg, out=None, save=ck, on_epoch_end=ctrl_c)
     assert info.value.saved_epoch == 1
     assert checkpoint_io.load(ck)[2]["epoch"] == 1
-    resumed = cli.run_training(cfg, out=None, resume=ck)
+    resumed = recipe.run_training(cfg, out=None, resume=ck)
     for k in full.params:
         np.testing.assert_allclose(resumed.params[k], full.params[k], rtol=0, atol=1e-6)
     assert resumed.metrics["train_loss"] == pytest.approx(full.metrics["train_loss"], abs=1e-6)
@@ -356,13 +371,13 @@ def test_cli_bad_flags(capsys):
 
 def test_cli_remat_is_passed_through(capsys, monkeypatch):
     seen = {}
-    real = cli.train_step
+    real = recipe.train_step
 
     def spy(*args, **kw):
         seen.update(kw)
         return real(*args, **kw)
 
-    monkeypatch.setattr(cli, "train_step", spy)
+    monkeypatch.setattr(recipe, "train_step", spy)
     code, out, _ = run_cli(capsys, "--remat", "--epochs", "1", "--json", *TINY)
     assert code == 0 and seen == {"remat": "sqrt"}
     seen.clear()
@@ -391,7 +406,20 @@ def test_cli_help_and_no_command(capsys):
     assert cli.main([]) == 2
 
 
+def test_the_optimizer_comes_from_optim_optimizers():
+    assert list(recipe.OPTIMIZER_DEFAULTS) == list(jg.optim.OPTIMIZERS)
+    for name, cls in jg.optim.OPTIMIZERS.items():
+        opt = recipe.make_optimizer(recipe.TrainConfig(optimizer=name).resolved(), 30)
+        assert type(opt) is cls and opt.lr == recipe.OPTIMIZER_DEFAULTS[name]["lr"]
+        assert opt.weight_decay == recipe.OPTIMIZER_DEFAULTS[name]["weight_decay"]
+    sgd = recipe.make_optimizer(recipe.TrainConfig(momentum=0.5).resolved(), 30)
+    assert (sgd.momentum, sgd.nesterov) == (0.5, True)
+    plain = recipe.make_optimizer(recipe.TrainConfig(momentum=0.0).resolved(), 30)
+    assert (plain.momentum, plain.nesterov) == (0.0, False)
+    assert recipe.OPTIMIZER_DEFAULTS["adamw"] == {"lr": 1e-3, "weight_decay": 1e-2}
+
+
 def test_parse_bytes():
-    assert cli.parse_bytes("4096") == 4096
-    assert cli.parse_bytes("1.5MiB") == int(1.5 * 2**20)
-    assert cli.parse_bytes("2k") == 2000
+    assert options.parse_bytes("4096") == 4096
+    assert options.parse_bytes("1.5MiB") == int(1.5 * 2**20)
+    assert options.parse_bytes("2k") == 2000

@@ -14,12 +14,31 @@ from . import elementwise as E
 from . import reduce as R
 
 
+def check_labels(y: np.ndarray, n_classes: int | None = None, *, what: str = "label",
+                 out_of_range: str | None = None) -> None:
+    """Raise ``JitgradError`` (a ``ValueError``) unless every label is an integer in
+    ``[0, n_classes)`` (``n_classes`` None: a non-negative integer).
+
+    The one label check of jitgrad: the loss's reference, datasets, label files, the
+    training recipe. The message names the first offending value and its index, because an
+    out-of-range label otherwise surfaces much later as an opaque indexing error inside
+    a compiled loss kernel: "{what} 7 at index 2 is {out_of_range}", ``out_of_range``
+    by default "outside [0, n_classes)", and "negative" without ``n_classes``.
+    """
+    y = np.asarray(y)
+    if y.dtype.kind not in "iu":
+        raise JitgradError(f"labels must have an integer dtype, got {y.dtype}")
+    bad = np.flatnonzero(y < 0 if n_classes is None else (y < 0) | (y >= n_classes))
+    if bad.size:
+        i = int(bad[0])
+        why = ("negative" if n_classes is None
+               else out_of_range or f"outside [0, {n_classes})")
+        raise JitgradError(f"{what} {y.flat[i]} at index {i} is {why} "
+                           f"({bad.size} out-of-range label(s) in total)")
+
+
 def _check_labels(labels: np.ndarray, n_classes: int) -> None:
-    bad = (labels < 0) | (labels >= n_classes)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise JitgradError(f"label {labels[i]} at index {i} is out of range for "
-                           f"{n_classes} classes")
+    check_labels(labels, n_classes, out_of_range=f"out of range for {n_classes} classes")
 
 
 def _softmax_ref(logits: np.ndarray) -> np.ndarray:
