@@ -322,6 +322,9 @@ def fused_kernel(group: Group) -> tuple[str, str, list[int]]:
 
 
 def _lower_group(low: Lowering, group: Group) -> None:
+    for ins in group.members.values():  # named now, though the loop is written later
+        if ins.prim.scalar is None:
+            raise NoLoweringError("it has no Numba lowering", ins)
     dims, _ = _coalesce(group.out.shape, group.leaves)
     ops = ", ".join(m.prim.name for m in group.members.values() if not is_const(m)) or \
         group.root.prim.name

@@ -210,8 +210,8 @@ def declared_symbols() -> list[str]:
 
 
 def ensure_loaded() -> None:
-    """Compile (or load) every declared kernel: for warming a cache ahead of use."""
-    from . import ops  # noqa: F401  (the modules declaring kernels)
+    """Compile (or load) every declared kernel: for warming a cache ahead of use. (The
+    modules declaring them are imported with the package.)"""
     require(_by_symbol)
 
 
