@@ -171,23 +171,14 @@ def native_runner(cf, *args):
     """(call, keep): the bare native call of jitgrad-compiled `cf` on args — no argument
     conversion, no copying of results out of the arena (jitgrad internals; benchmarks only).
     `keep` holds the arrays the pointers refer to."""
-    from jitgrad import api
-    entry, leaves, sigs = cf._specialise(args)
+    from jitgrad import api, tree
+    entry = cf.lower(*args)
+    arrays = [api._as_input_array(v, s)
+              for v, s in zip(tree.flatten(tuple(args))[0], entry.sigs, strict=True)]
     ex = entry.executable
-    arrays = [api._as_input_array(v, s) for v, s in zip(leaves, sigs, strict=True)]
-    ptrs = ex._ptrs.copy()
-    for i, a in enumerate(arrays):
-        ptrs[2 + i] = a.__array_interface__["data"][0]
-    chunks, addr = ex._chunks, ptrs.__array_interface__["data"][0]
-
-    def run():
-        # the compiled program is a few C-ABI chunks run in order (see codegen.render_glue)
-        for chunk in chunks:
-            if chunk(addr):
-                raise RuntimeError("a kernel rejected its input")
-
+    run = ex.bare_call(arrays)  # the executable's interface: its native call alone
     run()
-    return run, (arrays, ptrs, ex)
+    return run, (arrays, ex)
 
 
 def gemm_kernel(dtype="float32"):

@@ -27,14 +27,14 @@ class StepMemory:
         self.step, self.x, self.y = _step(config, policy)
 
     def track_planned_peak_bytes(self, config, policy):
-        return int(self.step.compiled.plan.peak_bytes)
+        return int(self.step.compiled.plan.arena_bytes)
 
     track_planned_peak_bytes.unit = "bytes"
 
     def track_planned_vs_params(self, config, policy):
         """Planned arena ÷ bytes of the parameters."""
         nparam = sum(p.nbytes for p in C.make_params(config))
-        return self.step.compiled.plan.peak_bytes / nparam
+        return self.step.compiled.plan.arena_bytes / nparam
 
     track_planned_vs_params.unit = "ratio"
 

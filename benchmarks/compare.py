@@ -173,13 +173,13 @@ def worker_jitgrad(config: str, profile: bool = False) -> dict:
     C.pin_threads()
     out = {"loss0": float(loss0), "first_s": first, "us": measure_calls(lambda: step(x, y))}
     try:
-        call, (keep, ptrs, ex) = C.native_runner(step.compiled, params, step.state,
-                                                 step.optimizer.hyper(1), x, y)
+        call, (keep, ex) = C.native_runner(step.compiled, params, step.state,
+                                           step.optimizer.hyper(1), x, y)
         out["native_us"] = measure_calls(call)
-        out["peak_bytes"] = int(ex.plan.peak_bytes)
-        out["n_steps"] = len(ex._labels)
+        out["peak_bytes"] = int(ex.plan.arena_bytes)
+        out["n_steps"] = ex.plan.n_steps
         if profile:
-            out["profile"] = profile_steps(ex, ptrs)
+            out["profile"] = profile_steps(ex)
     except Exception as e:  # internals moved: keep the headline numbers
         out["native_error"] = repr(e)
     floor, keep2 = gemm_floor_fn(config)
@@ -189,35 +189,17 @@ def worker_jitgrad(config: str, profile: bool = False) -> dict:
 
 # ---------------------------------------------------------------- per-kernel profile
 
-def profile_steps(ex, ptrs, reps: int = 30) -> dict:
+def profile_steps(ex, reps: int = 30) -> dict:
     """Time every kernel call of the compiled step separately (through ctypes, in program
-    order, on the real arena), minus the measured ctypes call overhead."""
-    import re
-
+    order, on the real arena: the executable's `kernel_calls`), minus the measured
+    ctypes call overhead."""
     import numpy as np
-    mods = [m for n, m in list(sys.modules.items()) if n.startswith("jg_")]
 
-    def cfunc(sym):
-        for m in mods:
-            f = getattr(m, sym, None)
-            if f is not None and hasattr(f, "ctypes"):
-                return f.ctypes
-        raise KeyError(sym)
-
-    env = {"arena": int(ptrs[0]), "meta": int(ptrs[1])}
-    for i in range(len(ptrs) - 2):
-        env[f"p{i}"] = int(ptrs[i + 2])
-    calls = []
-    # a step of a chunk: `jg_sym(args)  # label`, or `if jg_sym(args):  # label` if it can fail
-    pat = re.compile(r"^\s+(?:if )?(jg_\w+)\((.*)\):?\s+# (.*)$")
-    for line in ex.source.splitlines():
-        m = pat.match(line)
-        if m:
-            sym, args, label = m.groups()
-            vals = [int(eval(a, {}, env)) for a in args.split(", ")] if args else []
-            calls.append((sym, cfunc(sym), vals, label))
-    # ctypes overhead: a zero-length fill
-    zero = cfunc("jg_zero_b4")
+    calls = ex.kernel_calls()
+    # ctypes overhead: a zero-length call of the cheapest kernel
+    from jitgrad import kernels
+    kernels.require(["jg_zero_b4"])
+    zero = kernels.function("jg_zero_b4")
     scratch = np.zeros(1, np.float32)
     t = time.perf_counter_ns()
     for _ in range(2000):
@@ -225,23 +207,24 @@ def profile_steps(ex, ptrs, reps: int = 30) -> dict:
     overhead = (time.perf_counter_ns() - t) / 2000 / 1e3
     times = np.zeros((reps, len(calls)))
     for r in range(reps + 3):
-        for j, (_, f, vals, _) in enumerate(calls):
+        for j, c in enumerate(calls):
             t = time.perf_counter_ns()
-            f(*vals)
+            c.fn(*c.args)
             dt = (time.perf_counter_ns() - t) / 1e3
             if r >= 3:
                 times[r - 3, j] = dt
     med = np.median(times, axis=0) - overhead
     rows = []
-    for (sym, _, vals, label), us in zip(calls, med, strict=False):
-        kind = sym[3:]
-        if sym.startswith("jg_gemm"):
-            m, n, k, ta, tb = vals[3:8]
-            kind = f"gemm {'TN' if ta else ('NT' if tb else 'NN')}"
-            label = f"gemm m={m} n={n} k={k} ta={ta} tb={tb}"
-        elif sym.startswith("jg_fused"):
-            kind = "fused " + label.split(" at ")[0][len("fused"):]
-        rows.append({"sym": sym, "kind": kind, "label": label, "us": float(max(us, 0.0))})
+    for c, us in zip(calls, med, strict=True):
+        kind, label = c.symbol[3:], c.label
+        if c.symbol.startswith("jg_gemm"):
+            a = c.named_args()  # decoded by the kernel's declared argument names
+            kind = f"gemm {'TN' if a['ta'] else ('NT' if a['tb'] else 'NN')}"
+            kind += "+acc" if c.symbol.startswith("jg_gemm_acc") else ""
+            label = f"{kind} m={a['m']} n={a['n']} k={a['k']} ({c.label})"
+        elif c.symbol.startswith("jg_fused"):
+            kind = "fused " + c.label.split(" at ")[0][len("fused"):]
+        rows.append({"sym": c.symbol, "kind": kind, "label": label, "us": float(max(us, 0.0))})
     return {"overhead_us": overhead, "calls": rows}
 
 

@@ -1,6 +1,7 @@
 """jitgrad: reverse-mode autodiff for the CPU, traced once and compiled with Numba."""
 
 from . import distributed, nn, optim  # distributed imports mpi4py only when used
+from . import show as _show  # noqa: F401  (attaches cf.show to CompiledFunction)
 from . import trace as _trace  # noqa: F401  (attaches operators to Tracer)
 from .api import CompiledFunction, checkpoint, grad, jit, value_and_grad
 from .errors import (

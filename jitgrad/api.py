@@ -12,13 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from . import pipeline, tree
 from . import remat as remat_mod
-from . import tree
 from .autodiff import grad_program
 from .core import Tracer, _trace_stack, eval_program, instr_tags, user_frame_loc
 from .errors import JitgradError, NonFiniteError, UndefinedGradientError
-from .ir import Program, dtype_short
-from .passes import dce, optimize
+from .ir import dtype_short
+from .passes import dce
+from .pipeline import Compiled
 from .trace import Signature, signature_of, trace_flat
 
 DEFAULT_BACKEND = "numba"
@@ -33,17 +34,6 @@ def default_backend(name: str) -> Iterator[None]:
         yield
     finally:
         DEFAULT_BACKEND = old
-
-
-def _compile(prog: Program, backend: str, options: dict[str, Any]) -> Any:
-    if backend == "interpret":
-        from .interp import InterpretedExecutable
-        return InterpretedExecutable(prog, check_finite=options["check_finite"],
-                                     donate=options.get("donate"))
-    if backend == "numba":
-        from .backend import compile_program
-        return compile_program(prog, **options)
-    raise JitgradError(f"unknown backend {backend!r}: use 'numba' or 'interpret'")
 
 
 def check_finite_from_env() -> bool:
@@ -97,24 +87,6 @@ def _as_input_array(x: Any, sig: Signature) -> np.ndarray:
     return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
 
 
-class Compiled:
-    """One specialisation of a jitted function: its program and executable."""
-
-    def __init__(self, program: Program, executable: Any, out_tree: tree.TreeDef):
-        self.program = program
-        self.executable = executable
-        self.out_tree = out_tree
-        self.remat: Any = None  # remat.RematReport: what is stored and what recomputed
-
-    @property
-    def plan(self) -> Any:
-        return self.executable.plan
-
-    @property
-    def source(self) -> str:
-        return self.executable.source
-
-
 class CompiledFunction:
     """`jg.jit(fn)`: traces fn once per input signature, optimises and compiles the program.
 
@@ -158,26 +130,12 @@ class CompiledFunction:
             with self._lock:
                 entry = self._cache.get(key)
                 if entry is None:
-                    prog, out_tree, captured = trace_flat(self.fn, in_tree, sigs)
-                    if captured:
-                        raise JitgradError("a jitted function captured a value being traced "
-                                           "by an enclosing transformation; pass it as an "
-                                           "argument instead")
-                    prog, report = self._rematerialize(optimize(prog), backend)
-                    entry = Compiled(prog, _compile(prog, backend, self.options), out_tree)
-                    entry.remat = report
-                    if entry.plan is not None:
-                        entry.plan.remat = report
+                    entry = pipeline.build(self.fn, in_tree, sigs, backend=backend,
+                                           remat=self.remat, memory_budget=self.memory_budget,
+                                           **self.options)
                     self._cache[key] = entry
         self._last = entry
         return entry, leaves, sigs
-
-    def _rematerialize(self, prog: Program, backend: str) -> tuple[Program, Any]:
-        def plan_of(p: Program) -> Any:
-            from .backend import plan_program  # the planner is the Numba backend's
-            return plan_program(p, self.options.get("donate"),
-                                pinned=self.options.get("pinned")).plan
-        return remat_mod.apply(prog, self.remat, self.memory_budget, plan_of)
 
     def __call__(self, *args: Any) -> Any:
         if _trace_stack():
@@ -195,16 +153,25 @@ class CompiledFunction:
         """Trace and compile for these arguments without running."""
         return self._specialise(args)[0]
 
+    def plan_only(self, *args: Any) -> Compiled:
+        """Trace, optimise and lay out memory for these arguments as the Numba backend
+        would, compiling nothing (whatever the backend)."""
+        leaves, in_tree = tree.flatten(tuple(args))
+        options = {k: v for k, v in self.options.items() if k != "check_finite"}
+        return pipeline.build(self.fn, in_tree, _signatures(leaves, in_tree), backend=None,
+                              remat=self.remat, memory_budget=self.memory_budget, **options)
+
     def _described(self) -> Compiled:
         if self._last is None:
             raise JitgradError("nothing compiled yet: call the function or .lower(*args) first")
         return self._last
 
-    def show(self, *args: Any, **options: Any) -> Any:
-        """Print stages and draw pictures of this function (see jitgrad.show.show);
-        args default to the last specialisation's shapes."""
-        from .show import show_compiled
-        return show_compiled(self, args, **options)
+    @property
+    def latest(self) -> Compiled | None:
+        """The specialisation of the most recent call or lower (None before any)."""
+        return self._last
+
+    # cf.show(*args, ...) is attached by jitgrad.show (the tools layer builds on this one).
 
     program = property(lambda self: self._described().program)
     plan = property(lambda self: self._described().plan)

@@ -6,16 +6,18 @@ steps, calling library and fused kernels on addresses inside one arena.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import cache, kernels, memory
-from .codegen import lower, prepare, render_glue
+from .codegen import MetaAddress, lower, prepare, render_glue
 from .errors import JitgradError, NonFiniteError
+from .executable import KernelCall
 from .ir import Program, Var, var_names
 
 
@@ -48,10 +50,11 @@ def _donatable(uses: list[memory.StepUse], steps: list[Any], out: Var, into: Var
     return into not in uses[writer].reads or steps[writer].elementwise
 
 
-@dataclass
+@dataclass(frozen=True)
 class Planned:
     """A program lowered to kernel calls with its arena laid out; nothing compiled yet."""
 
+    program: Program              # as given (what the interpreter re-runs to explain errors)
     prepared: Program
     low: Any                      # codegen.Lowering
     external: dict[Var, int]      # values outside the arena -> their pointer-table slot
@@ -60,14 +63,21 @@ class Planned:
     donated_in_place: set[int]    # results computed straight into the donated input
     donate_copy: list[tuple[int, int]]  # (result, input) pairs copied there after the call
     pinned_copy: list[tuple[int, Var]]  # pinned results given a slot of their own
+    donate: dict[int, int] | None = None
+    pinned: tuple[int, ...] = ()
+
+    def with_remat(self, report: Any) -> Planned:
+        """The same layout, its plan describing what recomputation chose."""
+        return dataclasses.replace(self, plan=dataclasses.replace(self.plan, remat=report))
 
 
 def plan_program(prog: Program, donate: dict[int, int] | None = None,
-                 sources: bool = False, pinned: Sequence[int] | None = None) -> Planned:
-    """Lower and lay out prog (pure Python: the memory planner's view of a program);
-    sources=True also generates the fused kernels' source, for compiling."""
+                 pinned: Sequence[int] | None = None, remat: Any = None) -> Planned:
+    """Lower and lay out prog (pure Python: the memory planner's view of a program; the
+    fused loops' source is made only when compiling asks for it). remat: the
+    recomputation report the plan prints."""
     prepared = prepare(prog)
-    low = lower(prepared, sources)
+    low = lower(prepared)
     external = {v: i for i, v in enumerate(list(prepared.inputs) + list(prepared.consts))}
     root = low.root
     uses = [memory.StepUse([root(v) for v in s.writes], [root(v) for v in s.reads],
@@ -96,12 +106,10 @@ def plan_program(prog: Program, donate: dict[int, int] | None = None,
             v = Var(prepared.outputs[out_i].shape, v.dtype)
             pinned_copy.append((out_i, v))
         pinned_vars.append(v)
-    plan = memory.plan(uses, outputs, set(external), [s.label for s in low.steps],
-                       pinned=pinned_vars)
-    plan.names = var_names(prog)
-    plan.step_roles = [s.role for s in low.steps]
-    return Planned(prepared, low, external, outputs, plan, donated_in_place, donate_copy,
-                   pinned_copy)
+    plan = memory.plan(uses, outputs, set(external), pinned=pinned_vars, names=var_names(prog),
+                       step_roles=[s.role for s in low.steps], remat=remat)
+    return Planned(prog, prepared, low, external, outputs, plan, donated_in_place, donate_copy,
+                   pinned_copy, dict(donate) if donate else None, tuple(pinned or ()))
 
 
 class _Arena:
@@ -120,21 +128,22 @@ def glue_source(planned: Planned) -> str:
     """The program's chunk functions (codegen.render_glue) as the backend compiles them."""
     # The chunk symbols are named by the program's content, so equal programs share them.
     low = planned.low
-    key = cache.module_key(str(planned.prepared) + str(sorted(low.fused)))[:16]
+    key = cache.module_key(str(planned.prepared) + str(sorted(low.fused_sources())))[:16]
     return render_glue(low, planned.plan, planned.external, key)
 
 
 class NumbaExecutable:
-    def __init__(self, prog: Program, check_finite: bool = False,
-                 donate: dict[int, int] | None = None, pinned: Sequence[int] | None = None):
-        """pinned: result indices laid back to back at the start of the arena
-        (`pinned_region()`); those results are returned as views of it, valid until the
-        calling thread's next call, so that data-parallel training can all-reduce them in
-        place."""
-        self.program = prog
+    """A planned program compiled to native code (an `executable.Executable`)."""
+
+    def __init__(self, planned: Planned, check_finite: bool = False):
+        """The planned program's pinned results (`Planned.pinned`) are laid back to back at
+        the start of the arena (`pinned_region()`) and returned as views of it, valid
+        until the calling thread's next call, so that data-parallel training can
+        all-reduce them in place."""
+        self.program = planned.program
         self.check_finite = check_finite
-        # Lowering names what Numba cannot run (NoLoweringError) before anything compiles.
-        planned = plan_program(prog, donate, sources=True, pinned=pinned)
+        self._planned = planned
+        pinned = planned.pinned
         kernels.require(s.sym for s in planned.low.steps)  # only the kernels it calls
         prepared, low, external = planned.prepared, planned.low, planned.external
         outputs = planned.outputs
@@ -145,7 +154,7 @@ class NumbaExecutable:
         self._pinned_slots = [(out_i, self.plan.buffers[v].offset, v)
                               for out_i, v in planned.pinned_copy]
         self._labels = [s.label for s in low.steps]
-        _load_fused(low.fused)
+        _load_fused(low.fused_sources())
         self.source = glue_source(planned)
         module = cache.load_module("step", self.source, extra_key=kernels.library_hash())
         # A short Python driver calls the chunks (~0.5 us each) rather than a compiled
@@ -180,24 +189,52 @@ class NumbaExecutable:
         b = self.plan.buffers[v]
         return ("arena", b.offset, v.nbytes, v.dtype, shape)
 
-    @property
-    def _ptrs(self) -> np.ndarray:
-        """The calling thread's pointer table (benchmarks run the chunks on it directly)."""
-        return self._arena().ptrs
+    def kernel_calls(self) -> list[KernelCall]:
+        """Every kernel call of the program, in order, with its arguments resolved to the
+        calling thread's arena and the arrays of its last call (for profiling)."""
+        ptrs = self._arena().ptrs
+        low, plan, external = self._planned.low, self.plan, self._planned.external
+
+        def value(x: Any) -> int:
+            if isinstance(x, Var):
+                x = low.root(x)
+                return int(ptrs[2 + external[x]]) if x in external else \
+                    int(ptrs[0]) + plan.buffers[x].offset
+            if isinstance(x, MetaAddress):
+                return int(ptrs[1]) + x.offset
+            return int(x)
+
+        return [KernelCall(s.label, s.sym, kernels.function(s.sym),
+                           s.kernel.args if s.kernel is not None else [],
+                           [value(a) for a in s.args]) for s in low.steps]
+
+    def bare_call(self, args: Sequence[np.ndarray]) -> Callable[[], None]:
+        """The native call alone on these arrays (no argument checks, nothing copied out of
+        the arena): what benchmarks time as the floor of a call. Valid while args live."""
+        arena = self._new_arena()
+        for i, a in enumerate(args):
+            arena.ptrs[2 + i] = _address(a)
+        chunks, addr = self._chunks, arena.ptrs_addr
+
+        def run() -> None:
+            for chunk in chunks:
+                if chunk(addr):
+                    raise JitgradError("a kernel rejected its input")
+        return run
 
     def _arena(self) -> _Arena:
         """The calling thread's arena, made on its first call."""
         return getattr(self._local, "arena", None) or self._new_arena()
 
     def _new_arena(self) -> _Arena:
-        raw = np.empty(self.plan.peak_bytes + memory.ALIGN, np.uint8)
+        raw = np.empty(self.plan.arena_bytes + memory.ALIGN, np.uint8)
         pad = (-_address(raw)) % memory.ALIGN
         ptrs = np.zeros(self._n_ptrs, np.int64)
         ptrs[0] = _address(raw) + pad
         ptrs[1] = _address(self._meta)
         for i, c in enumerate(self._consts):
             ptrs[2 + self._n_inputs + i] = _address(c)
-        arena = _Arena(raw[pad:pad + self.plan.peak_bytes], ptrs, [None] * self._n_inputs)
+        arena = _Arena(raw[pad:pad + self.plan.arena_bytes], ptrs, [None] * self._n_inputs)
         arena.buf[:self.plan.pinned_bytes] = 0  # padding between pinned values stays zero
         self._local.arena = arena
         return arena
@@ -269,4 +306,5 @@ class NumbaExecutable:
 def compile_program(prog: Program, check_finite: bool = False,
                     donate: dict[int, int] | None = None,
                     pinned: Sequence[int] | None = None) -> NumbaExecutable:
-    return NumbaExecutable(prog, check_finite, donate, pinned)
+    """Plan and compile prog (the pipeline plans once and compiles its Planned)."""
+    return NumbaExecutable(plan_program(prog, donate, pinned), check_finite)

@@ -11,6 +11,7 @@ particular primitive is declared on it (core.Primitive); this module names none.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,11 +46,15 @@ def prepare(prog: Program) -> Program:
 
 # ---------------------------------------------------------------- steps
 
-@dataclass
+@dataclass(eq=False)
 class Step:
-    """One native call: `sym(*args)`; Var arguments become pointers once memory is planned."""
+    """One native call: `sym(*args)`; Var arguments become pointers once memory is planned.
 
-    sym: str
+    A fused loop's step carries its group: the loop's symbol and source are made when
+    first asked for (compiling needs them; the planner, which lowers many candidate
+    programs, does not)."""
+
+    kernel_sym: str | None  # a library kernel's symbol (None: a generated loop)
     args: list[Any]
     writes: list[Var]
     reads: list[Var]
@@ -63,6 +68,16 @@ class Step:
     # Reads each input element only where it writes the same output element (a fused
     # loop): the result may take the memory of an input that dies here.
     elementwise: bool = False
+    group: Group | None = None  # the fused loop's instructions
+
+    @functools.cached_property
+    def loop(self) -> tuple[str, str]:
+        """(symbol, module source) of the fused loop."""
+        return fused_kernel(self.group)[:2]
+
+    @property
+    def sym(self) -> str:
+        return self.kernel_sym if self.group is None else self.loop[0]
 
     @property
     def role(self) -> str:
@@ -75,16 +90,29 @@ class Step:
         return self.kernel is not None and self.kernel.can_fail
 
 
+@dataclass(frozen=True)
+class MetaAddress:
+    """A kernel argument: the address of int64 values at this byte offset of the program's
+    metadata block."""
+
+    offset: int
+
+    def __str__(self) -> str:
+        return f"meta + {self.offset}"
+
+
 class Lowering:
     """The kernel calls of a program, as lowering rules (`Primitive.def_lowering`) append
     them."""
 
-    def __init__(self, sources: bool = True) -> None:
-        self.sources = sources  # False: steps only, for the planner (no kernel source)
+    def __init__(self) -> None:
         self.steps: list[Step] = []
         self.meta: list[int] = []
-        self.fused: dict[str, str] = {}  # symbol -> module source
         self.alias: dict[Var, Var] = {}  # reshape result -> the value whose memory it reuses
+
+    def fused_sources(self) -> dict[str, str]:
+        """symbol -> module source of every generated loop the steps call."""
+        return dict(s.loop for s in self.steps if s.group is not None)
 
     def root(self, v: Var) -> Var:
         while v in self.alias:
@@ -95,11 +123,11 @@ class Lowering:
         """v is `of` viewed in another shape: no call, the same buffer."""
         self.alias[v] = of
 
-    def meta_block(self, values: list[int]) -> tuple[str, int]:
+    def meta_block(self, values: list[int]) -> tuple[MetaAddress, int]:
         """(address, length) arguments of int64 values a kernel reads at run time."""
         start = len(self.meta)
         self.meta += [int(v) for v in values]
-        return f"meta + {8 * start}", len(values)
+        return MetaAddress(8 * start), len(values)
 
     def call(self, kernel: kernels.Kernel, dtype: np.dtype, args: list[Any], writes: list[Var],
              reads: list[Var], ins: Instr | tuple[Instr, ...]) -> None:
@@ -132,10 +160,9 @@ def _joint_sets(schedule: list[Instr | Group]) -> dict[int, dict[Any, Instr]]:
     return sets
 
 
-def lower(prog: Program, sources: bool = True) -> Lowering:
-    """The schedule as kernel calls; sources=False leaves out the fused kernels' source,
-    which only compilation needs (the planner lowers many candidate programs)."""
-    low = Lowering(sources)
+def lower(prog: Program) -> Lowering:
+    """The schedule as kernel calls."""
+    low = Lowering()
     schedule = fuse(prog)
     joint = _joint_sets(schedule)
     # a product added into a sum is lowered where the sum is
@@ -295,18 +322,17 @@ def fused_kernel(group: Group) -> tuple[str, str, list[int]]:
 
 
 def _lower_group(low: Lowering, group: Group) -> None:
-    if low.sources:
-        sym, source, dims = fused_kernel(group)
-        low.fused[sym] = source
-    else:
-        sym, dims = "jg_fused_unnamed", []
+    for ins in group.members.values():  # named now, though the loop is written later
+        if ins.prim.scalar is None:
+            raise NoLoweringError("it has no Numba lowering", ins)
+    dims, _ = _coalesce(group.out.shape, group.leaves)
     ops = ", ".join(m.prim.name for m in group.members.values() if not is_const(m)) or \
         group.root.prim.name
     out = group.out
     same = [(out, v) for v in group.leaves if v.shape == out.shape and v.dtype == out.dtype]
-    low.steps.append(Step(sym, [out, *group.leaves, *dims], [out], list(group.leaves),
+    low.steps.append(Step(None, [out, *group.leaves, *dims], [out], list(group.leaves),
                           f"fused[{ops}] at {group.root.loc}", in_place=same,
-                          elementwise=True,
+                          elementwise=True, group=group,
                           instrs=(group.root, *(i for i in group.members.values()
                                                 if i is not group.root))))
 

@@ -39,7 +39,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import tree
+from . import optim, tree
 from .api import CompiledFunction, check_finite_from_env, value_and_grad
 from .errors import JitgradError
 from .optim import Optimizer
@@ -128,8 +128,7 @@ class DistributedTrainStep:
 
     def __init__(self, loss_fn: Any, params: Any, optimizer: Optimizer, comm: Any,
                  **jit_options: Any):
-        from .train import _check_params
-        leaves = _check_params(params)
+        leaves = optim.check_params(params)
         dtypes = {p.dtype for p in leaves}
         if len(dtypes) != 1:
             raise JitgradError(f"distributed training all-reduces one gradient buffer of one "
@@ -178,13 +177,12 @@ class DistributedTrainStep:
     def _buffers(self, loss: np.ndarray, grads: Any) -> tuple[np.ndarray, np.ndarray, Any]:
         """(flat buffer, loss view, gradients as views of it) of the gradient program's
         results."""
-        entry = self.compiled._last
-        plan = getattr(entry.executable, "plan", None) if entry is not None else None
-        if plan is not None and getattr(plan, "pinned_bytes", 0):
+        region = self.compiled.latest.executable.pinned_region()
+        if region.size:
             # Numba: the results already are views of the pinned region, back to back.
             # The loss comes first in a slot of memory.ALIGN (64) bytes, so element _FLAG
             # is padding no kernel writes: the failure count lives there.
-            return entry.executable.pinned_region().view(self.dtype), loss, grads
+            return region.view(self.dtype), loss, grads
         # Other backends return fresh arrays: pack them ([loss, failures, grads...]).
         leaves = tree.flatten(grads)[0]
         flat = np.concatenate([np.ravel(loss).astype(self.dtype), np.zeros(1, self.dtype),

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,8 @@ def run(prog: Program, args: Sequence[np.ndarray], check_finite: bool = False) -
 
 
 class InterpretedExecutable:
-    """A Program run by the numpy interpreter (backend="interpret")."""
+    """A Program run by the numpy interpreter (backend="interpret"; an
+    `executable.Executable`)."""
 
     def __init__(self, prog: Program, check_finite: bool = False,
                  donate: dict[int, int] | None = None):
@@ -40,6 +42,15 @@ class InterpretedExecutable:
         # Donating calls (train_step) read and then overwrite the caller's arrays: calls
         # from several threads take turns, so that no update is lost (as in the backend).
         self._serial = threading.Lock() if self.donate else None
+
+    def pinned_region(self) -> np.ndarray:
+        return np.empty(0, np.uint8)
+
+    def kernel_calls(self) -> list[Any]:
+        return []
+
+    def bare_call(self, args: Sequence[np.ndarray]) -> Callable[[], Any]:
+        return lambda: run(self.program, args)
 
     def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
         if self._serial is None:

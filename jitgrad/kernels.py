@@ -152,6 +152,7 @@ def library_hash() -> str:
 # ---------------------------------------------------------------- loading
 
 _registered: set[str] = set()
+_functions: dict[str, Any] = {}  # symbol -> its numba cfunc (callable through .ctypes)
 _lock = threading.RLock()
 _load_seconds = 0.0  # spent compiling or loading library kernels, for the compile benchmark
 
@@ -162,12 +163,19 @@ def register_symbols(module: Any, names: Iterable[str]) -> None:
     with _lock:
         for name in names:
             if name not in _registered:
-                llb.add_symbol(name, getattr(module, name).address)
+                fn = getattr(module, name)
+                llb.add_symbol(name, fn.address)
+                _functions[name] = fn
                 _registered.add(name)
 
 
 def is_registered(sym: str) -> bool:
     return sym in _registered
+
+
+def function(sym: str) -> Any:
+    """The ctypes callable of a loaded kernel or generated loop (profiling calls it)."""
+    return _functions[sym].ctypes
 
 
 def require(symbols: Iterable[str]) -> None:
@@ -203,8 +211,8 @@ def declared_symbols() -> list[str]:
 
 
 def ensure_loaded() -> None:
-    """Compile (or load) every declared kernel: for warming a cache ahead of use."""
-    from . import ops  # noqa: F401  (the modules declaring kernels)
+    """Compile (or load) every declared kernel: for warming a cache ahead of use. (The
+    modules declaring them are imported with the package.)"""
     require(_by_symbol)
 
 

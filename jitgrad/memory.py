@@ -4,12 +4,13 @@ Each materialised value gets a live range [first step that writes it, last step
 that reads it]. Buffers are placed best-fit in order of decreasing size (as
 XLA's heap simulator does): each at the lowest 64-byte-aligned offset that no
 buffer with an overlapping live range occupies, so dead buffers are reused.
-The arena's size is `peak_bytes`; `lower_bound` is the most bytes ever live at
-once, so the gap between the two is fragmentation.
+The arena's size is `arena_bytes`; `peak_live_bytes` is the most bytes ever live
+at once, so the gap between the two is fragmentation.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,20 +37,35 @@ class Buffer:
         return self.start <= other.end and other.start <= self.end
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """The arena layout of one program; complete when made (nothing is filled in later)."""
+
     buffers: dict[Var, Buffer]  # every arena value -> its buffer (in-place values share one)
-    peak_bytes: int
-    lower_bound: int
+    arena_bytes: int            # the arena's size
+    peak_live_bytes: int        # the most bytes live at once (arena_bytes - this: fragmentation)
     n_steps: int
-    step_names: list[str]
     # Bytes at the start of the arena holding the `pinned` values of plan(), back to back
     # in the order given (each at its aligned size), live for the whole program.
     pinned_bytes: int = 0
-    remat: Any = None  # remat.RematReport, set by jit: saved/stored values, recompute work
+    remat: Any = None  # remat.RematReport: saved/stored values, recompute work
     names: dict[Var, str] = field(default_factory=dict)  # as the program prints them
     # Per step: forward, backward or recompute (the memory timeline marks where backward starts).
     step_roles: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Deprecated name of arena_bytes."""
+        warnings.warn("Plan.peak_bytes is the arena size: use Plan.arena_bytes",
+                      DeprecationWarning, stacklevel=2)
+        return self.arena_bytes
+
+    @property
+    def lower_bound(self) -> int:
+        """Deprecated name of peak_live_bytes."""
+        warnings.warn("Plan.lower_bound is the most bytes live at once: use "
+                      "Plan.peak_live_bytes", DeprecationWarning, stacklevel=2)
+        return self.peak_live_bytes
 
     def name(self, v: Var) -> str:
         return self.names.get(v, f"%{v.id}")
@@ -59,11 +75,7 @@ class Plan:
 
     def live_bytes(self) -> list[int]:
         """Bytes live at each step (the memory timeline)."""
-        live = [0] * self.n_steps
-        for b in self.unique_buffers():
-            for s in range(b.start, b.end + 1):
-                live[s] += b.nbytes
-        return live
+        return _live_bytes(self.unique_buffers(), self.n_steps)
 
     @property
     def in_place(self) -> int:
@@ -75,8 +87,9 @@ class Plan:
             shared = " ".join(self.name(v) for v in b.shared)
             rows.append(f"{self.name(b.var):>8}  {b.var.type_str():<18} {b.offset:>10} "
                         f"{b.nbytes:>10}  {f'{b.start}..{b.end}':<11} {shared}")
-        rows.append(f"arena (peak_bytes): {self.peak_bytes} bytes; lower bound (most bytes live "
-                    f"at once): {self.lower_bound} bytes; {len(self.unique_buffers())} buffers "
+        rows.append(f"arena (arena_bytes): {self.arena_bytes} bytes; peak live "
+                    f"(peak_live_bytes, the most bytes live at once): {self.peak_live_bytes} "
+                    f"bytes; {len(self.unique_buffers())} buffers "
                     f"for {len(self.buffers)} values ({self.in_place} updated in place); "
                     f"{self.n_steps} steps")
         if self.remat is not None:
@@ -100,10 +113,12 @@ class StepUse:
 
 
 def plan(steps: Sequence[StepUse], keep: Iterable[Var], external: set[Var],
-         step_names: list[str] | None = None, in_place: bool = True,
-         pinned: Sequence[Var] = ()) -> Plan:
+         in_place: bool = True, pinned: Sequence[Var] = (), *,
+         names: dict[Var, str] | None = None, step_roles: Sequence[str] = (),
+         remat: Any = None) -> Plan:
     """keep: values live to the end (the results); external: values outside the arena
-    (inputs, constants, donated results).
+    (inputs, constants, donated results). names, step_roles and remat describe the
+    program for printing (Plan.names, Plan.step_roles, Plan.remat).
 
     pinned: arena values (distinct, not external) laid out first, in this order, from
     offset 0 and live for the whole program, so that together they form one contiguous
@@ -157,7 +172,14 @@ def plan(steps: Sequence[StepUse], keep: Iterable[Var], external: set[Var],
             offset = max(offset, hi)
         b.offset = offset
         placed.append(b)
-    result = Plan(buffers, max((b.offset + b.nbytes for b in placed), default=0), 0,
-                  len(steps), step_names or [], pinned_bytes)
-    result.lower_bound = max(result.live_bytes(), default=0)
-    return result
+    return Plan(buffers, max((b.offset + b.nbytes for b in placed), default=0),
+                max(_live_bytes(unique, len(steps)), default=0), len(steps), pinned_bytes,
+                remat, dict(names or {}), list(step_roles))
+
+
+def _live_bytes(unique: Sequence[Buffer], n_steps: int) -> list[int]:
+    live = [0] * n_steps
+    for b in unique:
+        for s in range(b.start, b.end + 1):
+            live[s] += b.nbytes
+    return live

@@ -6,7 +6,7 @@ alternating over rounds (a machine's noise then hits all of them alike); a
 first warm-up round compiles into the cache, so that the measured processes
 only load compiled code. In a measured process:
 
-- planned peak: `plan.peak_bytes`, the arena the planner laid out;
+- planned peak: `plan.arena_bytes`, the arena the planner laid out;
 - measured peak: how far the first call raises the process's peak resident
   memory above what was resident just before it (the arena's pages are first
   touched in that call: `lower()` has already loaded the code and reserved
@@ -94,7 +94,8 @@ def measure(model: Model, policy: str, steps: int) -> dict[str, Any]:
         step(x, y)
         times.append(time.perf_counter() - t)
     plan, report = entry.plan, entry.remat
-    return {"policy": policy, "planned_peak": plan.peak_bytes, "lower_bound": plan.lower_bound,
+    return {"policy": policy, "planned_peak": plan.arena_bytes,
+            "lower_bound": plan.peak_live_bytes,
             "measured_peak": grown, "step_s": statistics.median(times),
             "recompute_flops": report.recompute_flops, "forward_flops": report.forward_flops,
             "stored": len(report.stored), "saved": len(report.saved)}
@@ -116,17 +117,14 @@ def planned(model: Model, policy: str) -> Plan:
     program is traced and laid out, nothing is compiled)."""
     import jitgrad as jg
 
-    from .backend import plan_program
     params, x, y = model.make()
-    step = jg.train_step(chain_loss, params, jg.optim.SGD(lr=1e-3), backend="interpret",
-                         **jit_options(policy))
-    prog = step.lower(x, y).program
-    return plan_program(prog, step.compiled.options.get("donate")).plan
+    step = jg.train_step(chain_loss, params, jg.optim.SGD(lr=1e-3), **jit_options(policy))
+    return step.plan_only(x, y).plan
 
 
 def default_budgets(model: Model, fractions: list[float]) -> list[int]:
     """Budgets spread between what sqrt and no recomputation plan."""
-    full, low = planned(model, "none").peak_bytes, planned(model, "sqrt").peak_bytes
+    full, low = planned(model, "none").arena_bytes, planned(model, "sqrt").arena_bytes
     return [int(low + f * (full - low)) for f in fractions]
 
 

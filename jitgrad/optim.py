@@ -145,3 +145,21 @@ class AdamW(Adam):
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+
+def check_params(params: Any) -> list[np.ndarray]:
+    """The parameter arrays a training step updates in place, checked: writeable, C-contiguous
+    float numpy arrays."""
+    leaves, _ = tree.flatten(params)
+    if not leaves:
+        raise JitgradError("train_step needs at least one parameter array")
+    for p in leaves:
+        if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
+            raise JitgradError(f"parameters must be float numpy arrays, got "
+                               f"{type(p).__name__} {getattr(p, 'dtype', '')}")
+        if not p.flags.writeable:
+            raise JitgradError("parameter arrays must be writeable: train_step updates them")
+        if not p.flags.c_contiguous:
+            raise JitgradError("parameters must be C-contiguous arrays "
+                               "(np.ascontiguousarray) so that they can be updated in place")
+    return leaves

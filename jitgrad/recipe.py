@@ -428,7 +428,7 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
         "steps": step.t,
         "step_time_s": step_time,
         "compile_time_s": compile_time,
-        "planned_peak_bytes": getattr(plan, "peak_bytes", None),
+        "planned_peak_bytes": getattr(plan, "arena_bytes", None),
         "examples_per_s": global_batch / step_time if step_time else None,
         "ranks": n_ranks,
         "global_batch_size": global_batch,

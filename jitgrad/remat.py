@@ -319,14 +319,17 @@ def apply(prog: Program, remat: Policy = None, memory_budget: int | None = None,
 
     plan_of(program) is the memory planner's layout of a program: memory_budget
     needs it to measure what the model leaves out (gradients, temporaries) and to
-    check its choice against the real arena, fragmentation included.
+    check its choice against the real arena, fragmentation included. The program
+    returned is then one plan_of was called on, so a caller that remembers its plans
+    compiles the layout that was judged, without planning again.
     """
     saved = saved_for_backward(prog)
     producer = prog.producers()
     in_region = {v for v in saved if producer[v].checkpoint is not None}
     free = [v for v in saved if v not in in_region]  # the policy's to choose
+    judged = None
     if memory_budget is not None:
-        stored = _fit_budget(prog, free, int(memory_budget), plan_of)
+        stored, judged = _fit_budget(prog, free, int(memory_budget), plan_of)
         policy = f"memory_budget={int(memory_budget)}"
     elif remat == "sqrt":
         cands = Candidates.of(prog, free)
@@ -337,7 +340,10 @@ def apply(prog: Program, remat: Policy = None, memory_budget: int | None = None,
     else:
         stored = set(free)
         policy = "checkpoint regions" if in_region else "none"
-    out = rematerialize(prog, stored) if len(stored) < len(saved) else prog
+    if judged is not None:
+        out = judged
+    else:
+        out = rematerialize(prog, stored) if len(stored) < len(saved) else prog
     return out, describe(prog, out, saved, stored, policy)
 
 
@@ -357,24 +363,27 @@ def stores_and_recomputes(stored: int, saved: int) -> str:
 
 
 def _fit_budget(prog: Program, free: list[Var], budget: int,
-                plan_of: Callable[[Program], Plan] | None) -> set[Var]:
+                plan_of: Callable[[Program], Plan] | None) -> tuple[set[Var], Program | None]:
+    """The values to store, and the program that stores them if plan_of laid it out."""
     if plan_of is None:
         raise JitgradError("memory_budget needs the memory planner (backend 'numba')")
     cands = Candidates.of(prog, free)
     n = len(free)
     measured: dict[tuple[bool, ...], int] = {}
+    programs: dict[tuple[bool, ...], Program] = {}
 
     def real(stored: Sequence[bool]) -> int:
         key = tuple(stored)
         if key not in measured:
             chosen = {v for v, keep in zip(free, key, strict=True) if keep}
-            measured[key] = plan_of(rematerialize(prog, chosen)).peak_bytes
+            programs[key] = rematerialize(prog, chosen)
+            measured[key] = plan_of(programs[key]).arena_bytes
         return measured[key]
 
     everything = plan_of(prog)
-    full = measured[(True,) * n] = everything.peak_bytes
+    full = measured[(True,) * n] = everything.arena_bytes
     if full <= budget:
-        return set(free)
+        return set(free), None
     cands.measure_overhead(everything)
     # The model ranks choices roughly (it cannot see fragmentation or how temporaries
     # shift), so it proposes and the real planner judges: the model's optimum at a sweep
@@ -425,4 +434,4 @@ def _fit_budget(prog: Program, free: list[Var], budget: int,
     best = min(feasible, key=cands.recompute_cost)
     best = improve(best, lambda t: cands.recompute_cost(t) if measured[t] <= budget
                    else math.inf)
-    return {v for v, keep in zip(free, best, strict=True) if keep}
+    return {v for v, keep in zip(free, best, strict=True) if keep}, programs.get(best)

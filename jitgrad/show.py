@@ -33,9 +33,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import graph, tree
-from .api import CompiledFunction, _leaf_ranges, jit, value_and_grad
-from .backend import Planned, glue_source, plan_program
+from . import graph, pipeline, tree
+from .api import CompiledFunction, _leaf_ranges, value_and_grad
+from .backend import Planned, glue_source
 from .core import is_const
 from .errors import JitgradError
 from .ir import SUPPORTED_DTYPES, Program, dtype_named, dtype_short
@@ -202,10 +202,10 @@ class Inspection:
         """The generated glue, then every fused kernel the Numba backend would compile."""
         if self._source is None:
             from .kernels import CFUNC_PRELUDE
-            full = plan_program(self.program, self.donate, sources=True)
-            parts = [glue_source(full)]
-            for sym, src in sorted(full.low.fused.items()):
-                parts.append(f"# ---- fused kernel {sym}\n" + src[len(CFUNC_PRELUDE):].strip())
+            parts = [glue_source(self.planned)]
+            for sym, src in sorted(self.planned.low.fused_sources().items()):
+                loop = src.removeprefix(CFUNC_PRELUDE).strip()
+                parts.append(f"# ---- fused kernel {sym}\n{loop}")
             self._source = "\n\n".join(parts) + "\n"
         return self._source
 
@@ -237,7 +237,7 @@ class Inspection:
         steps = self.planned.low.steps
         return (f"{self.name}: {len(self.program.instrs)} instructions ({counts}); "
                 f"{len(steps)} kernel calls, {sum(len(s.instrs) > 1 for s in steps)} fused; "
-                f"arena {self.plan.peak_bytes} bytes, at most {self.plan.lower_bound} live "
+                f"arena {self.plan.arena_bytes} bytes, at most {self.plan.peak_live_bytes} live "
                 f"(remat {self.policy})\n  {self.grad_note}")
 
 
@@ -286,6 +286,7 @@ def inspect_function(fn: Any, args: Sequence[Any], *, grad: bool | None = None,
     leaves, in_tree = tree.flatten(tuple(args))
     sigs = [signature_of(x) for x in leaves]
     traced, out_tree, captured = trace_flat(fn, in_tree, sigs)
+    built_tree = out_tree
     if captured:
         raise JitgradError("the function captured a value being traced elsewhere")
     input_names = _leaf_names(fn, args)
@@ -306,7 +307,7 @@ def inspect_function(fn: Any, args: Sequence[Any], *, grad: bool | None = None,
             raise JitgradError(f"grad: no argument of {name} is a float array to "
                                "differentiate with respect to")
         target = value_and_grad(fn, argnums=nums)
-        gprog = trace_flat(target, in_tree, sigs)[0]
+        gprog, built_tree, _ = trace_flat(target, in_tree, sigs)
         ranges = [range(start, stop) for start, stop, _ in _leaf_ranges(args)]
         output_names = ["value"] + [f"∂value/∂{input_names[i]}" for n in nums
                                     for i in ranges[n]]
@@ -314,10 +315,9 @@ def inspect_function(fn: Any, args: Sequence[Any], *, grad: bool | None = None,
                 f"backward B")
     elif not note:
         note = f"{name} as is (grad=False)"
-    cf = jit(target, backend="interpret", **jit_kw)
-    entry = cf.lower(*args)
-    planned = plan_program(entry.program, donate)
-    planned.plan.remat = entry.remat if jit_kw else None
+    entry = pipeline.build_program(gprog or traced, in_tree, sigs, built_tree, backend=None,
+                                   donate=donate, **jit_kw)
+    planned = entry.planned if jit_kw else entry.planned.with_remat(None)
     result = Inspection(name, traced, gprog, note, entry.program, planned, input_names,
                         output_names, policy, entry.remat, donate)
     return result
@@ -387,19 +387,21 @@ def show(fn: Any, args: Sequence[Any], *, ir: bool = False, grad: bool = False,
     return first
 
 
-def show_compiled(cf: CompiledFunction, args: Sequence[Any], **options: Any) -> Inspection:
-    """cf.show(*args, ...): args default to zeros shaped like cf's last specialisation."""
+def show_compiled(cf: CompiledFunction, *args: Any, **options: Any) -> Inspection:
+    """cf.show(*args, ...): print stages and draw pictures of cf (see show()); args default
+    to zeros shaped like cf's last specialisation."""
     if not args:
         args = _last_args(cf)
     return show(cf, args, **options)
 
 
+CompiledFunction.show = show_compiled  # the method lives with the tool it runs
+
+
 def _last_args(cf: CompiledFunction) -> tuple[Any, ...]:
-    last = getattr(cf, "_last", None)
-    for key, entry in getattr(cf, "_cache", {}).items():
-        if entry is last:
-            _, in_tree, sigs = key
-            leaves = [(float if np.dtype(d).kind == "f" else int)(0) if weak
-                      else np.zeros(shape, d) for shape, d, weak in sigs]
-            return tuple(tree.unflatten(in_tree, leaves))
+    last = cf.latest
+    if last is not None:
+        leaves = [(float if np.dtype(d).kind == "f" else int)(0) if weak
+                  else np.zeros(shape, d) for shape, d, weak in last.sigs]
+        return tuple(tree.unflatten(last.in_tree, leaves))
     raise JitgradError("cf.show() needs example arguments: cf.show(*args), or call cf first")

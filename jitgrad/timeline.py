@@ -2,8 +2,8 @@
 
 One line per plan (e.g. per recomputation policy), so policies can be compared
 in one figure: the live bytes at each step (kernel call), the peak marked (it
-is the plan's `lower_bound`, the most bytes ever live at once), the arena the
-planner laid out (`peak_bytes`, at least the peak: the gap is fragmentation)
+is the plan's `peak_live_bytes`, the most bytes ever live at once), the arena the
+planner laid out (`arena_bytes`, at least the peak: the gap is fragmentation)
 as a dashed line, and the first backward step as a vertical line.
 `jitgrad show --timeline` and `jitgrad memsweep --timeline` draw with it.
 """
@@ -25,9 +25,9 @@ class TimelineSeries:
 
     name: str
     live: list[int]            # bytes live at each step
-    peak: int                  # max(live) == plan.lower_bound
+    peak: int                  # max(live) == plan.peak_live_bytes
     peak_step: int
-    arena: int                 # plan.peak_bytes, the dashed line
+    arena: int                 # plan.arena_bytes, the dashed line
     backward_start: int | None  # first backward step (None: no backward pass)
     recompute_steps: list[int]
 
@@ -37,7 +37,7 @@ def series(name: str, plan: Plan) -> TimelineSeries:
     peak = max(live, default=0)
     roles = list(plan.step_roles)
     return TimelineSeries(
-        name, live, peak, live.index(peak) if live else 0, plan.peak_bytes,
+        name, live, peak, live.index(peak) if live else 0, plan.arena_bytes,
         next((i for i, r in enumerate(roles) if r == "backward"), None),
         [i for i, r in enumerate(roles) if r == "recompute"])
 

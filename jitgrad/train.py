@@ -10,26 +10,10 @@ import numpy as np
 from . import tree
 from .api import CompiledFunction, check_finite_from_env, value_and_grad
 from .errors import JitgradError
-from .optim import Optimizer
+from .optim import Optimizer, check_params
 
 if TYPE_CHECKING:
     from .distributed import DistributedTrainStep
-
-
-def _check_params(params: Any) -> list[np.ndarray]:
-    leaves, _ = tree.flatten(params)
-    if not leaves:
-        raise JitgradError("train_step needs at least one parameter array")
-    for p in leaves:
-        if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
-            raise JitgradError(f"parameters must be float numpy arrays, got "
-                               f"{type(p).__name__} {getattr(p, 'dtype', '')}")
-        if not p.flags.writeable:
-            raise JitgradError("parameter arrays must be writeable: train_step updates them")
-        if not p.flags.c_contiguous:
-            raise JitgradError("parameters must be C-contiguous arrays "
-                               "(np.ascontiguousarray) so that they can be updated in place")
-    return leaves
 
 
 class TrainStep:
@@ -53,7 +37,7 @@ class TrainStep:
         # Steps from several threads take turns: each reads the parameters the previous
         # one wrote, and the step count and the copy-in below stay consistent.
         self._lock = threading.Lock()
-        leaves = _check_params(params)
+        leaves = check_params(params)
 
         def step(params: Any, state: Any, hyper: Any, *batch: Any) -> Any:
             loss, grads = value_and_grad(loss_fn)(params, *batch)
@@ -86,6 +70,10 @@ class TrainStep:
 
     def lower(self, *batch: Any) -> Any:
         return self.compiled.lower(self.params, self.state, self.optimizer.hyper(1), *batch)
+
+    def plan_only(self, *batch: Any) -> Any:
+        """The step's program and memory plan for this batch, compiling nothing."""
+        return self.compiled.plan_only(self.params, self.state, self.optimizer.hyper(1), *batch)
 
 
 def train_step(loss_fn: Any, params: Any, optimizer: Optimizer, *, comm: Any = None,

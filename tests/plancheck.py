@@ -8,9 +8,9 @@ def assert_plan_sound(plan):
     bound (most bytes live at once) at most the arena."""
     buffers = plan.unique_buffers()
     for b in buffers:
-        assert b.offset % ALIGN == 0 and b.offset + b.nbytes <= plan.peak_bytes
+        assert b.offset % ALIGN == 0 and b.offset + b.nbytes <= plan.arena_bytes
     for i, a in enumerate(buffers):
         for b in buffers[i + 1:]:
             if a.overlaps_in_time(b):
                 assert a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset
-    assert max(plan.live_bytes(), default=0) == plan.lower_bound <= plan.peak_bytes
+    assert max(plan.live_bytes(), default=0) == plan.peak_live_bytes <= plan.arena_bytes

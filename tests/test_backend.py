@@ -38,14 +38,14 @@ def test_plan_never_overlaps_live_buffers(mlp_grad):
     plan = mlp_grad[0].plan
     assert plan.unique_buffers()
     assert_plan_sound(plan)
-    assert "peak_bytes" in str(plan)
+    assert "arena_bytes" in str(plan)
 
 
 def test_dying_inputs_are_updated_in_place(mlp_grad):
     plan = mlp_grad[0].plan
     # relu's backward (where(y > 0, g, 0)) may overwrite g or y: at least one value in place
     assert plan.in_place >= 1
-    assert plan.peak_bytes < sum(b.nbytes for b in plan.unique_buffers()) + 1
+    assert plan.arena_bytes < sum(b.nbytes for b in plan.unique_buffers()) + 1
 
 
 def test_compiled_equals_interpreted(mlp_grad):

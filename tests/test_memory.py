@@ -20,7 +20,7 @@ def test_dead_buffers_are_reused_and_offsets_aligned():
     assert all(buf.offset % ALIGN == 0 for buf in p.unique_buffers())
     # a and c never live together: c takes a's place; the arena holds two rows, not three
     assert p.buffers[c].offset == p.buffers[a].offset
-    assert p.peak_bytes == 2 * 448 and p.lower_bound == 2 * 448
+    assert p.arena_bytes == 2 * 448 and p.peak_live_bytes == 2 * 448
 
 
 def test_in_place_only_where_the_input_dies_with_the_same_size_and_dtype():

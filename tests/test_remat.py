@@ -39,7 +39,7 @@ def _data(rng, widths, batch, dtype=np.float32):
 
 
 def _arena(prog):
-    return plan_program(prog).plan.peak_bytes
+    return plan_program(prog).plan.arena_bytes
 
 
 def _lowered(fn, args, **options):
@@ -97,9 +97,9 @@ def test_every_policy_gives_identical_bits_compiled(loss):
             options = {"memory_budget": int(_arena(prog) * 0.85)}
         cf = jg.jit(jg.value_and_grad(loss), backend="numba", **options)
         results.append(cf(*args))
-        arenas.append(cf.plan.peak_bytes)
+        arenas.append(cf.plan.arena_bytes)
         if "memory_budget" in options:
-            assert cf.plan.peak_bytes <= options["memory_budget"]
+            assert cf.plan.arena_bytes <= options["memory_budget"]
         assert_plan_sound(cf.plan)
     assert all(_same_bits(results[0], r) for r in results[1:])
     assert arenas[1] < arenas[0] and arenas[2] < arenas[0]
@@ -297,7 +297,7 @@ _OPTIMIZERS = [(name, kw) for name in jg.optim.OPTIMIZERS
 
 
 def _planned_arena(entry, donate=None):
-    return plan_program(entry.program, donate).plan.peak_bytes
+    return plan_program(entry.program, donate).plan.arena_bytes
 
 
 @pytest.mark.parametrize("sizes", [[784] + [128] * 8 + [10], [64] * 33 + [10]],

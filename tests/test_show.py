@@ -250,8 +250,8 @@ def test_timeline_peak_is_the_lower_bound_and_arena_line_is_peak_bytes(tmp_path)
     for s in drawn:
         plan = plans[s.name]
         assert s.live == plan.live_bytes() and len(s.live) == plan.n_steps
-        assert s.peak == plan.lower_bound == s.live[s.peak_step]
-        assert s.arena == plan.peak_bytes >= s.peak
+        assert s.peak == plan.peak_live_bytes == s.live[s.peak_step]
+        assert s.arena == plan.arena_bytes >= s.peak
         # the backward pass starts at the first step running a backward instruction
         assert s.backward_start == plan.step_roles.index("backward") > 0
     assert drawn[1].recompute_steps and not drawn[0].recompute_steps
@@ -265,10 +265,10 @@ def test_timeline_of_a_compiled_function(tmp_path):
     cf = jg.jit(jg.grad(f, argnums=1))
     cf(np.ones((8, 4), np.float32), np.ones((4, 3), np.float32))
     (s,) = timeline.plot_timeline(cf.plan, tmp_path / "t.png")
-    assert s.arena == cf.plan.peak_bytes and s.peak == cf.plan.lower_bound
+    assert s.arena == cf.plan.arena_bytes and s.peak == cf.plan.peak_live_bytes
     assert (tmp_path / "t.png").stat().st_size > 0
     # the planner's view (no compiler) agrees with the compiled function's plan
-    assert plan_program(cf.program).plan.lower_bound == cf.plan.lower_bound
+    assert plan_program(cf.program).plan.peak_live_bytes == cf.plan.peak_live_bytes
 
 
 # ---------------------------------------------------------------- cf.show and TrainStep
@@ -287,7 +287,7 @@ def test_cf_show_prints_stages(tmp_path):
     text = out.getvalue()
     for head in ("== traced IR", "== gradient program", "== optimized program", "== kernels",
                  "== memory plan", "== generated source", "# ---- backward", "fused[",
-                 "arena (peak_bytes)", "@cfunc", "wrote "):
+                 "arena (arena_bytes)", "@cfunc", "wrote "):
         assert head in text, head
     assert view.grad is not None and (tmp_path / "g.dot").read_text().startswith("digraph")
     # a function that does not return a scalar is shown as is
