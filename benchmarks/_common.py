@@ -171,7 +171,7 @@ def native_runner(cf, *args):
     """(call, keep): the bare native call of jitgrad-compiled `cf` on args — no argument
     conversion, no copying of results out of the arena (jitgrad internals; benchmarks only).
     `keep` holds the arrays the pointers refer to."""
-    from jitgrad import api, tree
+    from jitgrad.frontend import api, tree
     entry = cf.lower(*args)
     arrays = [api._as_input_array(v, s)
               for v, s in zip(tree.flatten(tuple(args))[0], entry.sigs, strict=True)]
@@ -187,7 +187,7 @@ def gemm_kernel(dtype="float32"):
     import numpy as np
     from numba import njit, types
 
-    from jitgrad import kernels
+    from jitgrad.compiler import kernels
     kernels.ensure_loaded()
     gemm = types.ExternalFunction(kernels.symbol("gemm", np.dtype(dtype)),
                                   types.int64(*[types.int64] * 8))

@@ -29,7 +29,7 @@ step(x, y)
 
 def _warm_dir(name, code):
     """A cache directory prepared once per machine and kernel library (kept in tmp)."""
-    from jitgrad import kernels
+    from jitgrad.compiler import kernels
     path = os.path.join(tempfile.gettempdir(), f"jitgrad-asv-{name}-{kernels.library_hash()}")
     if not os.path.isdir(path):
         tmp = path + f".{os.getpid()}.tmp"
@@ -45,7 +45,7 @@ def _warm_dir(name, code):
 
 
 def _library_dir():
-    return _warm_dir("library", "from jitgrad import kernels; kernels.ensure_loaded()")
+    return _warm_dir("library", "from jitgrad.compiler import kernels; kernels.ensure_loaded()")
 
 
 def _setup_copy(src):

@@ -197,7 +197,7 @@ def profile_steps(ex, reps: int = 30) -> dict:
 
     calls = ex.kernel_calls()
     # ctypes overhead: a zero-length call of the cheapest kernel
-    from jitgrad import kernels
+    from jitgrad.compiler import kernels
     kernels.require(["jg_zero_b4"])
     zero = kernels.function("jg_zero_b4")
     scratch = np.zeros(1, np.float32)

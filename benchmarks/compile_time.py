@@ -46,7 +46,7 @@ PROGRAMS = {
 def child(program: str) -> dict:
     t0 = T_START
     import jitgrad as jg
-    from jitgrad import kernels
+    from jitgrad.compiler import kernels
     t_import = time.perf_counter()
     C.CONFIGS[program] = PROGRAMS[program]
     params = C.make_params(program)
@@ -83,8 +83,8 @@ def warmed_library_dir(root: str) -> str:
     os.makedirs(base, mode=0o700)
     env = C.thread_env()
     env["JITGRAD_CACHE_DIR"] = base
-    subprocess.run([sys.executable, "-c", "from jitgrad import kernels; kernels.ensure_loaded()"],
-                   check=True, env=env)
+    warm = "from jitgrad.compiler import kernels; kernels.ensure_loaded()"
+    subprocess.run([sys.executable, "-c", warm], check=True, env=env)
     return base
 
 

@@ -37,11 +37,11 @@ def main() -> None:
     import numpy as np
 
     import jitgrad as jg
-    from jitgrad import threads
+    from jitgrad.compiler import threads
     comm = None
     rank, size = 0, 1
     if not args.plain:
-        from jitgrad import distributed
+        from jitgrad.training import distributed
         comm = distributed.world()
         rank, size = comm.Get_rank(), comm.Get_size()
         distributed.set_default_threads(comm)
@@ -68,7 +68,7 @@ def main() -> None:
               "threads_per_rank": threads.num_threads(), "global_batch": batch,
               "step_ms": 1e3 * wall / args.steps, "examples_per_s": batch * args.steps / wall}
     if comm is not None:
-        from jitgrad.distributed import mpi
+        from jitgrad.training.distributed import mpi
         shares = comm.gather(step.allreduce_share, root=0)
         flat = step._flat
         reps = 50

@@ -42,7 +42,7 @@ import numpy as np
 
 def lock_variant() -> None:
     """Patch NumbaExecutable.run back to one shared arena behind a lock."""
-    from jitgrad import backend
+    from jitgrad.compiler import backend
 
     def run(self, args):
         with self._lock_variant:

@@ -1,9 +1,7 @@
 """jitgrad: reverse-mode autodiff for the CPU, traced once and compiled with Numba."""
 
-from . import distributed, nn, optim  # distributed imports mpi4py only when used
-from . import show as _show  # noqa: F401  (attaches cf.show to CompiledFunction)
-from . import trace as _trace  # noqa: F401  (attaches operators to Tracer)
-from .api import CompiledFunction, checkpoint, grad, jit, value_and_grad
+import sys as _sys
+
 from .errors import (
     CacheSecurityError,
     JitgradError,
@@ -11,8 +9,14 @@ from .errors import (
     TracingError,
     UndefinedGradientError,
 )
-from .ir import Instr, Program, Var
-from .ops.elementwise import (
+from .frontend import trace as _trace  # noqa: F401  (attaches operators to Tracer)
+
+# Modules live in layer folders (frontend/, compiler/, training/, tools/); the public module
+# paths of the flat layout stay importable: `import jitgrad.nn`, `from jitgrad.data import ...`.
+from .frontend import tree  # noqa: E402
+from .frontend.api import CompiledFunction, checkpoint, grad, jit, value_and_grad
+from .frontend.ir import Instr, Program, Var
+from .frontend.ops.elementwise import (
     abs,
     ceil,
     exp,
@@ -28,11 +32,24 @@ from .ops.elementwise import (
     tanh,
     where,
 )
-from .ops.linalg import matmul
-from .ops.nn import softmax, softmax_cross_entropy
-from .ops.reduce import argmax, logsumexp, max, max_argmax, mean, sum
-from .ops.shape import concatenate, reshape, take_along_axis, transpose
-from .train import TrainStep, train_step
+from .frontend.ops.linalg import matmul
+from .frontend.ops.nn import softmax, softmax_cross_entropy
+from .frontend.ops.reduce import argmax, logsumexp, max, max_argmax, mean, sum
+from .frontend.ops.shape import concatenate, reshape, take_along_axis, transpose
+from .tools import show as _show  # noqa: F401  (attaches cf.show to CompiledFunction)
+from .tools import timeline  # noqa: E402
+from .training import (  # distributed imports mpi4py only when used
+    data,  # noqa: E402
+    distributed,
+    nn,
+    optim,
+)
+from .training.train import TrainStep, train_step
+
+_PUBLIC_MODULES = {"nn": nn, "optim": optim, "distributed": distributed, "data": data,
+                   "timeline": timeline, "tree": tree}
+for _name, _module in _PUBLIC_MODULES.items():
+    _sys.modules[f"{__name__}.{_name}"] = _module
 
 __version__ = "0.1.0"
 

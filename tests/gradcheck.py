@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 import jitgrad as jg
-from jitgrad import tree
+from jitgrad.frontend import tree
 
 EPS = 1e-5
 RTOL = 1e-6

@@ -12,8 +12,8 @@ import sys
 import numpy as np
 
 import jitgrad as jg
-from jitgrad import distributed, nn
-from jitgrad.data import minibatches
+from jitgrad.training import distributed, nn
+from jitgrad.training.data import minibatches
 
 SIZES = [12, 16, 5]
 PER_RANK_BATCH = 8

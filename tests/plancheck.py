@@ -1,6 +1,6 @@
 """The memory plan's invariants, checked by every test that builds a plan."""
 
-from jitgrad.memory import ALIGN
+from jitgrad.compiler.memory import ALIGN
 
 
 def assert_plan_sound(plan):

@@ -18,7 +18,11 @@ import numpy as np
 import pytest
 
 import jitgrad as jg
-from jitgrad import checkpoint_io, cli, errors, ir, nn, recipe, threads
+from jitgrad import errors
+from jitgrad.compiler import threads
+from jitgrad.frontend import ir
+from jitgrad.tools import cli
+from jitgrad.training import checkpoint_io, nn, recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--hidden", "16", "--batch-size", "64"]
@@ -227,7 +231,7 @@ def test_a_model_too_big_for_memory_is_one_line(capsys, monkeypatch):
 
 
 def test_memsweep_refuses_output_paths_before_the_sweep(tmp_path, capsys, monkeypatch):
-    from jitgrad import memsweep
+    from jitgrad.tools import memsweep
 
     def no_sweep(*args, **kw):
         raise AssertionError("the sweep ran")
@@ -286,7 +290,7 @@ def test_show_flags_are_checked(scripts, capsys, tmp_path):
 
 
 def test_arg_specs_take_no_memory():
-    from jitgrad.show import parse_arg_spec
+    from jitgrad.tools.show import parse_arg_spec
     a = parse_arg_spec("f32[100000,100000]")  # 40 GB if it were allocated
     assert a.shape == (100000, 100000) and a.dtype == np.float32 and a.strides == (0, 0)
     with pytest.raises(jg.JitgradError, match="bad argument spec"):
@@ -346,8 +350,8 @@ def test_the_dtype_list_is_one_list():
 
 def test_the_dtype_names_are_one_table():
     # ir.dtype_short names a dtype everywhere: the IR printer, kernel symbols, --arg specs
-    from jitgrad import kernels
-    from jitgrad.show import parse_arg_spec
+    from jitgrad.compiler import kernels
+    from jitgrad.tools.show import parse_arg_spec
     names = [ir.dtype_short(d) for d in SUPPORTED]
     assert names == ["bool", "i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64", "f32", "f64"]
     for d, name in zip(SUPPORTED, names, strict=True):
@@ -397,7 +401,7 @@ def test_every_supported_dtype_runs_the_same_on_both_backends(dtype):
 def doubling_primitive():
     """make(family): a primitive computing 2x with a numpy rule and no Numba lowering,
     taken out of the primitive registry again after the test."""
-    from jitgrad.core import primitive, registry
+    from jitgrad.frontend.core import primitive, registry
     made = []
 
     def make(family):
@@ -416,7 +420,7 @@ def doubling_primitive():
                                            ("reduce", False)])
 def test_a_primitive_without_numba_lowering_is_named_before_compiling(monkeypatch, family,
                                                                       fused, doubling_primitive):
-    from jitgrad import backend
+    from jitgrad.compiler import backend
     double = doubling_primitive(family)
 
     def f(x):
@@ -440,7 +444,7 @@ def test_a_primitive_without_numba_lowering_is_named_before_compiling(monkeypatc
 
 
 def test_a_kernel_without_the_dtype_is_named():
-    from jitgrad import kernels
+    from jitgrad.compiler import kernels
     with pytest.raises(errors.NoLoweringError, match="gemm kernel takes float32, float64, "
                                                      "not int64"):
         kernels.symbol("gemm", np.int64)

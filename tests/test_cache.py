@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 
 import jitgrad as jg
-from jitgrad import cache, cli, kernels, trusted_dir
+from jitgrad.compiler import cache, kernels, trusted_dir
+from jitgrad.tools import cli
 
 SOURCE = textwrap.dedent("""
     from numba import cfunc, types
@@ -373,7 +374,7 @@ def test_load_module_names_are_the_names_clear_removes(cache_dir):
 
 
 def test_one_atomic_write_for_the_cache_and_checkpoints(tmp_path):
-    from jitgrad.atomic_write import atomic_write
+    from jitgrad.compiler.atomic_write import atomic_write
     target = tmp_path / "f"
     atomic_write(str(target), lambda f: f.write(b"first"))
     atomic_write(str(target), lambda f: f.write(b"same name, other bytes"), replace=False)
@@ -410,7 +411,7 @@ _CHILD = textwrap.dedent("""
     import os, sys, time
     import numpy as np, jitgrad as jg
     ready, go, c = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    from jitgrad import kernels
+    from jitgrad.compiler import kernels
     kernels.ensure_loaded()          # from the copied library: no compile
     open(ready, "w").close()
     while not os.path.exists(go):    # start compiling together
@@ -486,7 +487,7 @@ def test_a_file_owned_by_another_user_is_refused_without_suggesting_chmod(cache_
 
 _LIBRARY_CHILD = textwrap.dedent("""
     import numpy as np, jitgrad as jg
-    from jitgrad import kernels
+    from jitgrad.compiler import kernels
     kernels.ensure_loaded()
     f = jg.jit(lambda x: jg.sum(x, axis=0), backend="numba")
     print(repr(f(np.arange(6.0).reshape(2, 3)).tolist()))
@@ -571,7 +572,7 @@ _UNTESTED_CHILD = textwrap.dedent("""
     g = jg.jit(lambda x: jg.sum(x * x), backend="numba")
     print(repr(float(f(np.arange(4.0)))), repr(float(g(np.arange(3.0)))))
     print("patched" if getattr(caching.Cache, "_jitgrad_installed", False) else "untouched")
-    from jitgrad import cli
+    from jitgrad.tools import cli
     cli.main(["cache", "info"])
 """)
 

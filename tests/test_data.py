@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jitgrad.data import (
+from jitgrad.training.data import (
     Dataset,
     batches_per_epoch,
     check_labels,

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 import jitgrad as jg
-from jitgrad import checkpoint_io, memory, nn, recipe
-from jitgrad.api import CompiledFunction
-from jitgrad.data import minibatches
-from jitgrad.ir import Var
+from jitgrad.compiler import memory
+from jitgrad.frontend.api import CompiledFunction
+from jitgrad.frontend.ir import Var
+from jitgrad.training import checkpoint_io, nn, recipe
+from jitgrad.training.data import minibatches
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "mpi_worker.py"
@@ -130,7 +131,7 @@ def test_default_lr_scales_with_the_number_of_ranks():
 
 
 def test_threads_default_to_an_even_share_of_the_cores_per_rank(monkeypatch):
-    from jitgrad import threads
+    from jitgrad.compiler import threads
     monkeypatch.delenv("JITGRAD_NUM_THREADS", raising=False)
     monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
@@ -145,7 +146,7 @@ def test_threads_default_to_an_even_share_of_the_cores_per_rank(monkeypatch):
 
 
 def test_distributed_without_mpi4py_says_how_to_install(monkeypatch):
-    from jitgrad import distributed
+    from jitgrad.training import distributed
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # import fails as if not installed
     with pytest.raises(jg.JitgradError, match=r"jitgrad\[mpi\]"):
         distributed.mpi()
@@ -175,7 +176,7 @@ class OneRankComm:
 def one_rank(monkeypatch):
     from types import SimpleNamespace
 
-    from jitgrad import distributed
+    from jitgrad.training import distributed
     monkeypatch.setattr(distributed, "mpi", lambda: SimpleNamespace(IN_PLACE=None, SUM=None))
     return OneRankComm()
 

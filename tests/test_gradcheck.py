@@ -39,12 +39,12 @@ import pytest
 from gradcheck import assert_grads_close, numeric_grad, numeric_hvp, vdot
 
 import jitgrad as jg
-from jitgrad import tree
-from jitgrad.core import registry
-from jitgrad.ir import validate
-from jitgrad.ops import nn as NN
-from jitgrad.ops import shape as S
-from jitgrad.trace import signature_of, trace_flat
+from jitgrad.frontend import tree
+from jitgrad.frontend.core import registry
+from jitgrad.frontend.ir import validate
+from jitgrad.frontend.ops import nn as NN
+from jitgrad.frontend.ops import shape as S
+from jitgrad.frontend.trace import signature_of, trace_flat
 
 # ---------------------------------------------------------------- input generators
 # Each generator maps a numpy Generator to an array (or a tuple of arrays).

@@ -3,8 +3,8 @@
 import numpy as np
 from plancheck import assert_plan_sound
 
-from jitgrad.ir import Var
-from jitgrad.memory import ALIGN, StepUse, plan
+from jitgrad.compiler.memory import ALIGN, StepUse, plan
+from jitgrad.frontend.ir import Var
 
 F32 = np.dtype(np.float32)
 

@@ -2,7 +2,7 @@
 
 import csv
 
-from jitgrad import cli, memsweep
+from jitgrad.tools import cli, memsweep
 
 
 def test_memsweep_table_csv_and_plot(tmp_path, capsys):

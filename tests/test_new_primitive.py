@@ -13,11 +13,11 @@ import pytest
 from gradcheck import assert_grads_close, check_grads, numeric_grad, vdot
 
 import jitgrad as jg
-from jitgrad.core import primitive, registry
-from jitgrad.ir import Var
-from jitgrad.ops import elementwise as E
-from jitgrad.ops import reduce as R
-from jitgrad.ops import shape as S
+from jitgrad.frontend.core import primitive, registry
+from jitgrad.frontend.ir import Var
+from jitgrad.frontend.ops import elementwise as E
+from jitgrad.frontend.ops import reduce as R
+from jitgrad.frontend.ops import shape as S
 
 # ---------------------------------------------------------------- from a scalar expression
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import jitgrad as jg
-from jitgrad import nn
+from jitgrad.training import nn
 
 
 def test_he_normal_statistics():

@@ -35,8 +35,8 @@ from test_properties import programs
 from test_properties import run as run_program
 
 import jitgrad as jg
-from jitgrad import tree
-from jitgrad.core import registry
+from jitgrad.frontend import tree
+from jitgrad.frontend.core import registry
 
 FULL = bool(os.environ.get("JITGRAD_TEST_FULL"))
 _PROPERTY = int(os.environ.get("JITGRAD_PROPERTY_EXAMPLES", "200"))

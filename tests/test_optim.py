@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jitgrad as jg
-from jitgrad import optim
+from jitgrad.training import optim
 
 N_STEPS = 6
 SHAPES = {"w": (3, 4), "v": (4,)}

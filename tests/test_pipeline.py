@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import jitgrad as jg
-from jitgrad import backend, memory, pipeline, tree
-from jitgrad.executable import Executable
+from jitgrad.compiler import backend, memory, pipeline
+from jitgrad.compiler.executable import Executable
+from jitgrad.frontend import tree
 
 
 def chain_loss(ws, x):

@@ -48,7 +48,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import jitgrad as jg
-from jitgrad.ir import validate
+from jitgrad.frontend.ir import validate
 
 MAX_EXAMPLES = int(os.environ.get("JITGRAD_PROPERTY_EXAMPLES", "200"))
 # Each random program compiles new fused kernels on the Numba backend (a cold cache

@@ -8,8 +8,9 @@ import pytest
 from plancheck import assert_plan_sound
 
 import jitgrad as jg
-from jitgrad import remat, tree
-from jitgrad.backend import plan_program
+from jitgrad.compiler import remat
+from jitgrad.compiler.backend import plan_program
+from jitgrad.frontend import tree
 
 
 def _chain_params(rng, widths, dtype=np.float32):

@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 
 import jitgrad as jg
-from jitgrad import cli, graph, timeline
-from jitgrad.backend import plan_program
-from jitgrad.show import inspect_function, parse_arg_spec
+from jitgrad.compiler.backend import plan_program
+from jitgrad.tools import cli, graph, timeline
+from jitgrad.tools.show import inspect_function, parse_arg_spec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class Dot:
-    """A DOT text as written by jitgrad.graph, read back: nodes and edges by label."""
+    """A DOT text as written by jitgrad.tools.graph, read back: nodes and edges by label."""
 
     def __init__(self, text: str):
         self.text = text

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 import jitgrad
-from jitgrad import codegen, fusion, passes
-from jitgrad.core import cast_p, const_p, registry
-from jitgrad.interp import run as interpret
-from jitgrad.ir import Instr, Program, Var, validate
-from jitgrad.ops import elementwise as E
-from jitgrad.ops import linalg as L
-from jitgrad.ops import nn as N
-from jitgrad.ops import reduce as R
-from jitgrad.ops import shape as S
+from jitgrad.compiler import codegen, fusion, passes
+from jitgrad.compiler.interp import run as interpret
+from jitgrad.frontend.core import cast_p, const_p, registry
+from jitgrad.frontend.ir import Instr, Program, Var, validate
+from jitgrad.frontend.ops import elementwise as E
+from jitgrad.frontend.ops import linalg as L
+from jitgrad.frontend.ops import nn as N
+from jitgrad.frontend.ops import reduce as R
+from jitgrad.frontend.ops import shape as S
 
 F32, F64, I32, I64 = (np.dtype(d) for d in (np.float32, np.float64, np.int32, np.int64))
 

@@ -27,9 +27,10 @@ from gradcheck import (
 )
 
 import jitgrad as jg
-from jitgrad import interp, passes, tree
-from jitgrad.ir import validate
-from jitgrad.trace import signature_of, trace_flat
+from jitgrad.compiler import interp, passes
+from jitgrad.frontend import tree
+from jitgrad.frontend.ir import validate
+from jitgrad.frontend.trace import signature_of, trace_flat
 
 FILE = os.path.basename(__file__)
 

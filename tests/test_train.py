@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 import jitgrad as jg
-from jitgrad import checkpoint_io, cli, nn, options, recipe
-from jitgrad.checkpoint_io import CheckpointError
+from jitgrad.tools import cli, options
+from jitgrad.training import checkpoint_io, nn, recipe
+from jitgrad.training.checkpoint_io import CheckpointError
 
 TINY = ["--hidden", "16", "--batch-size", "64"]
 TINY_CFG = recipe.TrainConfig(hidden=(16,), batch_size=64)

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import JitgradError, NonFiniteError
+from ..frontend.ir import Program, Var, var_names
 from . import cache, kernels, memory
 from .codegen import MetaAddress, lower, prepare, render_glue
-from .errors import JitgradError, NonFiniteError
 from .executable import KernelCall
-from .ir import Program, Var, var_names
 
 
 def _load_fused(fused: dict[str, str]) -> None:

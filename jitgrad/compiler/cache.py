@@ -61,7 +61,7 @@ _VERSION_KEY = f"jitgrad-0.1|cache-2|numba-{numba.__version__}|" \
 # first up to (not including) the second. Keep in step with pyproject.toml's bound.
 TESTED_NUMBA = ((0, 60), (0, 69))
 _lock = threading.Lock()
-_log = logging.getLogger("jitgrad.cache")
+_log = logging.getLogger("jitgrad.compiler.cache")
 
 
 def _numba_untested_reason() -> str | None:

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import NoLoweringError
+from ..frontend.core import cast_p, emit_like, is_const
+from ..frontend.ir import Instr, Program, Var, dtype_short, numpy_name
 from . import kernels
-from .core import cast_p, emit_like, is_const
-from .errors import NoLoweringError
 from .fusion import Group, fuse
-from .ir import Instr, Program, Var, dtype_short, numpy_name
 from .memory import Plan
 
 # ---------------------------------------------------------------- prepare

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .ir import Program
+from ..frontend.ir import Program
 from .memory import Plan
 
 

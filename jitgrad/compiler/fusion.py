@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from .core import is_const
-from .ir import Instr, Program, Var
+from ..frontend.core import is_const
+from ..frontend.ir import Instr, Program, Var
 
 MAX_LEAVES = 12  # keeps kernel signatures short; a larger tree is split at a leaf
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from .core import replay
-from .errors import NonFiniteError
-from .ir import Instr, Program, Var, format_instr
+from ..errors import NonFiniteError
+from ..frontend.core import replay
+from ..frontend.ir import Instr, Program, Var, format_instr
 
 
 def run(prog: Program, args: Sequence[np.ndarray], check_finite: bool = False) -> list[np.ndarray]:

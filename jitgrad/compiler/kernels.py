@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import NoLoweringError
-from .ir import dtype_short, numpy_name
+from ..errors import NoLoweringError
+from ..frontend.ir import dtype_short, numpy_name
 
 # Variant tables: symbol suffix (ir.dtype_short) -> the numpy type the wrapper views memory as.
 FLOATS = {dtype_short(d): numpy_name(d) for d in map(np.dtype, (np.float32, np.float64))}

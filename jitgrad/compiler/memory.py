@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .ir import Var
+from ..frontend.ir import Var
 
 ALIGN = 64  # every offset: the same alignment whichever buffer a kernel gets
 

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from .ir import Instr, Program, Var
+from ..frontend.ir import Instr, Program, Var
 
 
 def _rename(ins: Instr, subst: dict[Var, Var]) -> Instr:

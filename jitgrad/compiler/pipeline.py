@@ -18,14 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import JitgradError
+from ..frontend import tree
+from ..frontend.ir import Program
+from ..frontend.trace import Signature, trace_flat
 from . import remat as remat_mod
-from . import tree
-from .errors import JitgradError
 from .executable import Executable
-from .ir import Program
 from .memory import Plan
 from .passes import optimize
-from .trace import Signature, trace_flat
 
 BACKENDS = ("numba", "interpret")
 

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .core import is_const
-from .errors import JitgradError
-from .ir import Instr, Program, Var
+from ..errors import JitgradError
+from ..frontend.core import is_const
+from ..frontend.ir import Instr, Program, Var
 from .memory import Plan, aligned
 from .passes import dce
 

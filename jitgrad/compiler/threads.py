@@ -13,7 +13,7 @@ import warnings
 
 import numba
 
-from .errors import JitgradError
+from ..errors import JitgradError
 
 NUM_THREADS_VAR = "JITGRAD_NUM_THREADS"
 

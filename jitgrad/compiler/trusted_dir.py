@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import CacheSecurityError
 from .atomic_write import atomic_write
-from .errors import CacheSecurityError
 
 try:
     import fcntl

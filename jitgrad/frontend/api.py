@@ -12,14 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from . import pipeline, tree
-from . import remat as remat_mod
+from ..compiler import pipeline
+from ..compiler import remat as remat_mod
+from ..compiler.passes import dce
+from ..compiler.pipeline import Compiled
+from ..errors import JitgradError, NonFiniteError, UndefinedGradientError
+from . import tree
 from .autodiff import grad_program
 from .core import Tracer, _trace_stack, eval_program, instr_tags, user_frame_loc
-from .errors import JitgradError, NonFiniteError, UndefinedGradientError
 from .ir import dtype_short
-from .passes import dce
-from .pipeline import Compiled
 from .trace import Signature, signature_of, trace_flat
 
 DEFAULT_BACKEND = "numba"
@@ -171,7 +172,7 @@ class CompiledFunction:
         """The specialisation of the most recent call or lower (None before any)."""
         return self._last
 
-    # cf.show(*args, ...) is attached by jitgrad.show (the tools layer builds on this one).
+    # cf.show(*args, ...) is attached by jitgrad.tools.show (the tools layer builds on this one).
 
     program = property(lambda self: self._described().program)
     plan = property(lambda self: self._described().plan)
@@ -186,7 +187,7 @@ def jit(fn: Callable[..., Any], *, remat: str | None = None, memory_budget: int 
     recomputes the rest; "full" stores none of them, as jax.checkpoint around fn:
     backward recomputes each from the arguments (on a chain all at once, so the peak
     stays where it was); memory_budget=BYTES stores what fits an arena of that many
-    bytes with the least recomputation (see jitgrad.remat).
+    bytes with the least recomputation (see jitgrad.compiler.remat).
     """
     return CompiledFunction(fn, remat=remat, memory_budget=memory_budget, backend=backend,
                             check_finite=check_finite)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import JitgradError, UndefinedGradientError
 from .core import Trace, Tracer, instr_tags, replay, source_loc
-from .errors import JitgradError, UndefinedGradientError
 from .ir import Program, Var
 from .ops import elementwise as E
 from .ops import shape as S

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import JitgradError
+from ..errors import JitgradError
 from .ir import Instr, Program, Var, check_dtype, literal, numpy_name
 
 Aval = tuple[tuple[int, ...], np.dtype]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import JitgradError
+from ..errors import JitgradError
 
 _var_ids = itertools.count()
 

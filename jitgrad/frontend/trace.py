@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import JitgradError, TracingError
 from . import tree
 from .core import Trace, Tracer, with_user_loc
-from .errors import JitgradError, TracingError
 from .ir import Program, check_dtype
 from .ops import elementwise as E
 from .ops import linalg as L

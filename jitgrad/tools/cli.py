@@ -5,10 +5,10 @@ Each subcommand is one function that adds its parser and sets ``run`` (see
 ``run(args)`` returns the exit code; errors caused by bad input are raised as
 ``ValueError`` / ``OSError`` / ``MemoryError`` (``jg.JitgradError`` is a
 ``ValueError``) and reported by :func:`main` as one line on stderr with exit code 2;
-argparse types (jitgrad.options: ``output_path``, ``positive_int``, ...) refuse bad
+argparse types (jitgrad.tools.options: ``output_path``, ``positive_int``, ...) refuse bad
 flags before any work starts.
 
-``jitgrad train`` runs jitgrad.recipe: an MLP (by default on the bundled 8x8 digits)
+``jitgrad train`` runs jitgrad.training.recipe: an MLP (by default on the bundled 8x8 digits)
 trained with one compiled program per step: forward, backward and optimizer update.
 """
 
@@ -22,9 +22,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import recipe
-from .errors import JitgradError
-from .optim import OPTIMIZERS
+from ..errors import JitgradError
+from ..training import recipe
+from ..training.optim import OPTIMIZERS
+from ..training.recipe import DTYPES, OPTIMIZER_DEFAULTS, SCHEDULES, TrainConfig
 from .options import (
     format_bytes,
     output_path,
@@ -34,7 +35,6 @@ from .options import (
     parse_hidden,
     positive_int,
 )
-from .recipe import DTYPES, OPTIMIZER_DEFAULTS, SCHEDULES, TrainConfig
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer whose reader left
@@ -51,7 +51,7 @@ def _config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None) ->
 def cmd_train(args: argparse.Namespace) -> int:
     if not args.distributed:
         return _train(args, None)
-    from . import distributed
+    from ..training import distributed
     comm = distributed.world()
     distributed.set_default_threads(comm)  # before anything compiles
     # An error on one rank must end the job, or the others wait in a collective forever.
@@ -217,7 +217,7 @@ def _add_memsweep(sub: Any) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from . import cache
+    from ..compiler import cache
     if args.action == "clear":
         n, size = cache.clear()
         print(f"removed {n} files ({format_bytes(size)}) from {cache.cache_path()}")
@@ -326,7 +326,7 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train, _add_memsweep, _add_show
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
     parser = argparse.ArgumentParser(
         prog="jitgrad", description="jitgrad: reverse-mode autodiff compiled with Numba.")
     parser.add_argument("--version", action="version", version=f"jitgrad {__version__}")

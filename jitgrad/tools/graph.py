@@ -20,9 +20,9 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .core import is_const
-from .errors import JitgradError
-from .ir import Instr, Program, Var, var_names
+from ..errors import JitgradError
+from ..frontend.core import is_const
+from ..frontend.ir import Instr, Program, Var, var_names
 
 INSTALL_HINT = ("install Graphviz: `apt-get install graphviz` (Debian/Ubuntu), "
                 "`brew install graphviz` (macOS) or `conda install graphviz`")

@@ -30,7 +30,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .memory import Plan
+from ..compiler.memory import Plan
 from .options import policy_options
 
 
@@ -102,7 +102,7 @@ def measure(model: Model, policy: str, steps: int) -> dict[str, Any]:
 
 
 def _worker(model: Model, policy: str, steps: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "jitgrad.memsweep", json.dumps(asdict(model)), policy,
+    cmd = [sys.executable, "-m", "jitgrad.tools.memsweep", json.dumps(asdict(model)), policy,
            str(steps)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -231,7 +231,7 @@ def plot_frontier(rows: list[dict[str, Any]], path: str, title: str) -> None:
 
 
 def main() -> None:
-    """Worker entry point: `python -m jitgrad.memsweep MODEL_JSON POLICY STEPS`."""
+    """Worker entry point: `python -m jitgrad.tools.memsweep MODEL_JSON POLICY STEPS`."""
     model = Model(**json.loads(sys.argv[1]))
     print(json.dumps(measure(model, sys.argv[2], int(sys.argv[3]))))
 

@@ -14,7 +14,7 @@ import re
 import tempfile
 from typing import Any
 
-from .errors import JitgradError
+from ..errors import JitgradError
 
 
 class OptionError(ValueError, argparse.ArgumentTypeError):

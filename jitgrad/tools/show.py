@@ -33,14 +33,16 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import graph, pipeline, tree
-from .api import CompiledFunction, _leaf_ranges, value_and_grad
-from .backend import Planned, glue_source
-from .core import is_const
-from .errors import JitgradError
-from .ir import SUPPORTED_DTYPES, Program, dtype_named, dtype_short
+from ..compiler import pipeline
+from ..compiler.backend import Planned, glue_source
+from ..errors import JitgradError
+from ..frontend import tree
+from ..frontend.api import CompiledFunction, _leaf_ranges, value_and_grad
+from ..frontend.core import is_const
+from ..frontend.ir import SUPPORTED_DTYPES, Program, dtype_named, dtype_short
+from ..frontend.trace import signature_of, trace_flat
+from . import graph
 from .options import policy_options
-from .trace import signature_of, trace_flat
 
 EXAMPLE_ATTR = "__jitgrad_example__"
 _SPEC = re.compile(r"\s*([a-z0-9]+)\s*(?:\[\s*([0-9,\s]*)\])?\s*")
@@ -201,7 +203,7 @@ class Inspection:
     def source(self) -> str:
         """The generated glue, then every fused kernel the Numba backend would compile."""
         if self._source is None:
-            from .kernels import CFUNC_PRELUDE
+            from ..compiler.kernels import CFUNC_PRELUDE
             parts = [glue_source(self.planned)]
             for sym, src in sorted(self.planned.low.fused_sources().items()):
                 loop = src.removeprefix(CFUNC_PRELUDE).strip()
@@ -265,7 +267,7 @@ def inspect_function(fn: Any, args: Sequence[Any], *, grad: bool | None = None,
     differentiates a function that returns a float scalar; argnums defaults to
     (0,), as in jg.grad (the first all-float argument if argument 0 is not one).
     """
-    from .train import TrainStep
+    from ..training.train import TrainStep
     donate = None
     jit_kw = policy_options(remat)
     policy = remat or "none"

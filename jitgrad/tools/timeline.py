@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import JitgradError
-from .memory import Plan
+from ..compiler.memory import Plan
+from ..errors import JitgradError
 
 
 @dataclass

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from . import tree
-from .atomic_write import atomic_write
-from .errors import JitgradError
+from ..compiler.atomic_write import atomic_write
+from ..errors import JitgradError
+from ..frontend import tree
 from .npz import read_npz
 
 __all__ = ["CheckpointError", "FORMAT", "check_compatible", "load", "restore_into", "save"]

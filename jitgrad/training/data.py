@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import DTypeLike
 
+from ..frontend.ops.nn import check_labels
 from .npz import read_npz
-from .ops.nn import check_labels
 
 __all__ = [
     "Dataset",

@@ -39,9 +39,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import optim, tree
-from .api import CompiledFunction, check_finite_from_env, value_and_grad
-from .errors import JitgradError
+from ..errors import JitgradError
+from ..frontend import tree
+from ..frontend.api import CompiledFunction, check_finite_from_env, value_and_grad
+from . import optim
 from .optim import Optimizer
 
 MPI_MISSING = ("distributed training needs mpi4py and an MPI implementation: "
@@ -75,7 +76,7 @@ def set_default_threads(comm: Any) -> int:
     """Give this rank its share of the machine's cores (unless JITGRAD_NUM_THREADS says
     otherwise): N ranks each with all cores would oversubscribe it N-fold. Call before
     the first compile; returns the count in force."""
-    from . import threads
+    from ..compiler import threads
     return threads.set_local_ranks(ranks_on_this_node(comm))
 
 

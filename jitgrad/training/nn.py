@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from .errors import JitgradError
-from .ops.elementwise import relu, tanh
-from .ops.nn import softmax_cross_entropy
-from .ops.reduce import sum as _sum
+from ..errors import JitgradError
+from ..frontend.ops.elementwise import relu, tanh
+from ..frontend.ops.nn import softmax_cross_entropy
+from ..frontend.ops.reduce import sum as _sum
 
 __all__ = [
     "ACTIVATIONS", "accuracy", "glorot_uniform", "he_normal", "linear", "mlp_apply",

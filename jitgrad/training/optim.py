@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from . import tree
-from .errors import JitgradError
-from .ops.elementwise import sqrt
+from ..errors import JitgradError
+from ..frontend import tree
+from ..frontend.ops.elementwise import sqrt
 
 
 class Schedule:

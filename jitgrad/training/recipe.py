@@ -21,11 +21,11 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ..errors import JitgradError
+from ..frontend.api import jit
+from ..tools.options import format_bytes
 from . import checkpoint_io, nn, optim
-from .api import jit
 from .data import Dataset, batches_per_epoch, check_labels, load_dataset, minibatches
-from .errors import JitgradError
-from .options import format_bytes
 from .train import TrainStep, train_step
 
 # ------------------------------------------------------------------------------ config
@@ -96,7 +96,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        from .remat import check_policy
+        from ..compiler.remat import check_policy
         check_policy(cfg.remat, cfg.memory_budget)
         return cfg
 
@@ -345,7 +345,7 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
     saved_epoch: int | None = None
     bar = None
     if out is not None and n_ranks > 1:
-        from .threads import num_threads
+        from ..compiler.threads import num_threads
         _say(out, None, f"distributed: {n_ranks} ranks x batch {cfg.batch_size} = global batch "
                         f"{global_batch}; learning rate {cfg.lr:g}; {num_threads()} "
                         f"thread(s) per rank")

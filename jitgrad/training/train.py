@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import tree
-from .api import CompiledFunction, check_finite_from_env, value_and_grad
-from .errors import JitgradError
+from ..errors import JitgradError
+from ..frontend import tree
+from ..frontend.api import CompiledFunction, check_finite_from_env, value_and_grad
 from .optim import Optimizer, check_params
 
 if TYPE_CHECKING:

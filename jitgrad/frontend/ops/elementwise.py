@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import JitgradError
 from ..core import Tracer, cast, is_const, primitive
-from ..errors import JitgradError
 from . import reduce as R
 from . import shape as S
 

@@ -15,10 +15,10 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..cache import njit
+from ...compiler.cache import njit
+from ...compiler.kernels import FLOATS, Kernel
+from ...errors import JitgradError
 from ..core import Tracer, primitive
-from ..errors import JitgradError
-from ..kernels import FLOATS, Kernel
 from . import elementwise as E
 from . import shape as S
 

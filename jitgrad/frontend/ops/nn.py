@@ -6,10 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from ..cache import njit
+from ...compiler.cache import njit
+from ...compiler.kernels import FLOATS, Kernel
+from ...errors import JitgradError
 from ..core import Joint, Tracer, primitive
-from ..errors import JitgradError
-from ..kernels import FLOATS, Kernel
 from . import elementwise as E
 from . import reduce as R
 

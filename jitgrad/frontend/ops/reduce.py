@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from ..cache import njit
+from ...compiler.cache import njit
+from ...compiler.kernels import FLOATS, WIDE_INTS, Kernel
+from ...errors import JitgradError
 from ..core import Tracer, cast_p, emit_like, primitive
-from ..errors import JitgradError
 from ..ir import Var
-from ..kernels import FLOATS, WIDE_INTS, Kernel
 from . import elementwise as E
 from . import shape as S
 

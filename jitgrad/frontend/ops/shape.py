@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from ..cache import njit
+from ...compiler.cache import njit
+from ...compiler.kernels import FLOATS, ITEM_SIZES, Kernel
+from ...errors import JitgradError
 from ..core import Tracer, primitive
-from ..errors import JitgradError
-from ..kernels import FLOATS, ITEM_SIZES, Kernel
 
 
 def _as_array(x: Any) -> Any:

@@ -1,0 +1,1 @@
+"""Tools: the `jitgrad` command, `jitgrad show`, graphs, memory timelines, memsweep."""

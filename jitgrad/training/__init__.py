@@ -1,0 +1,2 @@
+"""Training: optimizers, layers, data, checkpoints, train steps, distributed training,
+the training recipe."""
