@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=_backends())
 def backend(request):
     """Runs the test with jit's default backend set to each backend in turn."""
-    with jg.api.default_backend(request.param):
+    with jg.frontend.api.default_backend(request.param):
         yield request.param
 
 

@@ -119,7 +119,7 @@ def test_no_in_place_write_into_a_donated_array_before_a_failing_check(update):
     def f(b, a, x, idx):
         return update(b, a), jg.sum(x[idx])
 
-    cf = jg.api.CompiledFunction(f, donate={0: 0}, backend="numba")
+    cf = jg.frontend.api.CompiledFunction(f, donate={0: 0}, backend="numba")
     rng = np.random.default_rng(5)
     b, a = np.ones((4, 4), np.float32), rng.normal(size=(4, 4)).astype(np.float32)
     x = rng.normal(size=(6, 3)).astype(np.float32)

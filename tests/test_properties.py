@@ -419,7 +419,7 @@ def _jit(fn, remat):
 @settings(max_examples=MAX_EXAMPLES, **_SETTINGS)
 @given(spec=programs())
 def test_random_programs_interpreted(spec, remat):
-    with jg.api.default_backend("interpret"):
+    with jg.frontend.api.default_backend("interpret"):
         check_program(spec, remat)
 
 
@@ -427,7 +427,7 @@ def test_random_programs_interpreted(spec, remat):
 @settings(max_examples=NUMBA_EXAMPLES, **_SETTINGS)
 @given(spec=programs())
 def test_random_programs_compiled(spec, remat):
-    with jg.api.default_backend("numba"):
+    with jg.frontend.api.default_backend("numba"):
         check_program(spec, remat)
 
 
