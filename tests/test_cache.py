@@ -397,7 +397,7 @@ def test_one_atomic_write_for_the_cache_and_checkpoints(tmp_path):
 
 
 def test_numba_bound_in_pyproject_is_the_tested_range():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(cache.__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(jg.__file__)))
     with open(os.path.join(root, "pyproject.toml")) as f:
         spec = re.search(r'"numba>=(\d+)\.(\d+),<(\d+)\.(\d+)"', f.read())
     assert spec, "pyproject.toml must bound numba from both sides"

@@ -28,7 +28,7 @@ from .ir import Instr, Program, Var, check_dtype, literal, numpy_name
 
 Aval = tuple[tuple[int, ...], np.dtype]
 
-_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # jitgrad/
 _NUMPY_DIR = os.path.dirname(os.path.abspath(np.__file__))
 
 

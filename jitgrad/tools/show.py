@@ -85,7 +85,7 @@ def blame_script(script: str, what: str) -> Iterator[None]:
         frames = traceback.extract_tb(e.__traceback__)
         script_path = os.path.abspath(script)
         mine = [f for f in frames if os.path.abspath(f.filename) == script_path]
-        package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # jitgrad/
         in_jitgrad = bool(frames) and os.path.abspath(frames[-1].filename).startswith(package)
         if in_jitgrad or not (mine or isinstance(e, SyntaxError)):
             raise  # not the script's doing (a bug in jitgrad: its traceback is needed)
