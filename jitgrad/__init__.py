@@ -1,6 +1,6 @@
 """jitgrad: reverse-mode autodiff for the CPU, traced once and compiled with Numba."""
 
-from . import distributed, nn, optim  # distributed imports mpi4py only when used
+from . import distributed, nn, optim, random  # distributed imports mpi4py only when used
 from . import trace as _trace  # noqa: F401  (attaches operators to Tracer)
 from .api import CompiledFunction, checkpoint, grad, jit, value_and_grad
 from .errors import (
@@ -42,5 +42,5 @@ __all__ = [
     "grad", "jit", "log", "logsumexp", "matmul", "max", "max_argmax", "maximum", "mean", "relu",
     "reshape", "round", "sigmoid", "sign", "softmax", "softmax_cross_entropy", "sqrt",
     "stop_gradient", "sum", "take_along_axis", "tanh", "transpose", "value_and_grad", "where",
-    "nn", "optim", "train_step", "TrainStep", "distributed",
+    "nn", "optim", "random", "train_step", "TrainStep", "distributed",
 ]
