@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import tree
+from . import random_guard, tree
 from .core import Trace, Tracer, with_user_loc
 from .errors import JitgradError, TracingError
 from .ir import Program, check_dtype
@@ -29,7 +29,7 @@ def trace_flat(fn: Callable[..., Any], in_tree: tree.TreeDef,
                in_sigs: Sequence[Signature]) -> tuple[Program, tree.TreeDef, list[Tracer]]:
     """Trace fn on abstract inputs; returns the Program, the output structure and any
     values of enclosing traces the function captured (extra trailing program inputs)."""
-    with Trace() as t:
+    with Trace() as t, random_guard.guard():
         leaves = [t.new_input(s, d, w) for s, d, w in in_sigs]
         try:
             out = fn(*tree.unflatten(in_tree, leaves))

@@ -204,7 +204,7 @@ def _erf_inv_ref(x: np.ndarray) -> np.ndarray:
                 p = t(c) + p * v
             out[here] = (p * x)[here]
             todo &= ~here
-    return np.where(np.abs(x) == t(1), x * t(np.inf), out)  # erf_inv(±1) = ±inf
+        return np.where(np.abs(x) == t(1), x * t(np.inf), out)  # erf_inv(±1) = ±inf
 
 
 def _erf_inv_helper(dtype: np.dtype) -> str:
