@@ -6,6 +6,7 @@ from .api import CompiledFunction, checkpoint, grad, jit, value_and_grad
 from .errors import (
     CacheSecurityError,
     JitgradError,
+    JitgradWarning,
     NonFiniteError,
     TracingError,
     UndefinedGradientError,
@@ -36,7 +37,8 @@ from .train import TrainStep, train_step
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheSecurityError", "CompiledFunction", "Instr", "JitgradError", "NonFiniteError",
+    "CacheSecurityError", "CompiledFunction", "Instr", "JitgradError", "JitgradWarning",
+    "NonFiniteError",
     "Program", "TracingError", "checkpoint",
     "UndefinedGradientError", "Var", "abs", "argmax", "ceil", "concatenate", "exp", "floor",
     "grad", "jit", "log", "logsumexp", "matmul", "max", "max_argmax", "maximum", "mean", "relu",

@@ -446,7 +446,7 @@ def test_np_random_in_a_traced_function_warns(backend):
         rng = np.random.default_rng(0)
         return jg.where(mask, x, 0.0) + rng.random()
 
-    with pytest.warns(jg.errors.JitgradWarning) as record:
+    with pytest.warns(jg.JitgradWarning) as record:
         jg.jit(f)(np.ones(3))
     messages = [str(w.message) for w in record]
     assert len(messages) == 2

@@ -95,9 +95,9 @@ def _pairs_ref(key: np.ndarray, start: int, n: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- primitives
 
-def _check_key(key, what: str = "key") -> None:
+def _check_key(key) -> None:
     if key != (KEY_SHAPE, _KEY_DTYPE):
-        raise JitgradError(f"{what} must be a uint32 array of shape (2,), as jg.random.key(seed) "
+        raise JitgradError(f"the key must be a uint32 array of shape (2,), as jg.random.key(seed) "
                            f"makes, got {np.dtype(key[1]).name}{list(key[0])}")
 
 
