@@ -43,7 +43,7 @@ from . import random, tree
 from .api import CompiledFunction, check_finite_from_env, value_and_grad
 from .errors import JitgradError
 from .optim import Optimizer
-from .train import _check_params, check_key, step_inputs, step_key
+from .train import _check_params, check_key, step_inputs, step_key, with_key
 
 MPI_MISSING = ("distributed training needs mpi4py and an MPI implementation: "
                "pip install 'jitgrad[mpi]' (mpi4py + the mpich wheel)")
@@ -151,18 +151,22 @@ class DistributedTrainStep:
         self.broadcast()
         dtype = self.dtype
 
-        def grads_fn(params: Any, *rest: Any) -> Any:
-            if self.key is None:
-                loss, grads = value_and_grad(loss_fn)(params, *rest)
-            else:  # rest is (key, t, *batch); each rank's shard gets masks of its own
-                k = random.fold_in(step_key(rest[0], rest[1]), self.rank)
-                loss, grads = value_and_grad(lambda p, *b: loss_fn(p, *b, key=k))(params,
-                                                                                 *rest[2:])
+        def grads_of(objective: Any, params: Any, batch: Any) -> Any:
+            loss, grads = value_and_grad(objective)(params, *batch)
             # The loss shares the gradients' buffer and dtype: one collective moves both.
             return loss.astype(dtype), grads
 
+        if self.key is None:
+            def grads_fn(params: Any, *batch: Any) -> Any:
+                return grads_of(loss_fn, params, batch)
+        else:
+            def grads_fn(params: Any, key: Any, t: Any, *batch: Any) -> Any:
+                # each rank's shard gets masks of its own
+                k = random.fold_in(step_key(key, t), self.rank)
+                return grads_of(with_key(loss_fn, k), params, batch)
+
         # Result leaves are (loss, grads...): all pinned, in this order, as the flat buffer.
-        names = ("params",) + (() if self.key is None else ("key", "step"))
+        names = ("params",) + (() if self.key is None else ("key", "t"))
         self.compiled = CompiledFunction(grads_fn, pinned=list(range(1 + self._n)),
                                          arg_names=names, **jit_options)
 

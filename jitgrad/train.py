@@ -49,6 +49,11 @@ def step_key(key: Any, t: Any) -> Any:
     return random.fold_in(key, t)
 
 
+def with_key(loss_fn: Any, key: Any) -> Any:
+    """loss_fn with its key given: (params, *batch) -> loss_fn(params, *batch, key=key)."""
+    return lambda params, *batch: loss_fn(params, *batch, key=key)
+
+
 def step_inputs(key: np.ndarray | None, t: int) -> tuple[Any, ...]:
     """The (key, t) arguments of step t's program, or nothing without a key."""
     return () if key is None else (key, np.uint32(t))
@@ -84,23 +89,25 @@ class TrainStep:
         self._lock = threading.Lock()
         leaves = _check_params(params)
 
-        def step(params: Any, state: Any, hyper: Any, *rest: Any) -> Any:
-            if self.key is None:
-                loss, grads = value_and_grad(loss_fn)(params, *rest)
-            else:  # rest is (key, t, *batch)
-                k = step_key(rest[0], rest[1])
-                loss, grads = value_and_grad(lambda p, *b: loss_fn(p, *b, key=k))(params,
-                                                                                 *rest[2:])
+        def update(params: Any, state: Any, hyper: Any, objective: Any, batch: Any) -> Any:
+            loss, grads = value_and_grad(objective)(params, *batch)
             new_params, new_state = optimizer.update(params, grads, state, hyper)
             return loss, new_params, new_state
+
+        # The step's parameters name its inputs (jitgrad show): params, ..., batch[0], ...
+        if self.key is None:
+            def step(params: Any, state: Any, hyper: Any, *batch: Any) -> Any:
+                return update(params, state, hyper, loss_fn, batch)
+        else:
+            def step(params: Any, state: Any, hyper: Any, key: Any, t: Any, *batch: Any) -> Any:
+                return update(params, state, hyper, with_key(loss_fn, step_key(key, t)), batch)
 
         n_state = len(leaves) + len(tree.flatten(self.state)[0])
         # Result leaves are (loss, params..., state...); argument leaves start (params, state).
         donate = None if self.check_finite else {1 + i: i for i in range(n_state)}
         # check_finite names a bad leaf as the caller sees it: params['W0'], args[0] (the batch)
-        names = ("params", "state", "hyper") + (() if self.key is None else ("key", "step"))
+        names = ("params", "state", "hyper") + (() if self.key is None else ("key", "t"))
         self.compiled = CompiledFunction(step, donate=donate, arg_names=names, **jit_options)
-
 
     def __call__(self, *batch: Any) -> np.ndarray:
         with self._lock:
