@@ -5,15 +5,13 @@ import sys as _sys
 from .errors import (
     CacheSecurityError,
     JitgradError,
+    JitgradWarning,
     NonFiniteError,
     TracingError,
     UndefinedGradientError,
 )
+from .frontend import random, tree
 from .frontend import trace as _trace  # noqa: F401  (attaches operators to Tracer)
-
-# Modules live in layer folders (frontend/, compiler/, training/, tools/); the public module
-# paths of the flat layout stay importable: `import jitgrad.nn`, `from jitgrad.data import ...`.
-from .frontend import tree  # noqa: E402
 from .frontend.api import CompiledFunction, checkpoint, grad, jit, value_and_grad
 from .frontend.ir import Instr, Program, Var
 from .frontend.ops.elementwise import (
@@ -37,28 +35,26 @@ from .frontend.ops.nn import softmax, softmax_cross_entropy
 from .frontend.ops.reduce import argmax, logsumexp, max, max_argmax, mean, sum
 from .frontend.ops.shape import concatenate, reshape, take_along_axis, transpose
 from .tools import show as _show  # noqa: F401  (attaches cf.show to CompiledFunction)
-from .tools import timeline  # noqa: E402
-from .training import (  # distributed imports mpi4py only when used
-    data,  # noqa: E402
-    distributed,
-    nn,
-    optim,
-)
+from .tools import timeline
+from .training import data, distributed, nn, optim  # distributed: mpi4py only when used
 from .training.train import TrainStep, train_step
 
+# Modules live in layer folders (frontend/, compiler/, training/, tools/); the public module
+# paths stay importable as they were: `import jitgrad.nn`, `from jitgrad.data import ...`.
 _PUBLIC_MODULES = {"nn": nn, "optim": optim, "distributed": distributed, "data": data,
-                   "timeline": timeline, "tree": tree}
+                   "timeline": timeline, "tree": tree, "random": random}
 for _name, _module in _PUBLIC_MODULES.items():
     _sys.modules[f"{__name__}.{_name}"] = _module
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheSecurityError", "CompiledFunction", "Instr", "JitgradError", "NonFiniteError",
+    "CacheSecurityError", "CompiledFunction", "Instr", "JitgradError", "JitgradWarning",
+    "NonFiniteError",
     "Program", "TracingError", "checkpoint",
     "UndefinedGradientError", "Var", "abs", "argmax", "ceil", "concatenate", "exp", "floor",
     "grad", "jit", "log", "logsumexp", "matmul", "max", "max_argmax", "maximum", "mean", "relu",
     "reshape", "round", "sigmoid", "sign", "softmax", "softmax_cross_entropy", "sqrt",
     "stop_gradient", "sum", "take_along_axis", "tanh", "transpose", "value_and_grad", "where",
-    "nn", "optim", "train_step", "TrainStep", "distributed",
+    "nn", "optim", "random", "train_step", "TrainStep", "distributed",
 ]

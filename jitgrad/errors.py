@@ -29,3 +29,7 @@ class NoLoweringError(JitgradError):
     def __init__(self, message: str, instr: object = None):
         super().__init__(message)
         self.instr = instr
+
+
+class JitgradWarning(UserWarning):
+    """Code that runs but probably not as meant (np.random inside a traced function)."""

@@ -215,6 +215,28 @@ def test_distributed_step_failure_leaves_params_untouched(backend, one_rank):
     assert step.t == 2
 
 
+def test_distributed_step_with_a_key_folds_in_the_rank(backend, one_rank):
+    # rank r's step t uses fold_in(fold_in(key, t), r): dropout masks differ across shards
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    p1 = nn.mlp_init([5, 7, 3], np.random.default_rng(1))
+    p2 = {k: v.copy() for k, v in p1.items()}
+    opt, key = jg.optim.SGD(lr=0.1), jg.random.key(8)
+
+    def rank0_loss(p, x, y, key):
+        return nn.mlp_loss(p, x, y, dropout_rate=0.5, key=jg.random.fold_in(key, 0))
+
+    ref = jg.train_step(rank0_loss, p1, opt, key=key)
+    dist = jg.train_step(lambda p, x, y, key: nn.mlp_loss(p, x, y, dropout_rate=0.5, key=key),
+                         p2, opt, comm=one_rank, key=key)
+    for _ in range(3):
+        np.testing.assert_allclose(dist(x, y), ref(x, y), rtol=1e-6)
+    assert dist.t == ref.t == 3
+    for k in p1:
+        np.testing.assert_allclose(p2[k], p1[k], rtol=1e-5, atol=1e-7)
+
+
 def test_distributed_step_rejects_mixed_dtypes(one_rank):
     params = {"a": np.zeros(3, np.float32), "b": np.zeros(3, np.float64)}
     with pytest.raises(jg.JitgradError, match="mix"):

@@ -37,12 +37,14 @@ from typing import Any
 import numpy as np
 import pytest
 from gradcheck import assert_grads_close, numeric_grad, numeric_hvp, vdot
+from scipy import special
 
 import jitgrad as jg
 from jitgrad.frontend import tree
 from jitgrad.frontend.core import registry
 from jitgrad.frontend.ir import validate
 from jitgrad.frontend.ops import nn as NN
+from jitgrad.frontend.ops import random as R
 from jitgrad.frontend.ops import shape as S
 from jitgrad.frontend.trace import signature_of, trace_flat
 
@@ -467,6 +469,54 @@ add("scatter_along_axis", "via-grad",
     mk(normal(3, 4)))
 add("scatter_along_axis", "direct", lambda g: S.scatter_along_axis(g, TAKE0, (3, 4), 0),
     lambda g: np_scatter_along_axis(g, TAKE0, (3, 4), 0), mk(normal(2, 4)))
+
+
+# random numbers: the key is a traced uint32 input. A draw has no gradient ("nograd": a
+# float argument x enters as x * 0); through its bounds, a scale or dropout it does.
+KEY = jg.random.key(17)
+F32 = np.dtype(np.float32)
+
+
+def np_randint(key, shape, lo, hi):
+    """jax.random.randint's construction on the numpy references: two draws, reduced."""
+    k1, k2 = R._pairs_ref(key, 0, 2)
+    u32 = np.dtype(np.uint32)
+    span = np.full(shape, hi - lo, np.uint32)
+    return lo + R._offset_ref(R._bits_ref(k1, shape, u32), R._bits_ref(k2, shape, u32),
+                              span).astype(np.int32)
+
+
+for _dt in (np.uint8, np.uint64):
+    add("random_bits", np.dtype(_dt).name,
+        lambda x, k, d=_dt: jg.random.bits(k, x.shape, d).astype(x.dtype) + x * 0,
+        lambda x, k, d=_dt: R._bits_ref(k, x.shape, np.dtype(d)).astype(x.dtype) + x * 0,
+        mk(normal(3, 4), const(KEY)), kind="nograd")
+add("random_uniform", "unit", lambda x, k: jg.random.uniform(k, x.shape).astype(x.dtype) + x * 0,
+    lambda x, k: R._unit_ref(k, x.shape, F32).astype(x.dtype) + x * 0,
+    mk(normal(3, 4), const(KEY)), kind="nograd")
+add("random_uniform", "traced-bounds",
+    lambda a, b, k: jg.random.uniform(k, (3, 4), a.dtype, a, b),
+    lambda a, b, k: np.maximum(a, R._unit_ref(k, (3, 4), a.dtype) * (b - a) + a),
+    mk(normal(4), lambda r: r.uniform(3.0, 4.0, size=(3, 1)), const(KEY)), f32=False)
+add("random_uniform", "dropout", lambda x, k: jg.nn.dropout(k, x, 0.3),
+    lambda x, k: np.where(R._unit_ref(k, x.shape, F32) < np.float32(0.7), x * (1 / 0.7), 0.0),
+    mk(normal(3, 4), const(KEY)))
+add("erf_inv", "3x4", R.erf_inv, special.erfinv, mk(lambda r: r.uniform(-0.9, 0.9, size=(3, 4))))
+add("erf_inv", "normal-times-x", lambda x, k: jg.random.normal(k, x.shape, x.dtype) * x,
+    lambda x, k: np.sqrt(2.0) * special.erfinv(
+        R._unit_ref(k, x.shape, x.dtype) * 2.0 + np.nextafter(-1.0, 0.0)) * x,
+    mk(normal(3, 4), const(KEY)), f32=False)  # float32 draws other values
+add("random_split", "3", lambda x, k: jg.random.split(k, 3).astype(x.dtype) + x * 0,
+    lambda x, k: R._pairs_ref(k, 0, 3).astype(x.dtype) + x * 0, mk(normal(3, 2), const(KEY)),
+    kind="nograd")
+add("random_fold_in", "traced-data",
+    lambda x, k, d: jg.random.fold_in(k, d).astype(x.dtype) + x * 0,
+    lambda x, k, d: R._pairs_ref(k, int(d), 1)[0].astype(x.dtype) + x * 0,
+    mk(normal(2), const(KEY), const(np.uint32(99))), kind="nograd")
+add("randint_offset", "int32",
+    lambda x, k: jg.random.randint(k, x.shape, -3, 12).astype(x.dtype) + x * 0,
+    lambda x, k: np_randint(k, x.shape, -3, 12).astype(x.dtype) + x * 0,
+    mk(normal(3, 4), const(KEY)), kind="nograd")
 
 
 # ---------------------------------------------------------------- helpers

@@ -208,6 +208,29 @@ def _optimizer(opt: Any) -> Case:
     return Case(fn, inputs)
 
 
+def _words(dtype: Any):
+    """Unsigned integers of dtype, both ends of the range included."""
+    top = int(np.iinfo(dtype).max)
+    return st.one_of(st.sampled_from([0, 1, top - 1, top]), st.integers(0, top))
+
+
+def _unsigned(shape: tuple[int, ...], dtype: Any):
+    n = int(np.prod(shape, dtype=np.int64))
+    return st.lists(_words(dtype), min_size=n, max_size=n).map(
+        lambda v: np.array(v, dtype=dtype).reshape(shape))
+
+
+KEYS = _unsigned((2,), np.uint32)  # any key: random draws hold no special values, but
+UNSIGNED = (np.uint8, np.uint16, np.uint32, np.uint64)  # every word must hash as numpy's
+
+
+def _draw(name: str, **params: Any) -> Case:
+    """A random primitive of the key alone, at the width where loops vectorise; the second
+    input only carries the dtype of the result."""
+    return Case(lambda k, like: P[name].bind(k, shape=W, dtype=like.dtype, **params),
+                lambda dt: st.tuples(KEYS, st.just(np.zeros((), dt))))
+
+
 def _mlp(x, y, W0, b0, W1, b1):
     return jg.nn.mlp_loss({"W0": W0, "b0": b0, "W1": W1, "b1": b1}, x, y)
 
@@ -283,6 +306,18 @@ CASES: dict[str, Case] = {
         lambda g, i: P["scatter_along_axis"].bind(g, i, shape=X, axis=1),
         lambda dt: st.tuples(special_arrays((3, 2), dt), IDX32),
         magnitude=lambda g, i: P["scatter_along_axis"].impl(np.abs(g), i, shape=X, axis=1)),
+    # random numbers (ops/random.py) and the elementwise primitives of their samplers
+    "random_bits": Case(_draw("random_bits").fn, _draw("random_bits").inputs, dtypes=UNSIGNED),
+    "random_uniform": _draw("random_uniform"),
+    "random_split": Case(lambda k: P["random_split"].bind(k, num=5), lambda dt: st.tuples(KEYS),
+                         dtypes=(np.uint32,)),
+    "random_fold_in": Case(lambda k, d: P["random_fold_in"].bind(k, d),
+                           lambda dt: st.tuples(KEYS, _unsigned((), np.uint32)),
+                           dtypes=(np.uint32,)),
+    "erf_inv": unary("erf_inv"),  # ±1 give ±inf, |x| > 1 NaN
+    "randint_offset": Case(lambda h, lo, span: P["randint_offset"].bind(h, lo, span),
+                           lambda dt: st.tuples(_unsigned(X, dt), _unsigned(X, dt),
+                                                _unsigned(X[1:], dt)), dtypes=UNSIGNED),
     # the same at a width where the vectorised loop bodies run, not only their remainders
     "relu/wide": Case(lambda x: P["relu"].bind(x), floats(W)),
     "maximum/wide": Case(lambda a, b: P["maximum"].bind(a, b), floats(W, W[1:])),

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import JitgradError, TracingError
-from . import tree
+from . import random_guard, tree
 from .core import Trace, Tracer, with_user_loc
 from .ir import Program, check_dtype
 from .ops import elementwise as E
@@ -29,7 +29,7 @@ def trace_flat(fn: Callable[..., Any], in_tree: tree.TreeDef,
                in_sigs: Sequence[Signature]) -> tuple[Program, tree.TreeDef, list[Tracer]]:
     """Trace fn on abstract inputs; returns the Program, the output structure and any
     values of enclosing traces the function captured (extra trailing program inputs)."""
-    with Trace() as t:
+    with Trace() as t, random_guard.guard():
         leaves = [t.new_input(s, d, w) for s, d, w in in_sigs]
         try:
             out = fn(*tree.unflatten(in_tree, leaves))
@@ -67,6 +67,14 @@ def _no_concrete(what: str) -> Callable[..., Any]:
     return fail
 
 
+def _iterate(x: Tracer) -> Any:
+    """Iteration over the first axis, as over a numpy array (`k1, k2 = jg.random.split(key)`):
+    the shape is static, so the loop unrolls into one slice per row (as in JAX)."""
+    if not x.shape:
+        raise TypeError("iteration over a 0-d traced value")
+    return (S.getitem(x, i) for i in range(x.shape[0]))
+
+
 _METHODS: dict[str, Any] = {
     "__add__": E.add, "__radd__": _swap(E.add),
     "__sub__": E.sub, "__rsub__": _swap(E.sub),
@@ -81,7 +89,7 @@ _METHODS: dict[str, Any] = {
     "__bool__": _no_concrete("bool()"), "__float__": _no_concrete("float()"),
     "__int__": _no_concrete("int()"), "__index__": _no_concrete("an index"),
     "__array__": _no_concrete("conversion to a numpy array"),
-    "__iter__": _no_concrete("iteration"),
+    "__iter__": lambda x: _iterate(x),
     "astype": E.cast,
     "sum": R.sum, "mean": R.mean, "max": R.max,
     "argmax": lambda x, axis=None: R.argmax(x, axis),  # numpy's default: flattened

@@ -133,7 +133,9 @@ def _add_train(sub: Any) -> None:
            "(policy, default sqrt)")
     a("--memory-budget", type=parse_bytes, metavar="BYTES",
       help="planned memory budget for the step, e.g. 4MiB")
-    a("--seed", type=int, help=f"initialisation and shuffling seed (default: {d.seed})")
+    a("--seed", type=int, help=f"initialisation, shuffling and dropout seed (default: {d.seed})")
+    a("--dropout", type=float, metavar="RATE",
+      help=f"dropout rate after each hidden layer, in training only (default: {d.dropout})")
     a("--save", type=output_path, metavar="PATH",
       help="write params and optimizer state to this .npz after every epoch (atomically)")
     a("--resume", metavar="PATH", help="continue from a checkpoint written by --save")

@@ -25,7 +25,8 @@ from ..errors import JitgradError
 from ..frontend import tree
 from .npz import read_npz
 
-__all__ = ["CheckpointError", "FORMAT", "check_compatible", "load", "restore_into", "save"]
+__all__ = ["CheckpointError", "FORMAT", "check_compatible", "load", "restore_into",
+           "restore_step", "save", "step_meta"]
 
 FORMAT = "jitgrad-checkpoint-1"
 _META_KEY = "__meta__"
@@ -240,3 +241,31 @@ def restore_into(params: Any, opt_state: Any, loaded_params: Any, loaded_state: 
             raise CheckpointError(f"{source} holds NaN or infinity in {k}")
     for k, d in dst.items():
         np.copyto(d, src[k])
+
+
+# ------------------------------------------------------------------ a training step's place
+
+
+def step_meta(step: Any) -> dict[str, Any]:
+    """What a TrainStep needs besides its arrays to continue exactly where it was: the
+    number of steps taken and its random key (None without one), for ``save``'s meta."""
+    key = getattr(step, "key", None)
+    return {"step": step.t, "key": None if key is None else [int(k) for k in key]}
+
+
+def restore_step(step: Any, meta: dict[str, Any], source: str = "checkpoint") -> None:
+    """Set a TrainStep's step count and key from ``step_meta``'s entries in a loaded
+    checkpoint's meta (the dropout masks after a resume are then those an uninterrupted
+    run draws). A checkpoint without a key (saved without one) leaves the step's own."""
+    t, key = meta.get("step"), meta.get("key")
+    # a step count must also survive the float it becomes in the optimizer's update
+    if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= 2**53:
+        raise CheckpointError(f"{source} has step={t!r} in its metadata, not a non-negative "
+                              "integer")
+    if key is not None and not (isinstance(key, list) and len(key) == 2 and all(
+            isinstance(k, int) and not isinstance(k, bool) and 0 <= k < 2**32 for k in key)):
+        raise CheckpointError(f"{source} has key={key!r} in its metadata, not two 32-bit "
+                              "unsigned integers")
+    step.t = t
+    if key is not None and getattr(step, "key", None) is not None:
+        step.key[...] = key

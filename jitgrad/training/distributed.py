@@ -40,10 +40,10 @@ from typing import Any, TextIO
 import numpy as np
 
 from ..errors import JitgradError
-from ..frontend import tree
+from ..frontend import random, tree
 from ..frontend.api import CompiledFunction, check_finite_from_env, value_and_grad
-from . import optim
-from .optim import Optimizer
+from .optim import Optimizer, check_params
+from .train import check_key, step_inputs, step_key, with_key
 
 MPI_MISSING = ("distributed training needs mpi4py and an MPI implementation: "
                "pip install 'jitgrad[mpi]' (mpi4py + the mpich wheel)")
@@ -127,9 +127,10 @@ class DistributedTrainStep:
     the first (which compiles).
     """
 
-    def __init__(self, loss_fn: Any, params: Any, optimizer: Optimizer, comm: Any,
-                 **jit_options: Any):
-        leaves = optim.check_params(params)
+    def __init__(self, loss_fn: Any, params: Any, optimizer: Optimizer, comm: Any, *,
+                 key: Any = None, **jit_options: Any):
+        leaves = check_params(params)
+        self.key = check_key(key)
         dtypes = {p.dtype for p in leaves}
         if len(dtypes) != 1:
             raise JitgradError(f"distributed training all-reduces one gradient buffer of one "
@@ -150,14 +151,24 @@ class DistributedTrainStep:
         self.broadcast()
         dtype = self.dtype
 
-        def grads_fn(params: Any, *batch: Any) -> Any:
-            loss, grads = value_and_grad(loss_fn)(params, *batch)
+        def grads_of(objective: Any, params: Any, batch: Any) -> Any:
+            loss, grads = value_and_grad(objective)(params, *batch)
             # The loss shares the gradients' buffer and dtype: one collective moves both.
             return loss.astype(dtype), grads
 
+        if self.key is None:
+            def grads_fn(params: Any, *batch: Any) -> Any:
+                return grads_of(loss_fn, params, batch)
+        else:
+            def grads_fn(params: Any, key: Any, t: Any, *batch: Any) -> Any:
+                # each rank's shard gets masks of its own
+                k = random.fold_in(step_key(key, t), self.rank)
+                return grads_of(with_key(loss_fn, k), params, batch)
+
         # Result leaves are (loss, grads...): all pinned, in this order, as the flat buffer.
+        names = ("params",) + (() if self.key is None else ("key", "t"))
         self.compiled = CompiledFunction(grads_fn, pinned=list(range(1 + self._n)),
-                                         arg_names=("params",), **jit_options)
+                                         arg_names=names, **jit_options)
 
         def update_fn(params: Any, state: Any, hyper: Any, grads: Any, scale: Any) -> Any:
             grads = tree.unflatten(self._grad_tree, [g * scale for g in tree.flatten(grads)[0]])
@@ -198,7 +209,7 @@ class DistributedTrainStep:
         t0 = time.perf_counter()
         error: BaseException | None = None
         try:
-            loss, grads = self.compiled(self.params, *batch)
+            loss, grads = self.compiled(self.params, *step_inputs(self.key, self.t), *batch)
             flat, loss_view, grads = self._buffers(loss, grads)
             flat[_FLAG] = 0
         except Exception as e:
@@ -243,4 +254,4 @@ class DistributedTrainStep:
         return tm["allreduce"] / total if total > 0 else None
 
     def lower(self, *batch: Any) -> Any:
-        return self.compiled.lower(self.params, *batch)
+        return self.compiled.lower(self.params, *step_inputs(self.key, self.t), *batch)

@@ -15,12 +15,14 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from ..errors import JitgradError
-from ..frontend.ops.elementwise import relu, tanh
+from ..frontend import random
+from ..frontend.core import Tracer
+from ..frontend.ops.elementwise import relu, tanh, where
 from ..frontend.ops.nn import softmax_cross_entropy
 from ..frontend.ops.reduce import sum as _sum
 
 __all__ = [
-    "ACTIVATIONS", "accuracy", "glorot_uniform", "he_normal", "linear", "mlp_apply",
+    "ACTIVATIONS", "accuracy", "dropout", "glorot_uniform", "he_normal", "linear", "mlp_apply",
     "mlp_init", "mlp_loss", "num_layers",
 ]
 
@@ -105,27 +107,56 @@ def linear(W: Any, b: Any, x: Any) -> Any:
     return x @ W + b
 
 
-def mlp_apply(params: dict[str, Any], x: Any, activation: str = "relu") -> Any:
-    """Logits of the MLP: linear layers with ``activation`` between them, none after the last."""
+def dropout(key: Any, x: Any, rate: float) -> Any:
+    """Inverted dropout, as PyTorch's ``F.dropout`` in training: each element of x is
+    zeroed with probability ``rate`` and the others are scaled by ``1 / (1 - rate)``, so
+    the expected value is x. The mask depends only on the key and x's shape (draw a new
+    key per step, e.g. ``jg.random.fold_in(key, step)``), and the gradient flows through
+    the same mask. ``rate`` 0 returns x itself."""
+    if isinstance(rate, Tracer) or not isinstance(rate, (int, float)) or isinstance(rate, bool) \
+            or not 0 <= rate <= 1:
+        raise JitgradError(f"dropout rate must be a number in [0, 1], got {rate!r}")
+    dtype = x.dtype if isinstance(x, Tracer) else np.asarray(x).dtype
+    if dtype.kind != "f":
+        raise JitgradError(f"dropout applies to float arrays, got {dtype}")
+    if rate == 0:
+        return x
+    keep = random.bernoulli(key, 1.0 - rate, np.shape(x))
+    return where(keep, x * (1.0 / (1.0 - rate) if rate < 1 else 0.0), 0.0)
+
+
+def mlp_apply(params: dict[str, Any], x: Any, activation: str = "relu", *,
+              dropout_rate: float = 0.0, key: Any = None) -> Any:
+    """Logits of the MLP: linear layers with ``activation`` between them, none after the last.
+
+    With ``dropout_rate``, every hidden activation goes through :func:`dropout`, layer i
+    with the key ``jg.random.fold_in(key, i)``."""
     if activation not in ACTIVATIONS:
         raise JitgradError(f"unknown activation {activation!r}: use one of {sorted(ACTIVATIONS)}")
+    if dropout_rate and key is None:
+        raise JitgradError("mlp_apply with dropout_rate needs a key (jg.random.key(seed))")
     act = ACTIVATIONS[activation]
     n = num_layers(params)
     for i in range(n):
         x = linear(params[f"W{i}"], params[f"b{i}"], x)
         if i < n - 1:
             x = act(x)
+            if dropout_rate:
+                x = dropout(random.fold_in(key, i), x, dropout_rate)
     return x
 
 
 def mlp_loss(params: dict[str, Any], x: Any, y: Any, weight_decay: float = 0.0,
-             activation: str = "relu") -> Any:
+             activation: str = "relu", *, dropout_rate: float = 0.0, key: Any = None) -> Any:
     """Mean softmax cross-entropy of the MLP on (x, y), plus ``weight_decay/2 * sum(W**2)``.
 
     The L2 term covers weights only (not biases); its gradient is
-    ``weight_decay * W``, the same as the optimizers' ``weight_decay`` option.
+    ``weight_decay * W``, the same as the optimizers' ``weight_decay`` option. With
+    ``dropout_rate`` (and a key: ``jg.train_step(..., key=...)`` passes one per step),
+    hidden activations go through dropout (see :func:`mlp_apply`).
     """
-    loss = softmax_cross_entropy(mlp_apply(params, x, activation), y)
+    logits = mlp_apply(params, x, activation, dropout_rate=dropout_rate, key=key)
+    loss = softmax_cross_entropy(logits, y)
     if weight_decay:
         for i in range(num_layers(params)):
             W = params[f"W{i}"]

@@ -9,6 +9,7 @@ the metrics that ``jitgrad train`` prints (:func:`summary_lines`, ``--json``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -22,6 +23,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from ..errors import JitgradError
+from ..frontend import random
 from ..frontend.api import jit
 from ..tools.options import format_bytes
 from . import checkpoint_io, nn, optim
@@ -66,6 +68,7 @@ class TrainConfig:
     remat: str | None = None
     memory_budget: int | None = None
     eval_batch_size: int = 1024
+    dropout: float = 0.0
 
     def resolved(self) -> TrainConfig:
         """A copy with optimizer-dependent defaults filled in and every field validated."""
@@ -92,6 +95,7 @@ class TrainConfig:
             (cfg.memory_budget is None or cfg.memory_budget > 0,
              "--memory-budget must be positive"),
             (cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}"),
+            (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -290,10 +294,10 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
     cfg = scale_default_lr(cfg, n_ranks).resolved()
     if resume is not None and resume_data is None:
         resume_data = checkpoint_io.load(resume)
-    start_epoch, start_t = 0, 0
+    start_epoch = 0
     source = "the checkpoint" if resume is None else f"checkpoint {str(resume)!r}"
     if resume_data is not None:
-        start_epoch, start_t = _resume_position(resume_data[2], source)
+        start_epoch, _ = _resume_position(resume_data[2], source)
 
     rank = 0 if comm is None else comm.Get_rank()
     global_batch = cfg.batch_size * n_ranks
@@ -313,11 +317,14 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
         jit_options["memory_budget"] = cfg.memory_budget
     if comm is not None:
         jit_options["comm"] = comm
-    step = train_step(_mlp_loss, params, opt, **jit_options)
+    if cfg.dropout:  # a key per step (fold_in(key, step)): saved, so a resume is exact
+        loss_fn = functools.partial(nn.mlp_loss, dropout_rate=cfg.dropout)
+        jit_options["key"] = random.key(cfg.seed)
+    step = train_step(loss_fn if cfg.dropout else _mlp_loss, params, opt, **jit_options)
     if resume_data is not None:
         checkpoint_io.restore_into(step.params, step.state, resume_data[0], resume_data[1],
                                    source)
-        step.t = start_t
+        checkpoint_io.restore_step(step, resume_data[2], source)
         if comm is not None:
             step.broadcast()  # every rank continues from rank 0's copy
     forward = jit(_mlp_logits)
@@ -334,7 +341,7 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
         return float(correct) / len(ds.x_test), float(loss_sum) / len(ds.x_test)
 
     def checkpoint_meta(epoch: int) -> dict[str, Any]:
-        return {"epoch": epoch, "step": step.t, "config": cfg.to_json(),
+        return {"epoch": epoch, **checkpoint_io.step_meta(step), "config": cfg.to_json(),
                 "dataset": ds.name, "sizes": sizes}
 
     compile_time: float | None = None

@@ -8,12 +8,39 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import JitgradError
-from ..frontend import tree
+from ..frontend import random, tree
 from ..frontend.api import CompiledFunction, check_finite_from_env, value_and_grad
 from .optim import Optimizer, check_params
 
 if TYPE_CHECKING:
     from .distributed import DistributedTrainStep
+
+
+def check_key(key: Any) -> np.ndarray | None:
+    """train_step's key: None, or a private copy of a uint32[2] key (jg.random.key)."""
+    if key is None:
+        return None
+    arr = np.asarray(key)
+    if arr.shape != (2,) or arr.dtype != np.uint32:
+        raise JitgradError(f"train_step's key must be a uint32 array of shape (2,), as "
+                           f"jg.random.key(seed) makes, got {arr.dtype}{list(arr.shape)}")
+    return arr.copy()
+
+
+def step_key(key: Any, t: Any) -> Any:
+    """The key of step t (the steps taken before it): fold_in(key, t), computed inside the
+    step's program from two inputs, so neither a new key nor a new step recompiles."""
+    return random.fold_in(key, t)
+
+
+def with_key(loss_fn: Any, key: Any) -> Any:
+    """loss_fn with its key given: (params, *batch) -> loss_fn(params, *batch, key=key)."""
+    return lambda params, *batch: loss_fn(params, *batch, key=key)
+
+
+def step_inputs(key: np.ndarray | None, t: int) -> tuple[Any, ...]:
+    """The (key, t) arguments of step t's program, or nothing without a key."""
+    return () if key is None else (key, np.uint32(t))
 
 
 class TrainStep:
@@ -26,30 +53,45 @@ class TrainStep:
     ready before that is copied in after the call. So a failed step leaves every
     parameter untouched. With check_finite the results are instead copied in only
     once the loss was found finite.
+
+    With a key, each step calls ``loss_fn(params, *batch, key=k)`` with
+    ``k = jg.random.fold_in(key, t)``, t the number of steps taken before it: ``key`` and
+    ``t`` are all a run's randomness (dropout masks), and a checkpoint that holds them
+    (checkpoint_io.step_meta) resumes it exactly.
     """
 
-    def __init__(self, loss_fn: Any, params: Any, optimizer: Optimizer, **jit_options: Any):
+    def __init__(self, loss_fn: Any, params: Any, optimizer: Optimizer, *, key: Any = None,
+                 **jit_options: Any):
         self.params = params
         self.optimizer = optimizer
         self.state = optimizer.init(params)
         self.t = 0
+        self.key = check_key(key)
         self.check_finite = bool(jit_options.get("check_finite")) or check_finite_from_env()
         # Steps from several threads take turns: each reads the parameters the previous
         # one wrote, and the step count and the copy-in below stay consistent.
         self._lock = threading.Lock()
         leaves = check_params(params)
 
-        def step(params: Any, state: Any, hyper: Any, *batch: Any) -> Any:
-            loss, grads = value_and_grad(loss_fn)(params, *batch)
+        def update(params: Any, state: Any, hyper: Any, objective: Any, batch: Any) -> Any:
+            loss, grads = value_and_grad(objective)(params, *batch)
             new_params, new_state = optimizer.update(params, grads, state, hyper)
             return loss, new_params, new_state
+
+        # The step's parameters name its inputs (jitgrad show): params, ..., batch[0], ...
+        if self.key is None:
+            def step(params: Any, state: Any, hyper: Any, *batch: Any) -> Any:
+                return update(params, state, hyper, loss_fn, batch)
+        else:
+            def step(params: Any, state: Any, hyper: Any, key: Any, t: Any, *batch: Any) -> Any:
+                return update(params, state, hyper, with_key(loss_fn, step_key(key, t)), batch)
 
         n_state = len(leaves) + len(tree.flatten(self.state)[0])
         # Result leaves are (loss, params..., state...); argument leaves start (params, state).
         donate = None if self.check_finite else {1 + i: i for i in range(n_state)}
         # check_finite names a bad leaf as the caller sees it: params['W0'], args[0] (the batch)
-        self.compiled = CompiledFunction(step, donate=donate,
-                                         arg_names=("params", "state", "hyper"), **jit_options)
+        names = ("params", "state", "hyper") + (() if self.key is None else ("key", "t"))
+        self.compiled = CompiledFunction(step, donate=donate, arg_names=names, **jit_options)
 
     def __call__(self, *batch: Any) -> np.ndarray:
         with self._lock:
@@ -57,7 +99,8 @@ class TrainStep:
 
     def _step(self, batch: tuple[Any, ...]) -> np.ndarray:
         hyper = self.optimizer.hyper(self.t + 1)
-        loss, new_params, new_state = self.compiled(self.params, self.state, hyper, *batch)
+        loss, new_params, new_state = self.compiled(self.params, self.state, hyper,
+                                                    *step_inputs(self.key, self.t), *batch)
         if self.check_finite and not np.isfinite(loss):
             raise JitgradError(f"non-finite loss {float(loss)} at step {self.t + 1}; "
                                "parameters were not updated")
@@ -69,7 +112,8 @@ class TrainStep:
         return loss
 
     def lower(self, *batch: Any) -> Any:
-        return self.compiled.lower(self.params, self.state, self.optimizer.hyper(1), *batch)
+        return self.compiled.lower(self.params, self.state, self.optimizer.hyper(1),
+                                   *step_inputs(self.key, self.t), *batch)
 
     def plan_only(self, *batch: Any) -> Any:
         """The step's program and memory plan for this batch, compiling nothing."""
@@ -77,14 +121,18 @@ class TrainStep:
 
 
 def train_step(loss_fn: Any, params: Any, optimizer: Optimizer, *, comm: Any = None,
-               **jit_options: Any) -> TrainStep | DistributedTrainStep:
+               key: Any = None, **jit_options: Any) -> TrainStep | DistributedTrainStep:
     """Compile `loss_fn(params, *batch)` + backward + optimizer update into one program.
+
+    With a key (``key=jg.random.key(seed)``) step t calls ``loss_fn(params, *batch,
+    key=jg.random.fold_in(key, t))``: a fresh key per step for dropout and the like.
 
     With an MPI communicator (``comm=MPI.COMM_WORLD``) the step is data-parallel:
     each rank passes its own shard of the batch, one allreduce per step averages
-    the gradients, and every rank applies the same update (see jitgrad.distributed).
+    the gradients, and every rank applies the same update (see jitgrad.distributed);
+    with a key, each rank folds in its rank too.
     """
     if comm is not None:
         from .distributed import DistributedTrainStep
-        return DistributedTrainStep(loss_fn, params, optimizer, comm, **jit_options)
-    return TrainStep(loss_fn, params, optimizer, **jit_options)
+        return DistributedTrainStep(loss_fn, params, optimizer, comm, key=key, **jit_options)
+    return TrainStep(loss_fn, params, optimizer, key=key, **jit_options)
