@@ -181,12 +181,17 @@ def one_rank(monkeypatch):
     return OneRankComm()
 
 
-def test_distributed_step_on_one_rank_matches_train_step(backend, one_rank):
-    rng = np.random.default_rng(3)
+def _two_copies_of_a_problem(seed):
+    """(x, y, params, a copy of params) of a small classifier."""
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((6, 5)).astype(np.float32)
     y = np.array([0, 1, 2, 0, 1, 2])
     p1 = nn.mlp_init([5, 7, 3], np.random.default_rng(1))
-    p2 = {k: v.copy() for k, v in p1.items()}
+    return x, y, p1, {k: v.copy() for k, v in p1.items()}
+
+
+def test_distributed_step_on_one_rank_matches_train_step(backend, one_rank):
+    x, y, p1, p2 = _two_copies_of_a_problem(3)
     opt = jg.optim.Adam(lr=0.05, weight_decay=1e-3)
     ref = jg.train_step(nn.mlp_loss, p1, opt)
     dist = jg.train_step(nn.mlp_loss, p2, opt, comm=one_rank)
@@ -217,11 +222,7 @@ def test_distributed_step_failure_leaves_params_untouched(backend, one_rank):
 
 def test_distributed_step_with_a_key_folds_in_the_rank(backend, one_rank):
     # rank r's step t uses fold_in(fold_in(key, t), r): dropout masks differ across shards
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((6, 5)).astype(np.float32)
-    y = np.array([0, 1, 2, 0, 1, 2])
-    p1 = nn.mlp_init([5, 7, 3], np.random.default_rng(1))
-    p2 = {k: v.copy() for k, v in p1.items()}
+    x, y, p1, p2 = _two_copies_of_a_problem(4)
     opt, key = jg.optim.SGD(lr=0.1), jg.random.key(8)
 
     def rank0_loss(p, x, y, key):

@@ -317,10 +317,11 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
         jit_options["memory_budget"] = cfg.memory_budget
     if comm is not None:
         jit_options["comm"] = comm
-    if cfg.dropout:  # a key per step (fold_in(key, step)): saved, so a resume is exact
+    loss_fn: Callable[..., Any] = _mlp_loss
+    if cfg.dropout:  # a key per step (fold_in(key, t)): saved, so a resume is exact
         loss_fn = functools.partial(nn.mlp_loss, dropout_rate=cfg.dropout)
         jit_options["key"] = random.key(cfg.seed)
-    step = train_step(loss_fn if cfg.dropout else _mlp_loss, params, opt, **jit_options)
+    step = train_step(loss_fn, params, opt, **jit_options)
     if resume_data is not None:
         checkpoint_io.restore_into(step.params, step.state, resume_data[0], resume_data[1],
                                    source)
