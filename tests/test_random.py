@@ -404,8 +404,7 @@ def test_train_step_key_errors():
 
 
 def test_resume_with_dropout_is_bitwise(tmp_path):
-    from jitgrad.training import recipe
-    from jitgrad.training import checkpoint_io
+    from jitgrad.training import checkpoint_io, recipe
     cfg = recipe.TrainConfig(hidden=(16,), batch_size=64, epochs=2, dropout=0.3)
     full = recipe.run_training(cfg, out=None)
     ck = tmp_path / "ck.npz"
