@@ -1,0 +1,103 @@
+"""Per-call Python overhead of `jg.train_step` on an MLP config, each source tree in its
+own process, alternating over rounds.
+
+    python benchmarks/call_overhead.py [--config deep] [--rounds 5] [--trees DIR[,DIR...]]
+
+A child (PYTHONPATH = one jitgrad source tree) compiles the SGD step of the config, then
+empties the executable's list of native chunks, so that `step(x, y)` does everything but
+the native call: flattening the arguments, the cache key, input checks, collecting the
+results (loss copied out, parameters donated), unflattening. (Measuring the whole call
+minus the bare native call instead drowns microseconds in the milliseconds of the deep
+step on a shared machine.) It times that call and `tree.flatten` of the step's arguments,
+interleaved in blocks; the parent runs each tree once per round, in turn, and prints
+medians over rounds and the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _median_ns(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter_ns()
+        fn()
+        times.append(time.perf_counter_ns() - t)
+    return statistics.median(times)
+
+
+def child(config: str, blocks: int, calls: int) -> dict:
+    sys.path.insert(0, HERE)
+    import _common as C
+
+    from jitgrad import tree
+    C.pin_threads()
+    step, params, x, y = C.make_jitgrad_step(config)
+    step(x, y)  # compile or load
+    step.compiled.latest.executable._chunks = ()  # the native call becomes a no-op
+    args = (params, step.state, step.optimizer.hyper(1), x, y)
+    overhead, flat = [], []
+    for _ in range(blocks):  # interleaved, so that load changes hit both alike
+        overhead.append(_median_ns(lambda: step(x, y), calls))
+        flat.append(_median_ns(lambda: tree.flatten(args), calls))
+    return {"overhead_us": statistics.median(overhead) / 1e3,
+            "flatten_us": statistics.median(flat) / 1e3,
+            "leaves": len(tree.flatten(args)[0])}
+
+
+def run_child(src: str, config: str, blocks: int, calls: int) -> dict:
+    sys.path.insert(0, HERE)
+    import _common as C
+    env = C.thread_env()
+    env["PYTHONPATH"] = src
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", config,
+           "--blocks", str(blocks), "--calls", str(calls)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=src)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode or not lines:
+        raise RuntimeError(f"child for {src} failed:\n{p.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="deep")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--blocks", type=int, default=15)
+    ap.add_argument("--calls", type=int, default=400)
+    ap.add_argument("--trees", default=os.path.dirname(HERE),
+                    help="comma-separated jitgrad source trees to compare")
+    ap.add_argument("--child")
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(a.child, a.blocks, a.calls)))
+        return
+    trees = a.trees.split(",")
+    results: dict[str, list[dict]] = {t: [] for t in trees}
+    for r in range(a.rounds):
+        for t in trees:
+            res = run_child(t, a.config, a.blocks, a.calls)
+            res["load1"] = os.getloadavg()[0]
+            results[t].append(res)
+            print(f"round {r} {t}: {json.dumps(res)}", file=sys.stderr)
+    print(f"config {a.config}, {a.rounds} rounds x {a.blocks} blocks x {a.calls} calls, "
+          "medians over rounds")
+    print("| tree | leaves | overhead µs | flatten µs | load |")
+    print("|---|---:|---:|---:|---:|")
+    for t, rs in results.items():
+        m = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        print(f"| {t} | {m['leaves']:.0f} | {m['overhead_us']:.1f} | {m['flatten_us']:.1f} | "
+              f"{m['load1']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
