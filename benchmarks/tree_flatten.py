@@ -36,9 +36,8 @@ def _median_ns(fn, n: int) -> float:
 
 def child(impl: str, config: str, blocks: int, calls: int) -> dict:
     sys.path.insert(0, HERE)
-    import numpy as np
-
     import _common as C
+    import numpy as np
     params = C.make_params(config)
     x, y = C.make_batch(config)
     args = (params, {}, {"lr": C.LR}, x, y)

@@ -1,9 +1,10 @@
 """jitgrad: reverse-mode autodiff for the CPU, traced once and compiled with Numba."""
 
-from . import distributed, nn, optim  # distributed imports mpi4py only when used
+from . import distributed, nn, optim, tree  # distributed imports mpi4py only when used
 from . import show as _show  # noqa: F401  (attaches cf.show to CompiledFunction)
 from . import trace as _trace  # noqa: F401  (attaches operators to Tracer)
 from .api import CompiledFunction, checkpoint, grad, jit, value_and_grad
+from .custom_vjp import custom_vjp
 from .errors import (
     CacheSecurityError,
     JitgradError,
@@ -33,6 +34,7 @@ from .ops.nn import softmax, softmax_cross_entropy
 from .ops.reduce import argmax, logsumexp, max, max_argmax, mean, sum
 from .ops.shape import concatenate, reshape, take_along_axis, transpose
 from .train import TrainStep, train_step
+from .transforms import hessian, jacfwd, jacobian, jvp, vmap
 
 __version__ = "0.1.0"
 
@@ -43,5 +45,6 @@ __all__ = [
     "grad", "jit", "log", "logsumexp", "matmul", "max", "max_argmax", "maximum", "mean", "relu",
     "reshape", "round", "sigmoid", "sign", "softmax", "softmax_cross_entropy", "sqrt",
     "stop_gradient", "sum", "take_along_axis", "tanh", "transpose", "value_and_grad", "where",
-    "nn", "optim", "train_step", "TrainStep", "distributed",
+    "nn", "optim", "train_step", "TrainStep", "distributed", "tree", "custom_vjp", "jacobian",
+    "hessian", "jvp", "jacfwd", "vmap",
 ]

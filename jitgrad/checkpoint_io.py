@@ -8,7 +8,10 @@ leaves either the previous checkpoint or the new one, never a partial file.
 Layout inside the archive: one array per pytree leaf, named by its path
 (``params/W0``, ``state/momentum/W0``, ...), plus ``__meta__``, a JSON string
 holding the caller's metadata and the two tree structures, so that lists,
-tuples and nested dicts come back exactly as they were saved.
+tuples and nested dicts come back exactly as they were saved. NamedTuples,
+dataclasses and registered pytree classes are saved by field (``params/W``); the file
+names their type but does not import it, so they load as dicts of their fields, and
+``load(path, target=(params, state))`` rebuilds the caller's own structures.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from . import tree as tree_mod
 from .errors import JitgradError
 from .npz import read_npz
 
@@ -58,14 +62,15 @@ def _encode(tree: Any, prefix: str, out: dict[str, np.ndarray], depth: int = 0) 
         raise _too_deep(prefix)
     if tree is None:
         return None
+    node = tree_mod.node_children(tree)  # before tuples: a NamedTuple is one
+    if node is not None:
+        name, fields = node
+        return {"node": {"type": name, "fields": [
+            [_check_key(k, prefix), _encode(v, f"{prefix}/{k}", out, depth + 1)]
+            for k, v in fields]}}
     if isinstance(tree, dict):
-        spec = {}
-        for k in sorted(tree):
-            if not isinstance(k, str) or not k or "/" in k:
-                raise CheckpointError(f"checkpoint keys must be non-empty strings without '/', "
-                                      f"got {k!r} under {prefix!r}")
-            spec[k] = _encode(tree[k], f"{prefix}/{k}", out, depth + 1)
-        return {"dict": spec}
+        return {"dict": {_check_key(k, prefix): _encode(tree[k], f"{prefix}/{k}", out, depth + 1)
+                         for k in sorted(tree)}}
     if isinstance(tree, (list, tuple)):
         kind = "tuple" if isinstance(tree, tuple) else "list"
         return {kind: [_encode(t, f"{prefix}/{i}", out, depth + 1) for i, t in enumerate(tree)]}
@@ -73,6 +78,13 @@ def _encode(tree: Any, prefix: str, out: dict[str, np.ndarray], depth: int = 0) 
     _check_numeric(arr, prefix)
     out[prefix] = arr
     return "leaf"
+
+
+def _check_key(k: Any, prefix: str) -> str:
+    if not isinstance(k, str) or not k or "/" in k:
+        raise CheckpointError(f"checkpoint keys must be non-empty strings without '/', "
+                              f"got {k!r} under {prefix!r}")
+    return k
 
 
 def _decode(spec: Any, prefix: str, arrays: dict[str, np.ndarray], depth: int = 0) -> Any:
@@ -92,6 +104,10 @@ def _decode(spec: Any, prefix: str, arrays: dict[str, np.ndarray], depth: int = 
         if kind in ("list", "tuple") and isinstance(body, list):
             items = [_decode(v, f"{prefix}/{i}", arrays, depth + 1) for i, v in enumerate(body)]
             return tuple(items) if kind == "tuple" else items
+        if (kind == "node" and isinstance(body, dict) and isinstance(body.get("fields"), list)
+                and all(isinstance(f, list) and len(f) == 2 and isinstance(f[0], str)
+                        for f in body["fields"])):  # as a dict of its fields (see the top)
+            return {k: _decode(v, f"{prefix}/{k}", arrays, depth + 1) for k, v in body["fields"]}
     raise CheckpointError(f"bad structure description at {prefix!r}")
 
 
@@ -139,8 +155,13 @@ def save(path: str | os.PathLike[str], params: Any, opt_state: Any,
     return path
 
 
-def load(path: str | os.PathLike[str]) -> tuple[Any, Any, dict[str, Any]]:
-    """Read a checkpoint written by :func:`save`; returns ``(params, opt_state, meta)``."""
+def load(path: str | os.PathLike[str], target: tuple[Any, Any] | None = None
+         ) -> tuple[Any, Any, dict[str, Any]]:
+    """Read a checkpoint written by :func:`save`; returns ``(params, opt_state, meta)``.
+
+    With ``target=(params, state)`` (e.g. a TrainStep's), the loaded trees are checked
+    against those and returned in their structures: NamedTuples, dataclasses and
+    registered classes as they were, instead of dicts of their fields."""
     path = Path(path)
     name = f"checkpoint {str(path)!r}"
     if not path.exists():
@@ -157,7 +178,20 @@ def load(path: str | os.PathLike[str]) -> tuple[Any, Any, dict[str, Any]]:
         state = _decode(structure["state"], "state", arrays)
     except CheckpointError as e:
         raise CheckpointError(f"{name} is incomplete: {e}") from None
+    if target is not None:
+        params = _rebuild(target[0], params, "params", name)
+        state = _rebuild(target[1], state, "state", name)
     return params, state, meta
+
+
+def _rebuild(like: Any, loaded: Any, what: str, source: str) -> Any:
+    """loaded's arrays in like's structure (their paths match: check_compatible)."""
+    check_compatible(like, loaded, what, source)
+    want: dict[str, np.ndarray] = {}
+    got: dict[str, np.ndarray] = {}
+    _encode(like, what, want)  # in flatten order: the walk visits children as flatten does
+    _encode(loaded, what, got)
+    return tree_mod.unflatten(tree_mod.structure(like), [got[k] for k in want])
 
 
 def _read_header(entry: np.ndarray, name: str) -> tuple[dict[str, Any], dict[str, Any]]:

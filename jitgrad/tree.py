@@ -260,6 +260,18 @@ def leaf_paths(td: tuple, prefix: str = "", key: Callable[[Any], str] = "[{!r}]"
             for p in leaf_paths(c, f"{prefix}.{k}" if attr else f"{prefix}[{k}]", key)]
 
 
+def node_children(x: Any) -> tuple[str, list[tuple[str, Any]]] | None:
+    """For a NamedTuple, dataclass or registered instance: its type's name and its
+    children with their keys, in flatten order; None for anything else (checkpoints)."""
+    t = type(x)
+    node = _nodes[t] if t in _nodes else _node_of_type(t)
+    if node is None:
+        return None
+    children, aux = node.to_children(x)
+    children = list(children)
+    return t.__name__, list(zip(node.keys(aux, len(children)), children, strict=True))
+
+
 def first_unhashable(td: tuple) -> str | None:
     """A description of the first part of a structure that is not hashable (the aux data
     of a registered class, a static dataclass field), or None."""
