@@ -84,17 +84,17 @@ class custom_vjp:  # noqa: N801 (the name is JAX's)
 
     def _positional(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         """Keyword arguments bound to positions, defaults included (JAX's resolve_kwargs)."""
-        if not kwargs:
-            return args
         try:
             bound = inspect.signature(self.fun).bind(*args, **kwargs)
+        except ValueError:  # no signature (a builtin): positions as given
+            return args
         except TypeError as e:
-            raise JitgradError(f"custom_vjp {self.__name__}: {e}") from None
+            raise JitgradError(f"custom_vjp {self.__name__}: {e} (at {current_loc()})") from None
         bound.apply_defaults()
         if bound.kwargs:
             raise JitgradError(f"custom_vjp {self.__name__}: keyword-only arguments "
                                f"{sorted(bound.kwargs)} have no position; make them "
-                               "positional or close over them")
+                               f"positional or close over them (at {current_loc()})")
         return bound.args
 
 
