@@ -19,26 +19,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
-
-def _median_ns(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter_ns()
-        fn()
-        times.append(time.perf_counter_ns() - t)
-    return statistics.median(times)
+import _common as C  # noqa: E402
 
 
 def child(config: str, blocks: int, calls: int) -> dict:
-    sys.path.insert(0, HERE)
-    import _common as C
-
     from jitgrad import tree
     C.pin_threads()
     step, params, x, y = C.make_jitgrad_step(config)
@@ -47,25 +36,11 @@ def child(config: str, blocks: int, calls: int) -> dict:
     args = (params, step.state, step.optimizer.hyper(1), x, y)
     overhead, flat = [], []
     for _ in range(blocks):  # interleaved, so that load changes hit both alike
-        overhead.append(_median_ns(lambda: step(x, y), calls))
-        flat.append(_median_ns(lambda: tree.flatten(args), calls))
+        overhead.append(C.median_ns(lambda: step(x, y), calls))
+        flat.append(C.median_ns(lambda: tree.flatten(args), calls))
     return {"overhead_us": statistics.median(overhead) / 1e3,
             "flatten_us": statistics.median(flat) / 1e3,
             "leaves": len(tree.flatten(args)[0])}
-
-
-def run_child(src: str, config: str, blocks: int, calls: int) -> dict:
-    sys.path.insert(0, HERE)
-    import _common as C
-    env = C.thread_env()
-    env["PYTHONPATH"] = src
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", config,
-           "--blocks", str(blocks), "--calls", str(calls)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=src)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode or not lines:
-        raise RuntimeError(f"child for {src} failed:\n{p.stderr[-3000:]}")
-    return json.loads(lines[-1])
 
 
 def main() -> None:
@@ -81,20 +56,16 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(a.child, a.blocks, a.calls)))
         return
-    trees = a.trees.split(",")
-    results: dict[str, list[dict]] = {t: [] for t in trees}
-    for r in range(a.rounds):
-        for t in trees:
-            res = run_child(t, a.config, a.blocks, a.calls)
-            res["load1"] = os.getloadavg()[0]
-            results[t].append(res)
-            print(f"round {r} {t}: {json.dumps(res)}", file=sys.stderr)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", a.config,
+           "--blocks", str(a.blocks), "--calls", str(a.calls)]
+    medians = C.alternate(a.rounds, {
+        t: lambda t=t: C.json_child(cmd, dict(C.thread_env(), PYTHONPATH=t), t, cwd=t)
+        for t in a.trees.split(",")})
     print(f"config {a.config}, {a.rounds} rounds x {a.blocks} blocks x {a.calls} calls, "
           "medians over rounds")
     print("| tree | leaves | overhead µs | flatten µs | load |")
     print("|---|---:|---:|---:|---:|")
-    for t, rs in results.items():
-        m = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+    for t, m in medians.items():
         print(f"| {t} | {m['leaves']:.0f} | {m['overhead_us']:.1f} | {m['flatten_us']:.1f} | "
               f"{m['load1']:.1f} |")
 

@@ -18,25 +18,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
-
-def _median_ns(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter_ns()
-        fn()
-        times.append(time.perf_counter_ns() - t)
-    return statistics.median(times)
+import _common as C  # noqa: E402
 
 
 def child(impl: str, config: str, blocks: int, calls: int) -> dict:
-    sys.path.insert(0, HERE)
-    import _common as C
     import numpy as np
     params = C.make_params(config)
     x, y = C.make_batch(config)
@@ -49,24 +39,12 @@ def child(impl: str, config: str, blocks: int, calls: int) -> dict:
         from jitgrad import tree
         flatten, unflatten = tree.flatten, tree.unflatten
     out_leaves, out_tree = flatten(results)
-    n_leaves = len(flatten(args)[0])
     fl, unfl = [], []
     for _ in range(blocks):
-        fl.append(_median_ns(lambda: flatten(args), calls))
-        unfl.append(_median_ns(lambda: unflatten(out_tree, out_leaves), calls))
+        fl.append(C.median_ns(lambda: flatten(args), calls))
+        unfl.append(C.median_ns(lambda: unflatten(out_tree, out_leaves), calls))
     return {"flatten_us": statistics.median(fl) / 1e3,
-            "unflatten_us": statistics.median(unfl) / 1e3, "leaves": n_leaves}
-
-
-def run_child(impl: str, python: str, src: str, config: str, blocks: int, calls: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=src)
-    cmd = [python, os.path.abspath(__file__), "--child", impl, "--config", config,
-           "--blocks", str(blocks), "--calls", str(calls)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode or not lines:
-        raise RuntimeError(f"child {impl} failed:\n{p.stderr[-3000:]}")
-    return json.loads(lines[-1])
+            "unflatten_us": statistics.median(unfl) / 1e3, "leaves": len(flatten(args)[0])}
 
 
 def main() -> None:
@@ -83,22 +61,22 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(a.child, a.config, a.blocks, a.calls)))
         return
-    impls = [(f"jitgrad.tree ({t})", "jitgrad", sys.executable, t) for t in a.trees.split(",")]
+    trees = a.trees.split(",")
+    impls = [(f"jitgrad.tree ({t})", "jitgrad", sys.executable, t) for t in trees]
     if a.optree_python:
-        impls.append(("optree", "optree", a.optree_python, a.trees.split(",")[0]))
-    results: dict[str, list[dict]] = {name: [] for name, *_ in impls}
-    for r in range(a.rounds):
-        for name, impl, python, src in impls:
-            res = run_child(impl, python, src, a.config, a.blocks, a.calls)
-            res["load1"] = os.getloadavg()[0]
-            results[name].append(res)
-            print(f"round {r} {name}: {json.dumps(res)}", file=sys.stderr)
+        impls.append(("optree", "optree", a.optree_python, trees[0]))
+
+    def runner(impl: str, python: str, src: str):
+        cmd = [python, os.path.abspath(__file__), "--child", impl, "--config", a.config,
+               "--blocks", str(a.blocks), "--calls", str(a.calls)]
+        return lambda: C.json_child(cmd, dict(os.environ, PYTHONPATH=src), impl)
+
+    medians = C.alternate(a.rounds, {name: runner(*rest) for name, *rest in impls})
     print(f"config {a.config}, {a.rounds} rounds x {a.blocks} blocks x {a.calls} calls, "
           "medians over rounds")
     print("| implementation | leaves | flatten µs | unflatten µs | load |")
     print("|---|---:|---:|---:|---:|")
-    for name, rs in results.items():
-        m = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+    for name, m in medians.items():
         print(f"| {name} | {m['leaves']:.0f} | {m['flatten_us']:.2f} | "
               f"{m['unflatten_us']:.2f} | {m['load1']:.1f} |")
 
