@@ -241,7 +241,6 @@ def jit(fn: Callable[..., Any], *, static_argnums: int | Sequence[int] | None = 
 _checkpoint_regions = itertools.count()
 
 
-
 def checkpoint(fn: Callable[..., Any]) -> Callable[..., Any]:
     """fn's interior is recomputed in the backward sweep instead of stored (as jax.checkpoint).
 

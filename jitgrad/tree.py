@@ -69,6 +69,7 @@ class Node:
 
 _nodes: dict[type, Node | None] = {}  # container types seen so far; None: a leaf type
 _nodes[np.ndarray] = None
+_registered: set[type] = set()
 
 
 def register(cls: type, flatten: Callable[[Any], tuple[Iterable[Any], Any]],
@@ -76,12 +77,18 @@ def register(cls: type, flatten: Callable[[Any], tuple[Iterable[Any], Any]],
     """Make instances of cls containers (jax.tree_util.register_pytree_node):
     flatten(obj) -> (children, aux), unflatten(aux, children) -> obj. aux must be
     hashable and comparable: it is part of the structure, so of a compiled function's
-    cache key."""
+    cache key. A NamedTuple or dataclass registered this way flattens as told."""
     if not isinstance(cls, type):
         raise JitgradError(f"jg.tree.register needs a class, got {cls!r}")
-    if cls in (dict, list, tuple, type(None), np.ndarray) or _nodes.get(cls) is not None:
+    if cls in (dict, list, tuple, type(None), np.ndarray) or cls in _registered:
         raise JitgradError(f"{cls.__name__} is already a pytree container")
-    _nodes[cls] = Node(cls, flatten, unflatten, lambda aux, n: [str(i) for i in range(n)],
+
+    def to_children(x: Any) -> tuple[tuple[Any, ...], Any]:
+        children, aux = flatten(x)
+        return tuple(children), aux
+
+    _registered.add(cls)
+    _nodes[cls] = Node(cls, to_children, unflatten, lambda aux, n: [str(i) for i in range(n)],
                        attr_keys=False)
 
 
@@ -91,7 +98,7 @@ def _namedtuple_node(cls: type) -> Node:
 
 
 def _dataclass_node(cls: type) -> Node:
-    fields = [f for f in dataclasses.fields(cls)]
+    fields = dataclasses.fields(cls)
     data = tuple(f.name for f in fields if not f.metadata.get("static"))
     static = tuple(f.name for f in fields if f.metadata.get("static"))
 

@@ -122,6 +122,7 @@ def problem():
     return rng.normal(size=(3, 2)), rng.normal(size=(4, 3)), rng.normal(size=(4, 2))
 
 
+@pytest.mark.numba_full  # compiled keyword arguments: test_keyword_arguments_are_traced
 def test_grad_takes_keyword_arguments_and_differentiates_only_argnums(backend, problem):
     w, x, y = problem
     want_w = x.T @ (2 * (x @ w - y))

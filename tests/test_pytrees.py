@@ -92,8 +92,10 @@ def test_tree_errors_are_clear():
     with pytest.raises(jg.JitgradError, match=r"jg.tree.map: structures differ: \[\*, \*\] "
                        r"and \[\*\]"):
         jg.tree.map(lambda a, b: a, [1, 2], [1])
-    with pytest.raises(jg.JitgradError, match=r"Dense is already a pytree container"):
-        jg.tree.register(Dense, lambda d: (d, None), lambda aux, ch: Dense(*ch))
+    with pytest.raises(jg.JitgradError, match=r"Scaled is already a pytree container"):
+        jg.tree.register(Scaled, lambda s: ((s.value,), None), lambda aux, ch: Scaled(*ch, 1))
+    with pytest.raises(jg.JitgradError, match=r"dict is already a pytree container"):
+        jg.tree.register(dict, lambda d: (d.values(), None), lambda aux, ch: dict(ch))
     with pytest.raises(jg.JitgradError, match=r"dict in a pytree must be sortable"):
         jg.tree.leaves({1: np.ones(1), "a": np.ones(1)})
     with pytest.raises(jg.JitgradError, match=r"too few leaves for the structure \[\*, \*\]"):
