@@ -8,7 +8,13 @@ p -= lr·grad for every weight and bias.
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 
 THREADS = 2
 WEIGHT_DECAY = 1e-4
@@ -200,3 +206,36 @@ def gemm_kernel(dtype="float32"):
         return 0
 
     return call
+
+
+def median_ns(fn: Callable[[], object], calls: int) -> float:
+    """The median time of one call of fn over `calls` calls, in nanoseconds."""
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter_ns()
+        fn()
+        times.append(time.perf_counter_ns() - t)
+    return statistics.median(times)
+
+
+def json_child(cmd: list[str], env: dict[str, str], what: str, **kw) -> dict:
+    """Run a benchmark child process; the last JSON line it prints."""
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, **kw)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode or not lines:
+        raise RuntimeError(f"child {what} failed:\n{p.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def alternate(rounds: int, variants: dict[str, Callable[[], dict]]) -> dict[str, dict]:
+    """Each variant once per round, in turn (each run its own process); the median over
+    rounds of every figure, and of the load average after each run ("load1")."""
+    results: dict[str, list[dict]] = {name: [] for name in variants}
+    for r in range(rounds):
+        for name, run in variants.items():
+            res = run()
+            res["load1"] = os.getloadavg()[0]
+            results[name].append(res)
+            print(f"round {r} {name}: {json.dumps(res)}", file=sys.stderr)
+    return {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]}
+            for name, rs in results.items()}

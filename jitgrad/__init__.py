@@ -13,6 +13,7 @@ from .errors import (
 from .frontend import random, tree
 from .frontend import trace as _trace  # noqa: F401  (attaches operators to Tracer)
 from .frontend.api import CompiledFunction, checkpoint, grad, jit, value_and_grad
+from .frontend.custom_vjp import custom_vjp
 from .frontend.ir import Instr, Program, Var
 from .frontend.ops.elementwise import (
     abs,
@@ -34,6 +35,7 @@ from .frontend.ops.linalg import matmul
 from .frontend.ops.nn import softmax, softmax_cross_entropy
 from .frontend.ops.reduce import argmax, logsumexp, max, max_argmax, mean, sum
 from .frontend.ops.shape import concatenate, reshape, take_along_axis, transpose
+from .frontend.transforms import hessian, jacfwd, jacobian, jvp, vmap
 from .tools import show as _show  # noqa: F401  (attaches cf.show to CompiledFunction)
 from .tools import timeline
 from .training import data, distributed, nn, optim  # distributed: mpi4py only when used
@@ -56,5 +58,6 @@ __all__ = [
     "grad", "jit", "log", "logsumexp", "matmul", "max", "max_argmax", "maximum", "mean", "relu",
     "reshape", "round", "sigmoid", "sign", "softmax", "softmax_cross_entropy", "sqrt",
     "stop_gradient", "sum", "take_along_axis", "tanh", "transpose", "value_and_grad", "where",
-    "nn", "optim", "random", "train_step", "TrainStep", "distributed",
+    "nn", "optim", "random", "train_step", "TrainStep", "distributed", "tree", "custom_vjp",
+    "jacobian", "hessian", "jvp", "jacfwd", "vmap",
 ]

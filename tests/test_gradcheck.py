@@ -297,6 +297,29 @@ add("stop_gradient", "two-args", lambda x, y: jg.stop_gradient(x) * y + x,
     lambda x, y: x * y + x, mk(normal(3, 4), normal(4)),
     expected_grad=lambda args, ws: [ws[0], np.sum(ws[0] * args[0], axis=0)], order2=False)
 
+
+
+# custom_vjp_call: a user's rule (the true derivative, so that finite differences judge it),
+# its residual tanh(x) computed by the forward function; order 2 differentiates the rule.
+@jg.custom_vjp
+def _tanh_times(x, y):
+    return jg.tanh(x) * y
+
+
+def _tanh_times_fwd(x, y):
+    t = jg.tanh(x)
+    return t * y, (t, y)
+
+
+def _tanh_times_bwd(res, g):
+    t, y = res
+    return g * (1 - t * t) * y, jg.sum(g * t, axis=0)
+
+
+_tanh_times.defvjp(_tanh_times_fwd, _tanh_times_bwd)
+add("custom_vjp_call", "rule-with-residuals", _tanh_times, lambda x, y: np.tanh(x) * y,
+    mk(normal(3, 4), normal(4)))
+
 # piecewise constant: gradient undefined
 add("floor", "3x4", lambda x: jg.floor(x), np.floor, mk(near_int(0.2, 0.8, 3, 4)),
     kind="undefined")

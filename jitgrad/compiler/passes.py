@@ -71,6 +71,9 @@ def simplify(prog: Program) -> Program:
         if isinstance(simpler, Var):
             subst[ins.outputs[0]] = simpler
             continue
+        if isinstance(simpler, tuple):  # one Var per result of a multi-result instruction
+            subst.update(zip(ins.outputs, simpler, strict=True))
+            continue
         if simpler is not None:
             ins = simpler
         for o in ins.outputs:

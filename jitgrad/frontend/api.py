@@ -1,4 +1,4 @@
-"""The public transformations: jit, grad, value_and_grad."""
+"""The public transformations: jit, grad, value_and_grad, checkpoint."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import itertools
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,8 +20,9 @@ from ..compiler.pipeline import Compiled
 from ..errors import JitgradError, NonFiniteError, UndefinedGradientError
 from . import tree
 from .autodiff import grad_program
-from .core import Tracer, _trace_stack, eval_program, instr_tags, user_frame_loc
-from .ir import dtype_short
+from .core import _trace_stack, eval_program, instr_tags, user_frame_loc
+from .ir import Program, dtype_short
+from .static_args import StaticArgs
 from .trace import Signature, signature_of, trace_flat
 
 DEFAULT_BACKEND = "numba"
@@ -42,14 +44,27 @@ def check_finite_from_env() -> bool:
     return os.environ.get("JITGRAD_CHECK_FINITE", "").strip().lower() not in ("", "0", "false")
 
 
-def _signatures(leaves: Sequence[Any], in_tree: tree.TreeDef) -> list[Signature]:
+def _roots(n: int, arg_names: Sequence[str] = ()) -> list[str]:
+    """What to call each of n arguments in errors: arg_names for the leading ones (train_step:
+    "params", "state", ...), then args[0], args[1], ..."""
+    return [arg_names[k] if k < len(arg_names) else f"args[{k - len(arg_names)}]"
+            for k in range(n)]
+
+
+def _leaf_names(in_tree: tree.TreeDef, roots: Sequence[str]) -> list[str]:
+    return [p for root, td in zip(roots, tree.children_of(in_tree), strict=True)
+            for p in tree.leaf_paths(td, root)]
+
+
+def _signatures(leaves: Sequence[Any], in_tree: tree.TreeDef,
+                roots: Sequence[str] | None = None) -> list[Signature]:
     """Each argument leaf's signature; an unsupported one is named by its place and the call."""
     try:
         return [signature_of(x) for x in leaves]
     except JitgradError as e:
         bad = next(i for i, x in enumerate(leaves) if not _supported(x))
-        where = "args" + tree.leaf_paths(in_tree)[bad]
-        raise type(e)(f"{where}: {e} (at {user_frame_loc()})") from None
+        names = _leaf_names(in_tree, roots or _roots(len(tree.children_of(in_tree))))
+        raise type(e)(f"{names[bad]}: {e} (at {user_frame_loc()})") from None
 
 
 def _supported(x: Any) -> bool:
@@ -61,26 +76,23 @@ def _supported(x: Any) -> bool:
 
 
 def check_finite_inputs(arrays: Sequence[np.ndarray], in_tree: tree.TreeDef,
-                        arg_names: Sequence[str] = ()) -> None:
+                        roots: Sequence[str]) -> None:
     """check_finite: a NaN or Inf passed in is the caller's, named by its place and line.
 
     Compiled code may drop a NaN before any result sees it (relu once did, an argmax or a
-    comparison still may), so the inputs are checked, not only the results. arg_names
-    names the leading arguments (train_step: "params", "state", ...); the others are
-    args[0], args[1], ... Integer and boolean inputs are never non-finite.
+    comparison still may), so the inputs are checked, not only the results. roots name
+    the arguments (see _roots). Integer and boolean inputs are never non-finite.
     """
     bad = next((i for i, a in enumerate(arrays)
                 if a.dtype.kind == "f" and not np.isfinite(a).all()), None)
     if bad is None:
         return
-    paths = [p for k, td in enumerate(in_tree[1]) for p in tree.leaf_paths(
-        td, arg_names[k] if k < len(arg_names) else f"args[{k - len(arg_names)}]")]
     a = arrays[bad]
     first = tuple(int(i) for i in np.unravel_index(np.flatnonzero(~np.isfinite(a))[0], a.shape))
     shape = ",".join(map(str, a.shape))
-    raise NonFiniteError(f"input {paths[bad]} ({dtype_short(a.dtype)}[{shape}]) holds "
-                         f"{a[first]} at index {first} (at {user_frame_loc()}); check_finite "
-                         "rejects non-finite inputs")
+    raise NonFiniteError(f"input {_leaf_names(in_tree, roots)[bad]} ({dtype_short(a.dtype)}"
+                         f"[{shape}]) holds {a[first]} at index {first} (at "
+                         f"{user_frame_loc()}); check_finite rejects non-finite inputs")
 
 
 def _as_input_array(x: Any, sig: Signature) -> np.ndarray:
@@ -95,7 +107,8 @@ class CompiledFunction:
     describe the most recent specialisation.
     """
 
-    def __init__(self, fn: Callable[..., Any], *, remat: Any = None, memory_budget: Any = None,
+    def __init__(self, fn: Callable[..., Any], *, static_argnums: Any = None,
+                 static_argnames: Any = None, remat: Any = None, memory_budget: Any = None,
                  backend: str | None = None, check_finite: bool = False,
                  donate: dict[int, int] | None = None, pinned: Sequence[int] | None = None,
                  arg_names: Sequence[str] = ()):
@@ -104,6 +117,7 @@ class CompiledFunction:
         its arena and returns as views of it (distributed training all-reduces them);
         arg_names name the leading arguments in errors (check_finite_inputs)."""
         self.fn = fn
+        self.static = StaticArgs(fn, static_argnums, static_argnames)
         self.arg_names = tuple(arg_names)
         self._backend = backend
         self.options = {"check_finite": bool(check_finite) or check_finite_from_env()}
@@ -120,46 +134,71 @@ class CompiledFunction:
         # a CompiledFunction (or wraps one), e.g. jg.grad(jg.jit(f)).
         functools.update_wrapper(self, fn, updated=())
 
-    def _specialise(self, args: Sequence[Any], flat: Any = None
+    def _specialise(self, args: Sequence[Any], flat: Any = None, static_key: Any = None,
+                    roots: Sequence[str] | None = None
                     ) -> tuple[Compiled, list[Any], list[Signature]]:
+        """The compiled specialisation for these traced arguments (static_key: the static
+        ones, from StaticArgs.split, which args then come from; roots: their names)."""
         leaves, in_tree = flat or tree.flatten(tuple(args))
-        sigs = _signatures(leaves, in_tree)
+        sigs = _signatures(leaves, in_tree, roots or _roots(len(args), self.arg_names))
         backend = self._backend or DEFAULT_BACKEND
-        key = (backend, in_tree, tuple(sigs))
-        entry = self._cache.get(key)
+        key = (backend, in_tree, tuple(sigs)) if static_key is None else (
+            backend, in_tree, tuple(sigs), static_key)
+        try:
+            entry = self._cache.get(key)
+        except TypeError:  # a registered class's aux data, a static dataclass field
+            raise JitgradError(f"the arguments' structure is not hashable: "
+                               f"{tree.first_unhashable(in_tree)}; it is part of the cache key "
+                               f"(at {user_frame_loc()})") from None
         if entry is None:
             with self._lock:
                 entry = self._cache.get(key)
                 if entry is None:
-                    entry = pipeline.build(self.fn, in_tree, sigs, backend=backend,
+                    fn = self.fn if static_key is None else self.static.bound(self.fn, static_key)
+                    entry = pipeline.build(fn, in_tree, sigs, backend=backend,
                                            remat=self.remat, memory_budget=self.memory_budget,
                                            **self.options)
                     self._cache[key] = entry
         self._last = entry
         return entry, leaves, sigs
 
-    def __call__(self, *args: Any) -> Any:
+    def _split(self, args: tuple[Any, ...], kwargs: dict[str, Any]
+               ) -> tuple[tuple[Any, ...], Any, list[str]]:
+        """(the traced arguments, the static ones' key, a name per traced argument)."""
+        roots = _roots(len(args), self.arg_names)
+        if not (kwargs or self.static):
+            return args, None, roots
+        traced, key, positions = self.static.split(args, kwargs)
+        return traced, key, [roots[i] for i in positions] + ["kwargs"]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _trace_stack():
             # inside another trace (even with constant arguments, as fn may close over
             # traced values): inline, as jax.jit does
-            return self.fn(*args)
+            return self.fn(*args, **kwargs)
+        static_key = roots = None
+        if kwargs or self.static:
+            args, static_key, roots = self._split(args, kwargs)
         flat = tree.flatten(args)
-        entry, leaves, sigs = self._specialise(args, flat)
+        entry, leaves, sigs = self._specialise(args, flat, static_key, roots)
         arrays = [_as_input_array(x, s) for x, s in zip(leaves, sigs, strict=True)]
         if self.options["check_finite"]:
-            check_finite_inputs(arrays, flat[1], self.arg_names)
+            check_finite_inputs(arrays, flat[1], roots or _roots(len(args), self.arg_names))
         return tree.unflatten(entry.out_tree, entry.executable.run(arrays))
 
-    def lower(self, *args: Any) -> Compiled:
+    def lower(self, *args: Any, **kwargs: Any) -> Compiled:
         """Trace and compile for these arguments without running."""
-        return self._specialise(args)[0]
+        traced, static_key, roots = self._split(args, kwargs)
+        return self._specialise(traced, static_key=static_key, roots=roots)[0]
 
-    def plan_only(self, *args: Any) -> Compiled:
+    def plan_only(self, *args: Any, **kwargs: Any) -> Compiled:
         """Trace, optimise and lay out memory for these arguments as the Numba backend
         would, compiling nothing (whatever the backend)."""
-        leaves, in_tree = tree.flatten(tuple(args))
+        traced, static_key, roots = self._split(args, kwargs)
+        leaves, in_tree = tree.flatten(tuple(traced))
         options = {k: v for k, v in self.options.items() if k != "check_finite"}
-        return pipeline.build(self.fn, in_tree, _signatures(leaves, in_tree), backend=None,
+        fn = self.fn if static_key is None else self.static.bound(self.fn, static_key)
+        return pipeline.build(fn, in_tree, _signatures(leaves, in_tree, roots), backend=None,
                               remat=self.remat, memory_budget=self.memory_budget, **options)
 
     def _described(self) -> Compiled:
@@ -179,9 +218,15 @@ class CompiledFunction:
     source = property(lambda self: self._described().source)
 
 
-def jit(fn: Callable[..., Any], *, remat: str | None = None, memory_budget: int | None = None,
-        backend: str | None = None, check_finite: bool = False) -> CompiledFunction:
+def jit(fn: Callable[..., Any], *, static_argnums: int | Sequence[int] | None = None,
+        static_argnames: str | Sequence[str] | None = None, remat: str | None = None,
+        memory_budget: int | None = None, backend: str | None = None,
+        check_finite: bool = False) -> CompiledFunction:
     """Compile fn: traced once per input signature, run natively (backend="numba").
+
+    static_argnums / static_argnames: arguments passed to fn as the Python values they
+    are (shapes, loop counts, flags), hashed into the cache key: a new value compiles
+    again (see jitgrad.static_args). Keyword arguments are traced unless static.
 
     remat="sqrt" stores about sqrt(n) of the values the backward sweep needs and
     recomputes the rest; "full" stores none of them, as jax.checkpoint around fn:
@@ -189,7 +234,8 @@ def jit(fn: Callable[..., Any], *, remat: str | None = None, memory_budget: int 
     stays where it was); memory_budget=BYTES stores what fits an arena of that many
     bytes with the least recomputation (see jitgrad.compiler.remat).
     """
-    return CompiledFunction(fn, remat=remat, memory_budget=memory_budget, backend=backend,
+    return CompiledFunction(fn, static_argnums=static_argnums, static_argnames=static_argnames,
+                            remat=remat, memory_budget=memory_budget, backend=backend,
                             check_finite=check_finite)
 
 
@@ -219,52 +265,101 @@ def _leaf_ranges(args: Sequence[Any]) -> list[tuple[int, int, tree.TreeDef]]:
     return ranges
 
 
+def argnums_tuple(argnums: int | Sequence[int]) -> tuple[bool, tuple[int, ...]]:
+    """(whether argnums is a sequence, its numbers)."""
+    multi = not isinstance(argnums, int)
+    return multi, (tuple(argnums) if multi else (argnums,))
+
+
+@dataclass(frozen=True)
+class TracedWrt:
+    """fn traced as a function of its differentiated arguments alone (trace_wrt)."""
+
+    program: Program       # inputs: the differentiated leaves, then captured values
+    out_tree: tree.TreeDef
+    wrt_leaves: list[Any]  # the differentiated arguments' leaves, as passed
+    wrt_tree: tree.TreeDef  # their structure: a tuple with one child per argnum
+    captured: list[Any]    # values of enclosing traces the program reads
+
+    def inputs(self) -> list[Any]:
+        return self.wrt_leaves + self.captured
+
+
+def trace_wrt(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+              nums: Sequence[int], what: str) -> TracedWrt:
+    """Trace fn with the arguments at positions nums as the program's inputs.
+
+    As in JAX, only the differentiated arguments are abstracted: the others, and the
+    keyword arguments, reach fn as they are (a Python int stays an int, usable as a
+    shape; a value traced by an enclosing jit is captured)."""
+    for n in nums:
+        if not -len(args) <= n < len(args):
+            raise JitgradError(f"{what}: argnums {n} is out of range for {len(args)} "
+                               f"positional arguments (at {user_frame_loc()})")
+    leaves, wrt_tree = tree.flatten(tuple(args[n] for n in nums))
+    sigs = _signatures(leaves, wrt_tree, [f"args[{n}]" for n in nums])
+    names = _leaf_names(wrt_tree, [f"argument {n}" for n in nums])
+    for (shape, dtype, _), name in zip(sigs, names, strict=True):
+        if dtype.kind != "f":
+            raise UndefinedGradientError(
+                f"cannot differentiate with respect to an integer/boolean input "
+                f"({np.dtype(dtype)}{shape} in {name}): integer values carry no gradient")
+
+    def of_wrt(*wrt_args: Any) -> Any:
+        full = list(args)
+        for n, a in zip(nums, wrt_args, strict=True):
+            full[n] = a
+        return fn(*full, **kwargs)
+
+    prog, out_tree, captured = trace_flat(of_wrt, wrt_tree, sigs)
+    return TracedWrt(prog, out_tree, list(leaves), wrt_tree, captured)
+
+
+def per_argnum(traced: TracedWrt, leaves: Sequence[Any], multi: bool) -> Any:
+    """Leaves laid out like the differentiated arguments (a tuple of them if multi)."""
+    trees = tree.unflatten(traced.wrt_tree, leaves)
+    return trees if multi else trees[0]
+
+
+def aux_split(out_tree: tree.TreeDef, has_aux: bool
+              ) -> tuple[tree.TreeDef, tree.TreeDef | None]:
+    """(the structure of what is differentiated, of the aux data or None)."""
+    if not has_aux:
+        return out_tree, None
+    children = tree.children_of(out_tree)
+    if out_tree[0] != "tuple" or len(children) != 2:
+        raise JitgradError(f"with has_aux=True the function must return a pair (output, aux), "
+                           f"got {tree.describe(out_tree)} (at {user_frame_loc()})")
+    return children[0], children[1]
+
+
 def value_and_grad(fn: Callable[..., Any], argnums: int | Sequence[int] = 0,
                    has_aux: bool = False) -> Callable[..., Any]:
     """fn's value and its gradient with respect to argument(s) argnums (as jax.value_and_grad).
 
     Returns (value, grads), or ((value, aux), grads) with has_aux. grads mirrors
     the structure of the differentiated argument, or is a tuple of such for a
-    tuple argnums.
+    tuple argnums. Keyword arguments are never differentiated. The value is a float
+    scalar, or a float array of size 1 (as autograd allows).
     """
-    multi = not isinstance(argnums, int)
-    nums = tuple(argnums) if multi else (argnums,)
+    multi, nums = argnums_tuple(argnums)
 
     @functools.wraps(fn)
-    def value_and_grad_fn(*args: Any) -> Any:
-        leaves, in_tree = tree.flatten(tuple(args))
-        if not _trace_stack() and not any(isinstance(x, Tracer) for x in leaves):
-            return compiled(*args)
-        for n in nums:
-            if not -len(args) <= n < len(args):
-                raise JitgradError(f"argnums {n} is out of range for {len(args)} arguments")
-        ranges = _leaf_ranges(args)
-        sigs = _signatures(leaves, in_tree)
-        wrt = [i for n in nums for i in range(ranges[n][0], ranges[n][1])]
-        for i in wrt:
-            if sigs[i][1].kind != "f":
-                raise UndefinedGradientError(
-                    f"cannot differentiate with respect to an integer/boolean input "
-                    f"({np.dtype(sigs[i][1])}{sigs[i][0]} in argument "
-                    f"{next(n for n in nums if ranges[n][0] <= i < ranges[n][1])}): integer "
-                    "values carry no gradient")
-        prog, out_tree, captured = trace_flat(fn, in_tree, sigs)
-        if has_aux:
-            if out_tree[0] != "tuple" or len(out_tree[1]) != 2 or out_tree[1][0] != tree.LEAF:
-                raise JitgradError("with has_aux=True the function must return (scalar, aux)")
-        elif out_tree != tree.LEAF:
+    def value_and_grad_fn(*args: Any, **kwargs: Any) -> Any:
+        if not _trace_stack():
+            return compiled(*args, **kwargs)
+        traced = trace_wrt(fn, args, kwargs, nums, "grad")
+        value_tree, _ = aux_split(traced.out_tree, has_aux)
+        if value_tree != tree.LEAF:
             raise JitgradError(f"grad needs a function returning a scalar, got a "
-                               f"{tree.describe(out_tree)}; use has_aux=True for extra outputs")
-        gprog = grad_program(dce(prog), wrt, out_index=0)
-        outs = eval_program(gprog, list(leaves) + captured)
+                               f"{tree.describe(value_tree)}" + ("" if has_aux else
+                               "; use has_aux=True for extra outputs"))
+        prog = dce(traced.program)
+        gprog = grad_program(prog, range(len(traced.wrt_leaves)), out_index=0)
+        outs = eval_program(gprog, traced.inputs())
         n_out = len(prog.outputs)
-        value = tree.unflatten(out_tree, outs[:n_out])
-        grads, pos = [], n_out
-        for n in nums:
-            start, stop, td = ranges[n]
-            grads.append(tree.unflatten(td, outs[pos:pos + stop - start]))
-            pos += stop - start
-        return value, (tuple(grads) if multi else grads[0])
+        value = tree.unflatten(traced.out_tree, outs[:n_out])
+        return value, per_argnum(traced, outs[n_out:], multi)
 
     compiled = jit(value_and_grad_fn)
     return value_and_grad_fn
@@ -276,8 +371,8 @@ def grad(fn: Callable[..., Any], argnums: int | Sequence[int] = 0,
     vg = value_and_grad(fn, argnums, has_aux)
 
     @functools.wraps(fn)
-    def grad_fn(*args: Any) -> Any:
-        value, grads = vg(*args)
+    def grad_fn(*args: Any, **kwargs: Any) -> Any:
+        value, grads = vg(*args, **kwargs)
         return (grads, value[1]) if has_aux else grads
 
     return grad_fn

@@ -36,6 +36,8 @@ class Primitive:
     """An operation of the IR, with every rule about it declared beside its definition.
 
     Meaning: `def_impl` (numpy reference), `def_shape` (abstract evaluation), `def_vjp`.
+    n_outputs: how many results an instruction has; None: as many as its shape rule
+    gives (bind then always returns a tuple).
     grad: "rule" (has a VJP rule), "zero" (constant: no gradient flows, e.g.
     stop_gradient), or "undefined" (piecewise constant: a requested gradient
     through it raises UndefinedGradientError).
@@ -55,7 +57,7 @@ class Primitive:
     - `def_label`: how `jitgrad show`'s graph prints its parameters.
     """
 
-    def __init__(self, name: str, family: str, *, n_outputs: int = 1, grad: str = "rule",
+    def __init__(self, name: str, family: str, *, n_outputs: int | None = 1, grad: str = "rule",
                  index_inputs: tuple[int, ...] = (), absorbs_accumulation: bool = False):
         self.name = name
         self.family = family
@@ -125,7 +127,8 @@ class Primitive:
 
     def def_simplify(self, fn: Callable[[Instr, dict[Var, Instr]], Var | Instr | None]
                      ) -> Callable[..., Any]:
-        """fn(ins, producers) -> a Var equal to ins's result, a simpler Instr, or None."""
+        """fn(ins, producers) -> a Var equal to ins's result (a tuple of them, one per
+        result), a simpler Instr, or None."""
         self.simplify = fn
         return fn
 
@@ -139,7 +142,7 @@ class Primitive:
 
     def abstract_eval(self, in_avals: Sequence[Aval], params: dict[str, Any]) -> list[Aval]:
         out = self.shape_rule(*in_avals, **params)
-        outs = list(out) if self.n_outputs > 1 else [out]
+        outs = list(out) if self.n_outputs != 1 else [out]
         return [(tuple(int(d) for d in s), np.dtype(d)) for s, d in outs]
 
     def bind(self, *args: Any, **params: Any) -> Any:
@@ -157,7 +160,7 @@ class Primitive:
             outs = self.impl(*arrays, **params)
         except JitgradError as e:  # data errors (labels, indices): name the line
             raise type(e)(f"{self.name}: {e} (at {current_loc()})") from None
-        outs = list(outs) if self.n_outputs > 1 else [outs]
+        outs = list(outs) if self.n_outputs != 1 else [outs]
         return [np.asarray(o, dtype=d).reshape(s) for o, (s, d) in zip(outs, avals, strict=True)]
 
     def checked_abstract_eval(self, in_avals: Sequence[Aval], params: dict[str, Any]) -> list[Aval]:

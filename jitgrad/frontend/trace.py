@@ -48,7 +48,8 @@ def signature_of(x: Any) -> Signature:
     if isinstance(x, (np.ndarray, np.generic)):
         return x.shape, check_dtype(x.dtype, "argument dtype"), False
     raise JitgradError(f"unsupported argument of type {type(x).__name__}: jitgrad takes numpy "
-                       "arrays, Python scalars, and dicts/lists/tuples of them")
+                       "arrays, Python scalars, and pytrees of them (dicts, lists, tuples, "
+                       "NamedTuples, dataclasses, classes registered with jg.tree.register)")
 
 
 # ---------------------------------------------------------------- operators on Tracer
@@ -63,7 +64,9 @@ def _no_concrete(what: str) -> Callable[..., Any]:
             f"{what} needs a concrete value, but this is a traced {self.var.type_str()} "
             f"inside jit/grad: its value is only known when the compiled program runs. "
             f"Python control flow on traced values (if/while/and/or) cannot be traced; use "
-            f"jg.where(cond, a, b) to select between values.")
+            f"jg.where(cond, a, b) to select between values. An argument meant as a Python "
+            f"value (a shape, a loop count, a flag) can be a static argument: "
+            f"jg.jit(f, static_argnums=..., static_argnames=...).")
     return fail
 
 

@@ -283,7 +283,11 @@ def inspect_function(fn: Any, args: Sequence[Any], *, grad: bool | None = None,
             jit_kw = {k: v for k, v in (("remat", fn.remat),
                                         ("memory_budget", fn.memory_budget)) if v is not None}
             policy = str(fn.remat or fn.memory_budget or "none")
-        fn = fn.fn
+        if fn.static:  # the static arguments in place, the others traced
+            args, key, _ = fn.static.split(tuple(args), {})
+            fn = fn.static.bound(fn.fn, key)
+        else:
+            fn = fn.fn
     name = name or getattr(fn, "__name__", "function")
     leaves, in_tree = tree.flatten(tuple(args))
     sigs = [signature_of(x) for x in leaves]
@@ -402,6 +406,9 @@ CompiledFunction.show = show_compiled  # the method lives with the tool it runs
 
 def _last_args(cf: CompiledFunction) -> tuple[Any, ...]:
     last = cf.latest
+    if cf.static:
+        raise JitgradError("cf.show() of a function with static arguments needs its "
+                           "arguments: cf.show(*args)")
     if last is not None:
         leaves = [(float if np.dtype(d).kind == "f" else int)(0) if weak
                   else np.zeros(shape, d) for shape, d, weak in last.sigs]

@@ -8,7 +8,10 @@ leaves either the previous checkpoint or the new one, never a partial file.
 Layout inside the archive: one array per pytree leaf, named by its path
 (``params/W0``, ``state/momentum/W0``, ...), plus ``__meta__``, a JSON string
 holding the caller's metadata and the two tree structures, so that lists,
-tuples and nested dicts come back exactly as they were saved.
+tuples and nested dicts come back exactly as they were saved. NamedTuples,
+dataclasses and registered pytree classes are saved by field (``params/W``); the file
+names their type but does not import it, so they load as dicts of their fields, and
+``load(path, target=(params, state))`` rebuilds the caller's own structures.
 """
 
 from __future__ import annotations
@@ -22,11 +25,10 @@ import numpy as np
 
 from ..compiler.atomic_write import atomic_write
 from ..errors import JitgradError
-from ..frontend import tree
+from ..frontend import tree as tree_mod
 from .npz import read_npz
 
-__all__ = ["CheckpointError", "FORMAT", "check_compatible", "load", "restore_into",
-           "restore_step", "save", "step_meta"]
+__all__ = ["CheckpointError", "FORMAT", "check_compatible", "load", "restore_into", "save"]
 
 FORMAT = "jitgrad-checkpoint-1"
 _META_KEY = "__meta__"
@@ -53,70 +55,59 @@ def _check_numeric(arr: np.ndarray, prefix: str) -> None:
                               "bool, integer and float arrays only")
 
 
-def _paths(td: tree.TreeDef, root: str) -> list[str]:
-    """The archive's names of a tree's leaves, in flatten order: params/W0, state/m/0."""
-    return tree.leaf_paths(td, root, key="/{}".format, index="/{}".format)
-
-
-def _arrays(tree_: Any, root: str) -> tuple[dict[str, np.ndarray], Any]:
-    """A params or state pytree's leaves by path (``params/W0``, ``state/m/0``), as numeric
-    arrays, and the JSON description of its structure (keys and depth checked)."""
-    leaves, td = tree.flatten(tree_)
-    structure = _structure(td, root)
-    arrays = {}
-    for path, leaf in zip(_paths(td, root), leaves, strict=True):
-        arrays[path] = np.asarray(leaf)
-        _check_numeric(arrays[path], path)
-    return arrays, structure
-
-
-def _structure(td: tree.TreeDef, prefix: str, depth: int = 0) -> Any:
-    """The JSON description of a tree structure, as the header stores it."""
+def _encode(tree: Any, prefix: str, out: dict[str, np.ndarray], depth: int = 0) -> Any:
+    """Flatten ``tree`` into ``out`` (path -> array); return a JSON description of its shape."""
     if depth > MAX_DEPTH:
         raise _too_deep(prefix)
-    kind = td[0]
-    if kind == "leaf":
-        return "leaf"
-    if kind == "none":
+    if tree is None:
         return None
-    if kind == "dict":
-        for k in td[1]:
-            if not isinstance(k, str) or not k or "/" in k:
-                raise CheckpointError(f"checkpoint keys must be non-empty strings without '/', "
-                                      f"got {k!r} under {prefix!r}")
-        return {"dict": {k: _structure(c, f"{prefix}/{k}", depth + 1)
-                         for k, c in zip(td[1], td[2], strict=True)}}
-    return {kind: [_structure(c, f"{prefix}/{i}", depth + 1) for i, c in enumerate(td[1])]}
+    node = tree_mod.node_children(tree)  # before tuples: a NamedTuple is one
+    if node is not None:
+        name, fields = node
+        return {"node": {"type": name, "fields": [
+            [_check_key(k, prefix), _encode(v, f"{prefix}/{k}", out, depth + 1)]
+            for k, v in fields]}}
+    if isinstance(tree, dict):
+        return {"dict": {_check_key(k, prefix): _encode(tree[k], f"{prefix}/{k}", out, depth + 1)
+                         for k in sorted(tree)}}
+    if isinstance(tree, (list, tuple)):
+        kind = "tuple" if isinstance(tree, tuple) else "list"
+        return {kind: [_encode(t, f"{prefix}/{i}", out, depth + 1) for i, t in enumerate(tree)]}
+    arr = np.asarray(tree)
+    _check_numeric(arr, prefix)
+    out[prefix] = arr
+    return "leaf"
 
 
-def _treedef(spec: Any, prefix: str, depth: int = 0) -> tree.TreeDef:
-    """The tree structure a header's JSON description stands for, checked."""
+def _check_key(k: Any, prefix: str) -> str:
+    if not isinstance(k, str) or not k or "/" in k:
+        raise CheckpointError(f"checkpoint keys must be non-empty strings without '/', "
+                              f"got {k!r} under {prefix!r}")
+    return k
+
+
+def _decode(spec: Any, prefix: str, arrays: dict[str, np.ndarray], depth: int = 0) -> Any:
     if depth > MAX_DEPTH:
         raise _too_deep(prefix)
     if spec is None:
-        return ("none",)
+        return None
     if spec == "leaf":
-        return tree.LEAF
+        if prefix not in arrays:
+            raise CheckpointError(f"array {prefix!r} is missing")
+        _check_numeric(arrays[prefix], prefix)
+        return arrays[prefix]
     if isinstance(spec, dict) and len(spec) == 1:
         (kind, body), = spec.items()
         if kind == "dict" and isinstance(body, dict):
-            return ("dict", tuple(body), tuple(_treedef(v, f"{prefix}/{k}", depth + 1)
-                                                for k, v in body.items()))
+            return {k: _decode(v, f"{prefix}/{k}", arrays, depth + 1) for k, v in body.items()}
         if kind in ("list", "tuple") and isinstance(body, list):
-            return (kind, tuple(_treedef(v, f"{prefix}/{i}", depth + 1)
-                                for i, v in enumerate(body)))
+            items = [_decode(v, f"{prefix}/{i}", arrays, depth + 1) for i, v in enumerate(body)]
+            return tuple(items) if kind == "tuple" else items
+        if (kind == "node" and isinstance(body, dict) and isinstance(body.get("fields"), list)
+                and all(isinstance(f, list) and len(f) == 2 and isinstance(f[0], str)
+                        for f in body["fields"])):  # as a dict of its fields (see the top)
+            return {k: _decode(v, f"{prefix}/{k}", arrays, depth + 1) for k, v in body["fields"]}
     raise CheckpointError(f"bad structure description at {prefix!r}")
-
-
-def _decode(spec: Any, root: str, arrays: dict[str, np.ndarray]) -> Any:
-    td = _treedef(spec, root)
-    leaves = []
-    for path in _paths(td, root):
-        if path not in arrays:
-            raise CheckpointError(f"array {path!r} is missing")
-        _check_numeric(arrays[path], path)
-        leaves.append(arrays[path])
-    return tree.unflatten(td, leaves)
 
 
 # ------------------------------------------------------------------------- save / load
@@ -129,10 +120,9 @@ def save(path: str | os.PathLike[str], params: Any, opt_state: Any,
     The file is written exactly at ``path`` (no suffix is added). Returns the path.
     """
     path = Path(path)
-    arrays, params_structure = _arrays(params, "params")
-    state_arrays, state_structure = _arrays(opt_state, "state")
-    arrays |= state_arrays
-    structure = {"params": params_structure, "state": state_structure}
+    arrays: dict[str, np.ndarray] = {}
+    structure = {"params": _encode(params, "params", arrays),
+                 "state": _encode(opt_state, "state", arrays)}
     try:
         header = json.dumps({"format": FORMAT, "structure": structure, "meta": meta or {}})
     except (TypeError, ValueError) as e:
@@ -148,8 +138,13 @@ def save(path: str | os.PathLike[str], params: Any, opt_state: Any,
     return path
 
 
-def load(path: str | os.PathLike[str]) -> tuple[Any, Any, dict[str, Any]]:
-    """Read a checkpoint written by :func:`save`; returns ``(params, opt_state, meta)``."""
+def load(path: str | os.PathLike[str], target: tuple[Any, Any] | None = None
+         ) -> tuple[Any, Any, dict[str, Any]]:
+    """Read a checkpoint written by :func:`save`; returns ``(params, opt_state, meta)``.
+
+    With ``target=(params, state)`` (e.g. a TrainStep's), the loaded trees are checked
+    against those and returned in their structures: NamedTuples, dataclasses and
+    registered classes as they were, instead of dicts of their fields."""
     path = Path(path)
     name = f"checkpoint {str(path)!r}"
     if not path.exists():
@@ -166,7 +161,20 @@ def load(path: str | os.PathLike[str]) -> tuple[Any, Any, dict[str, Any]]:
         state = _decode(structure["state"], "state", arrays)
     except CheckpointError as e:
         raise CheckpointError(f"{name} is incomplete: {e}") from None
+    if target is not None:
+        params = _rebuild(target[0], params, "params", name)
+        state = _rebuild(target[1], state, "state", name)
     return params, state, meta
+
+
+def _rebuild(like: Any, loaded: Any, what: str, source: str) -> Any:
+    """loaded's arrays in like's structure (their paths match: check_compatible)."""
+    check_compatible(like, loaded, what, source)
+    want: dict[str, np.ndarray] = {}
+    got: dict[str, np.ndarray] = {}
+    _encode(like, what, want)  # in flatten order: the walk visits children as flatten does
+    _encode(loaded, what, got)
+    return tree_mod.unflatten(tree_mod.structure(like), [got[k] for k in want])
 
 
 def _read_header(entry: np.ndarray, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -202,7 +210,10 @@ def check_compatible(expected: Any, loaded: Any, what: str = "params",
                      source: str = "checkpoint") -> None:
     """Raise :class:`CheckpointError` unless ``loaded`` has the structure, shapes and dtypes
     of ``expected``; the message names ``source`` and lists what differs."""
-    want, got = _arrays(expected, what)[0], _arrays(loaded, what)[0]
+    want: dict[str, np.ndarray] = {}
+    got: dict[str, np.ndarray] = {}
+    _encode(expected, what, want)
+    _encode(loaded, what, got)
     problems = []
     missing = sorted(want.keys() - got.keys())
     extra = sorted(got.keys() - want.keys())
@@ -232,8 +243,12 @@ def restore_into(params: Any, opt_state: Any, loaded_params: Any, loaded_state: 
     """
     check_compatible(params, loaded_params, "params", source)
     check_compatible(opt_state, loaded_state, "state", source)
-    dst = _arrays(params, "params")[0] | _arrays(opt_state, "state")[0]
-    src = _arrays(loaded_params, "params")[0] | _arrays(loaded_state, "state")[0]
+    dst: dict[str, np.ndarray] = {}
+    src: dict[str, np.ndarray] = {}
+    _encode(params, "params", dst)
+    _encode(opt_state, "state", dst)
+    _encode(loaded_params, "params", src)
+    _encode(loaded_state, "state", src)
     for k, d in dst.items():
         if not isinstance(d, np.ndarray) or not d.flags.writeable:
             raise CheckpointError(f"cannot restore into {k}: not a writeable numpy array")
@@ -241,9 +256,6 @@ def restore_into(params: Any, opt_state: Any, loaded_params: Any, loaded_state: 
             raise CheckpointError(f"{source} holds NaN or infinity in {k}")
     for k, d in dst.items():
         np.copyto(d, src[k])
-
-
-# ------------------------------------------------------------------ a training step's place
 
 
 def step_meta(step: Any) -> dict[str, Any]:
