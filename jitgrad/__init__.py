@@ -11,6 +11,8 @@ from .errors import (
     UndefinedGradientError,
 )
 from .ir import Instr, Program, Var
+from .ops.contract import dot, einsum, inner, kron, outer, tensordot
+from .ops.diagonal import diag, diagonal, trace, tril, triu
 from .ops.elementwise import (
     abs,
     ceil,
@@ -27,6 +29,7 @@ from .ops.elementwise import (
     tanh,
     where,
 )
+from .ops.indexing import at
 from .ops.linalg import matmul
 from .ops.nn import softmax, softmax_cross_entropy
 from .ops.reduce import argmax, logsumexp, max, max_argmax, mean, sum
@@ -43,4 +46,6 @@ __all__ = [
     "reshape", "round", "sigmoid", "sign", "softmax", "softmax_cross_entropy", "sqrt",
     "stop_gradient", "sum", "take_along_axis", "tanh", "transpose", "value_and_grad", "where",
     "nn", "optim", "train_step", "TrainStep", "distributed",
+    "at", "diag", "diagonal", "dot", "einsum", "inner", "kron", "outer", "tensordot", "trace",
+    "tril", "triu",
 ]

@@ -1,6 +1,6 @@
 """The primitive table: one module per family; each primitive's rules live beside it."""
 
 from ..core import registry
-from . import elementwise, linalg, nn, reduce, shape
+from . import contract, diagonal, elementwise, linalg, nn, reduce, shape
 
-__all__ = ["registry", "elementwise", "linalg", "nn", "reduce", "shape"]
+__all__ = ["registry", "contract", "diagonal", "elementwise", "linalg", "nn", "reduce", "shape"]
