@@ -468,6 +468,15 @@ add("scatter_along_axis", "via-grad",
 add("scatter_along_axis", "direct", lambda g: S.scatter_along_axis(g, TAKE0, (3, 4), 0),
     lambda g: np_scatter_along_axis(g, TAKE0, (3, 4), 0), mk(normal(2, 4)))
 
+# diagonals (the rows of the functions built on them are in test_linalg.py)
+add("diagonal", "offset-axes", lambda x: jg.diagonal(x, -1, 2, 0),
+    lambda x: np.diagonal(x, -1, 2, 0), mk(normal(3, 2, 4)))
+add("embed_diagonal", "via-grad-of-diagonal",
+    lambda x: jg.grad(lambda y: jg.sum(jg.tanh(jg.diagonal(y, 1))))(x),
+    lambda x: np.diag(dtanh(np.diagonal(x, 1)), 1)[:3, :4], mk(normal(3, 4)))
+add("embed_diagonal", "diag-of-vector", lambda v: jg.diag(v, -2), lambda v: np.diag(v, -2),
+    mk(normal(3)))
+
 
 # ---------------------------------------------------------------- helpers
 
