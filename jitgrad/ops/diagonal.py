@@ -86,17 +86,12 @@ def _geometry(shape: tuple[int, ...], offset: int, axis1: int, axis2: int
     return rest + [st[axis1] + st[axis2]], start
 
 
-def _copy(low, src, dst, shape, src_strides, dst_strides, src_off, dst_off, ins) -> None:
-    meta = low.meta_block([len(shape), *shape, *src_strides, *dst_strides, src_off, dst_off])
-    low.call(S.COPY, src.dtype, [src, dst, *meta], [dst], [src], ins)
-
-
 @diagonal_p.def_lowering
 def _lower_diagonal(low, ins) -> None:
     x, y = ins.inputs[0], ins.outputs[0]
     kw = ins.kw
     st, start = _geometry(x.shape, kw["offset"], kw["axis1"], kw["axis2"])
-    _copy(low, x, y, y.shape, st, S.strides(y.shape), start, 0, ins)
+    S._copy(low, x, y, y.shape, st, S.strides(y.shape), start, 0, ins)
 
 
 @embed_diagonal_p.def_lowering
@@ -105,7 +100,7 @@ def _lower_embed_diagonal(low, ins) -> None:
     kw = ins.kw
     low.call(S.ZERO, y.dtype, [y, y.size], [y], [], ins)
     st, start = _geometry(y.shape, kw["offset"], kw["axis1"], kw["axis2"])
-    _copy(low, g, y, g.shape, S.strides(g.shape), st, 0, start, ins)
+    S._copy(low, g, y, g.shape, S.strides(g.shape), st, 0, start, ins)
 
 
 # ---------------------------------------------------------------- numpy's functions
