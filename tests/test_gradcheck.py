@@ -42,6 +42,7 @@ import jitgrad as jg
 from jitgrad import tree
 from jitgrad.core import registry
 from jitgrad.ir import validate
+from jitgrad.ops import linalg as L
 from jitgrad.ops import nn as NN
 from jitgrad.ops import shape as S
 from jitgrad.trace import signature_of, trace_flat
@@ -467,6 +468,15 @@ add("scatter_along_axis", "via-grad",
     mk(normal(3, 4)))
 add("scatter_along_axis", "direct", lambda g: S.scatter_along_axis(g, TAKE0, (3, 4), 0),
     lambda g: np_scatter_along_axis(g, TAKE0, (3, 4), 0), mk(normal(2, 4)))
+
+# the product summed over a batch: the gradient of an operand a batched matmul broadcasts
+add("matmul_sum", "via-grad-of-broadcast",
+    lambda w, h: jg.grad(lambda w: jg.sum(jg.tanh(w @ h)))(w),
+    lambda w, h: np.sum(dtanh(w @ h) @ np.swapaxes(h, -1, -2), axis=0),
+    mk(normal(3, 4), normal(2, 4, 5)))
+add("matmul_sum", "direct-keepdims", lambda a, b: L.matmul_sum_p.bind(
+    a, b, ta=False, tb=True, batch=(1, 3)), lambda a, b: np.sum(
+    a @ np.swapaxes(b, -1, -2), axis=0, keepdims=True), mk(normal(2, 3, 4, 5), normal(3, 2, 5)))
 
 # diagonals (the rows of the functions built on them are in test_linalg.py)
 add("diagonal", "offset-axes", lambda x: jg.diagonal(x, -1, 2, 0),

@@ -76,7 +76,9 @@ for _sub, _shapes in [
         ("bji,bjk->bki", ((2, 4, 3), (2, 4, 5))), ("ij,jk,kl->il", ((2, 3), (3, 4), (4, 5))),
         ("bij,bij->b", ((2, 3, 4), (2, 3, 4))), ("ijk,jil->kl", ((2, 3, 4), (3, 2, 5))),
         ("ij,ij->ij", ((3, 1), (3, 4))), ("i...,i...->...", ((3, 2, 2), (3, 2, 2))),
-        ("ji,kj->ik", ((4, 3), (5, 4))), ("Ba,ab", ((2, 3), (3, 2)))]:
+        ("ji,kj->ik", ((4, 3), (5, 4))), ("Ba,ab", ((2, 3), (3, 2))),
+        ("ij,bjk->bik", ((3, 4), (2, 4, 5))), ("bji,jk->bik", ((2, 4, 3), (4, 5))),
+        ("aij,bjk->abik", ((2, 3, 4), (3, 4, 2)))]:
     row("einsum", _sub, lambda *xs, s=_sub: np.einsum(s, *xs),
         lambda *xs, s=_sub: np.einsum(s, *xs), *_shapes)
 row("einsum", "jg.einsum-optimize", lambda a, b: jg.einsum("ij,jk->ki", a, b, optimize=True),
@@ -214,6 +216,17 @@ def test_batched_gradients_are_gemm_steps_without_copies(batch_operands):
     assert not [c for c in calls if c.startswith("jg_copy")], calls
 
 
+def test_a_matrix_broadcast_along_a_batch_is_never_copied_nor_its_gradient_materialised():
+    w, h = np.ones((3, 4)), np.ones((2, 4, 5))
+    forward = jg.jit(lambda w, h: np.einsum("ij,bjk->bik", w, h))
+    assert _kernel_calls(forward, w, h) == ["jg_gemm_batched_f64"]
+    cf = jg.jit(jg.grad(lambda w, h: jg.sum(jg.tanh(w @ h)), argnums=(0, 1)))
+    calls = _kernel_calls(cf, w, h)
+    assert calls.count("jg_gemm_batched_f64") == 3 and not [
+        c for c in calls if c.startswith(("jg_copy", "jg_sum"))], calls
+    assert "matmul_sum" in {i.prim.name for i in cf.program.instrs}  # dW: Σ_b G_b h_bᵀ
+
+
 def test_batch_of_rows_times_a_matrix_is_one_2d_gemm():
     a, w = np.ones((4, 3, 5)), np.ones((5, 2))
     assert _kernel_calls(jg.jit(lambda a, w: np.einsum("bij,jk->bik", a, w)), a, w) == [
@@ -221,10 +234,14 @@ def test_batch_of_rows_times_a_matrix_is_one_2d_gemm():
     assert _kernel_calls(jg.jit(lambda a, w: a @ w), a, w) == ["jg_gemm_f64"]
 
 
-def test_an_operand_in_neither_layout_is_copied_once():
-    a, b = np.ones((3, 4, 5)), np.ones((4, 5, 2))  # "ibj": the batch is not leading
+@pytest.mark.parametrize("k, copied", [(2, "result"), (20, "a")])
+def test_a_layout_gemm_cannot_take_costs_one_copy_of_the_smaller(k, copied):
+    # "ibj": b is not a's leading dimension. Either a is transposed, or i becomes a batch
+    # dimension b broadcasts along and the (i, b, k) result is transposed: the smaller copy.
+    a, b = np.ones((3, 4, 5)), np.ones((4, 5, k))
     calls = _kernel_calls(jg.jit(lambda a, b: np.einsum("ibj,bjk->bik", a, b)), a, b)
-    assert calls == ["jg_copy_b8", "jg_gemm_batched_f64"], calls
+    assert calls == (["jg_gemm_batched_f64", "jg_copy_b8"] if copied == "result"
+                     else ["jg_copy_b8", "jg_gemm_batched_f64"]), calls
 
 
 def test_a_sum_into_a_batched_product_accumulates_in_gemm(batch_operands):

@@ -260,6 +260,10 @@ CASES: dict[str, Case] = {
     "matmul/batched": Case(lambda a, b: P["matmul"].bind(a, b, ta=False, tb=True),
                            floats((2, 3, 4), (1, 2, 4)),
                            magnitude=lambda a, b: np.abs(a) @ np.swapaxes(np.abs(b), -1, -2)),
+    "matmul_sum": Case(lambda a, b: P["matmul_sum"].bind(a, b, ta=True, tb=False, batch=()),
+                       floats((2, 4, 3), (2, 4, 2)),
+                       magnitude=lambda a, b: np.sum(np.swapaxes(np.abs(a), -1, -2)
+                                                     @ np.abs(b), axis=0)),
     # softmax cross-entropy: loss, gradient, and both in one fused pass
     "softmax_cross_entropy": ordered(lambda z, y: P["softmax_cross_entropy"].bind(z, y),
                                   _sce_inputs),

@@ -8,9 +8,10 @@ concatenation, `where` on every comparison, piecewise-constant primitives
 (floor, ceil, round, sign) behind stop_gradient, casts, max_argmax (values, and
 the indices reused by take_along_axis), logsumexp, softmax, integer-array
 indexing and softmax_cross_entropy with integer labels, batched matmul, an einsum
-through a diagonal and mixed advanced indexing, with values used several times. Between them the programs reach every primitive of the IR
-(the backward-only ones -- scatter_add, pad_slice, scatter_along_axis,
-softmax_cross_entropy_grad, broadcast_to -- through the gradients). For each
+through a diagonal and mixed advanced indexing, with values used several times.
+Between them the programs reach every primitive of the IR (the backward-only ones --
+scatter_add, pad_slice, scatter_along_axis, softmax_cross_entropy_grad, broadcast_to,
+matmul_sum, embed_diagonal -- through the gradients). For each
 program:
 
 - the jitted result equals the same function run eagerly on numpy arrays;

@@ -135,20 +135,27 @@ def _permuted(x: Any, ls: list[Label], order: list[Label]) -> Any:
     return S.transpose(x, tuple(ls.index(lab) for lab in order)) if ls != order else x
 
 
-def _as_matrices(x: Any, ls: list[Label], batch: list[Label], free: list[Label],
-                 contracted: list[Label], sizes: dict[Label, int]) -> tuple[Any, bool]:
-    """x viewed as (batch..., free, contracted), or transposed (flag True) as (batch...,
-    contracted, free) when that is the order its dimensions are in already."""
-    shape = tuple(sizes[lab] for lab in batch)
+def _as_matrices(x: Any, ls: list[Label], batch: list[Label], batch_shape: tuple[int, ...],
+                 free: list[Label], contracted: list[Label], sizes: dict[Label, int]
+                 ) -> tuple[Any, bool]:
+    """x viewed as (batch_shape..., free, contracted), or transposed (flag True) as
+    (batch_shape..., contracted, free) when that is the order its dimensions are in already;
+    batch_shape holds x's batch labels, and 1s where it broadcasts against the other."""
     m, k = _size([sizes[lab] for lab in free]), _size([sizes[lab] for lab in contracted])
     if ls == batch + contracted + free and free and ls != batch + free + contracted:
-        return S.reshape(x, shape + (k, m)), True
-    return S.reshape(_permuted(x, ls, batch + free + contracted), shape + (m, k)), False
+        return S.reshape(x, batch_shape + (k, m)), True
+    return S.reshape(_permuted(x, ls, batch + free + contracted), batch_shape + (m, k)), False
 
 
 def _copies(ls: list[Label], batch: list[Label], free: list[Label], contracted: list[Label]
             ) -> bool:
     return ls not in (batch + free + contracted, batch + contracted + free)
+
+
+def _leading_free(ls: list[Label], other: list[Label]) -> list[list[Label]]:
+    """The prefixes of ls's leading labels that other does not have (the empty one first)."""
+    n = next((i for i, lab in enumerate(ls) if lab in other), len(ls))
+    return [ls[:i] for i in range(n + 1)]
 
 
 def _contract_pair(x: Any, lx: list[Label], y: Any, ly: list[Label], keep: set[Label],
@@ -163,24 +170,36 @@ def _contract_pair(x: Any, lx: list[Label], y: Any, ly: list[Label], keep: set[L
     if not any(lab not in keep for lab in shared[0]) or batched_dots or x.dtype.kind != "f":
         # nothing contracted, or a batch of dot products (1x1 GEMMs): a product and a sum
         return _broadcast_product(x, lx, y, ly, keep, sizes)
-    # batch and contracted orders from either operand: the choice copying the fewest elements
+    # Batch and contracted orders from either operand, and an operand's leading free labels
+    # either free (rows of its matrix) or batch dimensions the other is broadcast along
+    # (GEMM's batch stride 0): the choice copying the fewest elements, result included.
+    out_size = _size([sizes[lab] for lab in fx + fy + shared[0] if lab in keep])
     best = None
-    for bo, co in itertools.product(shared, shared):
+    for bo, co, ex, ey in itertools.product(shared, shared, _leading_free(lx, ly),
+                                            _leading_free(ly, lx)):
         batch = [lab for lab in bo if lab in keep]
         contracted = [lab for lab in co if lab not in keep]
-        cost = (_copies(lx, batch, fx, contracted) * x.size
-                + _copies(ly, batch, fy, contracted) * y.size)
+        rx, ry = [lab for lab in fx if lab not in ex], [lab for lab in fy if lab not in ey]
+        labels = ex + ey + batch + rx + ry
+        swapped = ex + ey + batch + ry + rx
+        cost = (_copies(lx, ex + batch, rx, contracted) * x.size
+                + _copies(ly, ey + batch, ry, contracted) * y.size
+                + (target is not None and target not in (labels, swapped)) * out_size)
         if best is None or cost < best[0]:
-            best = (cost, batch, contracted)
-    _, batch, contracted = best
-    a, ta = _as_matrices(x, lx, batch, fx, contracted, sizes)
-    b, tb = _as_matrices(y, ly, batch, fy, contracted, sizes)
+            best = (cost, batch, contracted, ex, ey, rx, ry)
+    _, batch, contracted, ex, ey, rx, ry = best
+    shared_shape = tuple(sizes[lab] for lab in batch)
+    ex_shape, ey_shape = tuple(sizes[lab] for lab in ex), tuple(sizes[lab] for lab in ey)
+    a, ta = _as_matrices(x, lx, ex + batch, ex_shape + (1,) * len(ey) + shared_shape, rx,
+                         contracted, sizes)
+    b, tb = _as_matrices(y, ly, ey + batch, ey_shape + shared_shape, ry, contracted, sizes)
     tb = not tb  # b is (batch, free, contracted) when not transposed: op(b) is its transpose
-    swap = target is not None and target == batch + fy + fx != batch + fx + fy
+    lead = ex + ey + batch
+    swap = target is not None and target == lead + ry + rx != lead + rx + ry
     # C^T = op(B)^T op(A)^T: the product in the order the result wants, without a copy
     out = (L.matmul_p.bind(b, a, ta=not tb, tb=not ta) if swap
            else L.matmul_p.bind(a, b, ta=ta, tb=tb))
-    labels = batch + (fy + fx if swap else fx + fy)
+    labels = lead + (ry + rx if swap else rx + ry)
     return S.reshape(out, tuple(sizes[lab] for lab in labels)), labels
 
 

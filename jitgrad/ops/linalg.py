@@ -27,13 +27,15 @@ from . import elementwise as E
 from . import shape as S
 
 matmul_p = primitive("matmul", "linalg")
+# op(A) @ op(B) summed over the batch dimensions that `batch` (the result's batch shape)
+# lacks or has as 1: the gradient of an operand broadcast along a batch, computed by GEMM
+# accumulating over it, never materialised per batch and then summed.
+matmul_sum_p = primitive("matmul_sum", "linalg")
+PRODUCTS = (matmul_p, matmul_sum_p)
 
 
 def _op(x: np.ndarray, t: bool) -> np.ndarray:
     return np.swapaxes(x, -1, -2) if t else x
-
-
-matmul_p.def_impl(lambda a, b, *, ta, tb: np.matmul(_op(a, ta), _op(b, tb)))
 
 
 def _matrix_shape(shape: tuple[int, ...], t: bool) -> tuple[int, int]:
@@ -54,26 +56,71 @@ def _matmul_shape(a, b, *, ta, tb):
     return E.broadcast_shapes(a[0][:-2], b[0][:-2]) + (m, n), a[1]
 
 
-def batched_matmul(a: Any, b: Any, ta: bool = False, tb: bool = False) -> Any:
-    """op(a) @ op(b) for operands of 2 or more dimensions (batch dimensions broadcast).
-    A batch of left operands times one matrix is one 2-d product over all their rows."""
+@matmul_sum_p.def_shape
+def _matmul_sum_shape(a, b, *, ta, tb, batch):
+    shape, dtype = _matmul_shape(a, b, ta=ta, tb=tb)
+    full = shape[:-2]
+    lead = len(full) - len(batch)
+    if lead < 0 or any(d not in (1, f) for d, f in zip(batch, full[lead:], strict=True)):
+        raise JitgradError(f"the batch {full} of {a[0]} @ {b[0]} cannot be summed to {batch}")
+    return batch + shape[-2:], dtype
+
+
+matmul_p.def_impl(lambda a, b, *, ta, tb: np.matmul(_op(a, ta), _op(b, tb)))
+
+
+@matmul_sum_p.def_impl
+def _matmul_sum_impl(a, b, *, ta, tb, batch):
+    out = np.matmul(_op(a, ta), _op(b, tb))
+    return E.unbroadcast(out, batch + out.shape[-2:])
+
+
+def batched_matmul(a: Any, b: Any, ta: bool = False, tb: bool = False,
+                   shape: tuple[int, ...] | None = None) -> Any:
+    """op(a) @ op(b) for operands of 2 or more dimensions, batch dimensions broadcast.
+
+    With `shape` (a gradient's: its operand's shape), the product is summed over the batch
+    dimensions shape lacks or has as 1 (by GEMM accumulating over them: matmul_sum) and
+    broadcast along those the product lacks. A batch of left operands times one matrix is
+    one 2-d product over all their rows."""
+    full = E.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    if shape is not None:
+        target = (1,) * max(0, len(full) + 2 - len(shape)) + tuple(shape)
+        kept = tuple(t if f != 1 else 1 for t, f in zip(target[-2 - len(full):-2], full))
+        if kept != full:
+            return _fit(matmul_sum_p.bind(a, b, ta=ta, tb=tb, batch=kept), tuple(shape))
     if b.ndim == 2 and a.ndim > 2 and not ta:
         rows = S.reshape(a, (-1, a.shape[-1]))
         out = matmul_p.bind(rows, b, ta=False, tb=tb)
-        return S.reshape(out, a.shape[:-1] + out.shape[-1:])
-    return matmul_p.bind(a, b, ta=ta, tb=tb)
+        out = S.reshape(out, a.shape[:-1] + out.shape[-1:])
+    else:
+        out = matmul_p.bind(a, b, ta=ta, tb=tb)
+    return out if shape is None else _fit(out, tuple(shape))
 
 
-@matmul_p.def_vjp
-def _matmul_vjp(cts, outs, ins, *, ta, tb):
-    # d op(A) = G op(B)^T and d op(B) = op(A)^T G, each written as one flagged matmul,
-    # summed over the batch dimensions its operand was broadcast along.
+def _fit(out: Any, shape: tuple[int, ...]) -> Any:
+    """out, whose batch dimensions are shape's or 1 (right-aligned; extra leading ones are
+    1), as an array of shape: reshaped, then broadcast."""
+    if out.shape == shape:
+        return out
+    core = out.shape[max(0, out.ndim - len(shape)):]
+    return S.broadcast_to(S.reshape(out, (1,) * (len(shape) - len(core)) + core), shape)
+
+
+def _matmul_vjp(cts, outs, ins, *, ta, tb, batch=None):
+    # d op(A) = G op(B)^T and d op(B) = op(A)^T G, each one flagged product summed over the
+    # batch dimensions its operand was broadcast along (G broadcasts along any matmul_sum
+    # summed over).
     g, (a, b) = cts[0], ins
-    ga = (batched_matmul(b, g, ta=tb, tb=True) if ta
-          else batched_matmul(g, b, ta=False, tb=not tb))
-    gb = (batched_matmul(g, a, ta=True, tb=ta) if tb
-          else batched_matmul(a, g, ta=not ta, tb=False))
-    return [E.unbroadcast(ga, a.shape), E.unbroadcast(gb, b.shape)]
+    ga = (batched_matmul(b, g, ta=tb, tb=True, shape=a.shape) if ta
+          else batched_matmul(g, b, ta=False, tb=not tb, shape=a.shape))
+    gb = (batched_matmul(g, a, ta=True, tb=ta, shape=b.shape) if tb
+          else batched_matmul(a, g, ta=not ta, tb=False, shape=b.shape))
+    return [ga, gb]
+
+
+for _p in PRODUCTS:
+    _p.def_vjp(_matmul_vjp)
 
 
 def matmul(a: Any, b: Any) -> Any:
@@ -165,11 +212,13 @@ def gemm_accumulate(pa, pb, c, x, m, n, k, ta, tb):
 
 @njit(cache=True)
 def gemm_batched(pa, pb, c, x, m, n, k, ta, tb, accumulate, meta):
-    """C[i] = op(A[i])·op(B[i]) (+ X[i] when accumulating; X possibly C's memory) for every
-    index i of the batch, one GEMM per pair of matrices at its offset.
+    """C[i] (+)= op(A[i])·op(B[i]) for every index i of the batch, one GEMM per pair of
+    matrices at its offset; C = X + ... when accumulating (X possibly C's memory).
 
-    meta = [nd, batch shape..., A's batch strides..., B's batch strides...] in elements,
-    0 along a dimension an operand is broadcast over; C is contiguous.
+    meta = [nd, batch shape..., A's, B's and C's batch strides...] in elements: an operand
+    broadcast along a dimension has stride 0 there, and C has stride 0 along the dimensions
+    it sums over: the first product of each of its matrices is written (beta = 0), the
+    others added (beta = 1).
     """
     if accumulate and x.ctypes.data != c.ctypes.data:
         for i in range(c.size):
@@ -178,22 +227,29 @@ def gemm_batched(pa, pb, c, x, m, n, k, ta, tb, accumulate, meta):
     shape = meta[1:1 + nd]
     sa = meta[1 + nd:1 + 2 * nd]
     sb = meta[1 + 2 * nd:1 + 3 * nd]
+    sc = meta[1 + 3 * nd:1 + 4 * nd]
+    total = 1
+    for d in range(nd):
+        total *= shape[d]
     if c.size == 0:
         return 0
-    if k == 0:
+    if k == 0 or total == 0:
         if not accumulate:
             c[:] = 0
         return 0
     size = c.itemsize
-    beta = 1.0 if accumulate else 0.0
-    for i in range(c.size // (m * n)):
-        oa, ob, rest = 0, 0, i
+    for i in range(total):
+        oa, ob, oc, rest, first = 0, 0, 0, i, True
         for d in range(nd - 1, -1, -1):
             j = rest % shape[d]
             rest //= shape[d]
             oa += j * sa[d]
             ob += j * sb[d]
-        _row_major_gemm(c, pa + oa * size, pb + ob * size, c.ctypes.data + i * m * n * size,
+            oc += j * sc[d]
+            if j and sc[d] == 0:
+                first = False
+        beta = 1.0 if accumulate or not first else 0.0
+        _row_major_gemm(c, pa + oa * size, pb + ob * size, c.ctypes.data + oc * size,
                         m, n, k, ta, tb, beta)
     return 0
 
@@ -224,36 +280,37 @@ def _gemm_args(ins, out) -> list[Any]:
     return [m, n, k, int(kw["ta"]), int(kw["tb"])]
 
 
-def _batch_strides(x, batch: tuple[int, ...]) -> list[int]:
-    """x's strides (elements) along the result's batch dimensions; 0 where broadcast."""
-    lead = len(batch) - (x.ndim - 2)
-    st = S.strides(x.shape)
-    return [0 if i < lead or x.shape[i - lead] == 1 else st[i - lead]
-            for i in range(len(batch))]
+def _batch_strides(shape: tuple[int, ...], batch: tuple[int, ...]) -> list[int]:
+    """Strides (elements) of an array of `shape` along the full batch dimensions `batch`
+    (its own batch dimensions right-aligned); 0 where it is broadcast or summed along."""
+    own = shape[:-2]
+    lead = len(batch) - len(own)
+    st = S.strides(shape)
+    return [0 if d < lead or (own[d - lead] == 1 and batch[d] != 1) else st[d - lead]
+            for d in range(len(batch))]
 
 
 def _batch_meta(low, ins) -> tuple[str, int]:
     a, b = ins.inputs
-    batch = ins.outputs[0].shape[:-2]
-    return low.meta_block([len(batch), *batch, *_batch_strides(a, batch),
-                           *_batch_strides(b, batch)])
+    c = ins.outputs[0]
+    batch = E.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return low.meta_block([len(batch), *batch, *(
+        s for v in (a, b, c) for s in _batch_strides(v.shape, batch))])
 
 
-@matmul_p.def_lowering
-def _lower_matmul(low, ins) -> None:
+def _lower_product(low, ins) -> None:
     a, b = ins.inputs
     c = ins.outputs[0]
-    if c.ndim == 2:
+    if a.ndim == b.ndim == 2:
         low.call(GEMM, a.dtype, [a, b, c, *_gemm_args(ins, c)], [c], [a, b], ins)
     else:
         low.call(GEMM_BATCHED, a.dtype, [a, b, c, c.size, *_gemm_args(ins, c),
                                          *_batch_meta(low, ins)], [c], [a, b], ins)
 
 
-@matmul_p.def_accumulate
-def _accumulate_matmul(low, ins, out, x):
+def _accumulate_product(low, ins, out, x):
     a, b = ins.inputs
-    if out.ndim == 2:
+    if a.ndim == b.ndim == 2:
         return GEMM_ACC, a.dtype, [a, b, out, x, *_gemm_args(ins, out)]
     return GEMM_BATCHED_ACC, a.dtype, [a, b, out, x, out.size, *_gemm_args(ins, out),
                                        *_batch_meta(low, ins)]
@@ -265,7 +322,6 @@ def _swaps_last_two(ins) -> bool:
     return nd >= 2 and perm == tuple(range(nd - 2)) + (nd - 1, nd - 2)
 
 
-@matmul_p.def_simplify
 def _fold_transposes(ins, producer):
     """Transposes of the operands' last two dimensions become GEMM's transpose flags:
     `A.T @ G` reaches GEMM without a copy."""
@@ -281,16 +337,25 @@ def _fold_transposes(ins, producer):
     return dataclasses.replace(ins, inputs=(a, b), params=tuple(sorted(kw.items())))
 
 
-@matmul_p.def_cost
 def _matmul_flops(ins) -> int:
-    a = ins.inputs[0]
+    a, b = ins.inputs
+    m, n = ins.outputs[0].shape[-2:]
     k = a.shape[-2] if ins.kw["ta"] else a.shape[-1]
-    return 2 * ins.outputs[0].size * k
+    batch = E.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return 2 * int(np.prod(batch, dtype=np.int64)) * m * n * k
 
 
-@matmul_p.def_label
 def _matmul_label(ins) -> str:
     # ta/tb: the transposes GEMM applies, written as the product it computes
     kw = ins.kw
-    batch = "batched " if ins.outputs[0].ndim > 2 else ""
-    return f" {batch}{'Aᵀ' if kw.get('ta') else 'A'}·{'Bᵀ' if kw.get('tb') else 'B'}"
+    a, b = ins.inputs
+    kind = ("Σ batched " if "batch" in kw else "batched ") if max(a.ndim, b.ndim) > 2 else ""
+    return f" {kind}{'Aᵀ' if kw.get('ta') else 'A'}·{'Bᵀ' if kw.get('tb') else 'B'}"
+
+
+for _p in PRODUCTS:
+    _p.def_lowering(_lower_product)
+    _p.def_accumulate(_accumulate_product)
+    _p.def_simplify(_fold_transposes)
+    _p.def_cost(_matmul_flops)
+    _p.def_label(_matmul_label)
