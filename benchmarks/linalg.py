@@ -6,7 +6,7 @@ A case is an expression over float32 operands; for jitgrad it is `jg.jit` of the
 expression (the user's call: arguments in, a fresh result array out), for numpy
 `np.matmul` or `np.einsum(..., optimize=True)`. Each (implementation, case) runs in a
 fresh process (`--worker IMPL CASE`, one JSON line), the implementations alternate over
-the rounds, and every process runs with 2 threads and without OPENBLAS_CORETYPE /
+the rounds, and every process runs with 2 threads (--threads) and without OPENBLAS_CORETYPE /
 OPENBLAS_L2_SIZE (NUMBA_NOTES.md: two BLAS thread pools in one process distort each
 other). Reported: the median µs over rounds, of the call (a fresh result) and of the
 call into memory allocated once (numpy's `out=`; jitgrad's bare native call, the result
@@ -35,6 +35,8 @@ CASES: dict[str, tuple[str, tuple[tuple[int, ...], ...]]] = {
     "matmul-16x128x128x128": ("matmul", ((16, 128, 128), (16, 128, 128))),
     "matmul-4x512x512x512": ("matmul", ((4, 512, 512), (4, 512, 512))),
     "matmul-broadcast-8x256x256-256x256": ("matmul", ((8, 256, 256), (256, 256))),
+    # a 2-d product for reference: the gap of the BLAS jitgrad calls (scipy's) to numpy's
+    "matmul-2d-512x512x512": ("matmul", ((512, 512), (512, 512))),
     "einsum-batched-16x128": ("bij,bjk->bik", ((16, 128, 128), (16, 128, 128))),
     "einsum-attention-scores": ("bhqd,bhkd->bhqk", ((2, 8, 128, 64), (2, 8, 128, 64))),
     "einsum-attention-values": ("bhqk,bhkd->bhqd", ((2, 8, 128, 128), (2, 8, 128, 64))),
@@ -80,9 +82,10 @@ def worker(impl: str, case: str) -> dict:
             "check": float(np.abs(out).sum())}
 
 
-def run_worker(impl: str, case: str) -> dict:
+def run_worker(impl: str, case: str, threads: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, case]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=C.thread_env(), timeout=900)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=C.thread_env(threads=threads),
+                       timeout=900)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode or not lines:
         return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["failed"]}
@@ -94,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cases", default="all")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--threads", type=int, default=C.THREADS,
+                    help="threads of every pool (1 is steadier on a loaded machine)")
     ap.add_argument("--worker", nargs=2, metavar=("IMPL", "CASE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for case in cases:
             for impl in (IMPLS if r % 2 == 0 else IMPLS[::-1]):
-                out = run_worker(impl, case)
+                out = run_worker(impl, case, args.threads)
                 if "error" in out:
                     print(f"{impl} {case}: {out['error']}", file=sys.stderr)
                     continue
