@@ -303,6 +303,8 @@ def test_assignment_to_a_traced_value_names_the_functional_form():
      "size 3 in one operand and 2"),
     (lambda a: np.einsum("ij->k", a), (np.ones((2, 2)),), "'k' does not appear"),
     (lambda a: np.einsum("i1", a), (np.ones((2, 2)),), "invalid subscript '1'"),
+    (lambda a: np.einsum("...i->i", a), (np.ones((2, 2)),), "ellipsis '...' in the output"),
+    (lambda a: np.einsum("iii->i", a), (np.ones((2, 2)),), "do not match an operand of 2"),
     (lambda a, b: np.tensordot(a, b, ([0], [0])), (np.ones((2, 3)), np.ones((3, 2))),
      "shape-mismatch"),
     (lambda a, b: a @ b, (np.ones((2, 3, 4)), np.ones((2, 5, 2))), "not aligned"),

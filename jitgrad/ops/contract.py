@@ -75,6 +75,9 @@ def parse_subscripts(subscripts: str, ndims: Sequence[int]
     if not arrow:
         counts = {c: inputs.count(c) for c in set(inputs) if c.isalpha()}
         return labels, list(range(width)) + sorted(c for c, n in counts.items() if n == 1)
+    if width and "..." not in output:
+        raise JitgradError(f"einsum {subscripts!r}: the operands' ellipsis dimensions need an "
+                           "ellipsis '...' in the output")
     pre, post, _ = _split_ellipsis(output, len(output.replace("...", "")) + width, subscripts)
     out = list(pre) + list(range(width)) + list(post)
     used = {lab for ls in labels for lab in ls}
