@@ -149,3 +149,82 @@ class SoftmaxXentNumpy:
         dz[self.rows, self.labels] -= 1
         dz /= len(z)
         return loss, dz
+
+
+# Batched matmul and einsum (issue 16): the bare native call of the jitted expression vs
+# numpy's into a preallocated output. benchmarks/linalg.py compares the whole calls too.
+BATCHED_SHAPES = ["64x64x64x64", "16x128x128x128", "4x512x512x512"]  # batch x m x k x n
+EINSUMS = ["bij,bjk->bik", "bhqd,bhkd->bhqk", "bij,jk->bik", "ibj,bjk->bik"]
+_EINSUM_SHAPES = {"bij,bjk->bik": ((16, 128, 128), (16, 128, 128)),
+                  "bhqd,bhkd->bhqk": ((2, 8, 128, 64), (2, 8, 128, 64)),
+                  "bij,jk->bik": ((32, 64, 256), (256, 256)),
+                  "ibj,bjk->bik": ((128, 16, 128), (16, 128, 128))}
+
+
+def _batched_operands(shape):
+    b, m, k, n = map(int, shape.split("x"))
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((b, m, k)).astype(np.float32),
+            rng.standard_normal((b, k, n)).astype(np.float32))
+
+
+def _einsum_operands(spec):
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal(s).astype(np.float32) for s in _EINSUM_SHAPES[spec]]
+
+
+def _native(fn, *xs):
+    import jitgrad as jg
+    cf = jg.jit(fn)
+    cf(*xs)
+    return C.native_runner(cf, *xs)
+
+
+class BatchedMatmulJitgrad:
+    params = (BATCHED_SHAPES,)
+    param_names = ["shape"]
+
+    def setup(self, shape):
+        C.pin_threads()
+        self.run, self.keep = _native(lambda a, b: a @ b, *_batched_operands(shape))
+
+    def time_batched_matmul(self, shape):
+        self.run()
+
+
+class BatchedMatmulNumpy:
+    params = (BATCHED_SHAPES,)
+    param_names = ["shape"]
+
+    def setup(self, shape):
+        C.pin_threads()
+        self.a, self.b = _batched_operands(shape)
+        self.out = np.matmul(self.a, self.b)
+
+    def time_batched_matmul(self, shape):
+        np.matmul(self.a, self.b, out=self.out)
+
+
+class EinsumJitgrad:
+    params = (EINSUMS,)
+    param_names = ["subscripts"]
+
+    def setup(self, spec):
+        C.pin_threads()
+        self.run, self.keep = _native(lambda *xs: np.einsum(spec, *xs), *_einsum_operands(spec))
+
+    def time_einsum(self, spec):
+        self.run()
+
+
+class EinsumNumpy:
+    params = (EINSUMS,)
+    param_names = ["subscripts"]
+
+    def setup(self, spec):
+        C.pin_threads()
+        self.spec, self.xs = spec, _einsum_operands(spec)
+        self.out = np.einsum(spec, *self.xs, optimize=True)
+
+    def time_einsum(self, spec):
+        np.einsum(self.spec, *self.xs, out=self.out, optimize=True)

@@ -15,6 +15,8 @@ from .frontend import trace as _trace  # noqa: F401  (attaches operators to Trac
 from .frontend.api import CompiledFunction, checkpoint, grad, jit, value_and_grad
 from .frontend.custom_vjp import custom_vjp
 from .frontend.ir import Instr, Program, Var
+from .frontend.ops.contract import dot, einsum, inner, kron, outer, tensordot
+from .frontend.ops.diagonal import diag, diagonal, trace, tril, triu
 from .frontend.ops.elementwise import (
     abs,
     ceil,
@@ -31,6 +33,7 @@ from .frontend.ops.elementwise import (
     tanh,
     where,
 )
+from .frontend.ops.indexing import at
 from .frontend.ops.linalg import matmul
 from .frontend.ops.nn import softmax, softmax_cross_entropy
 from .frontend.ops.reduce import argmax, logsumexp, max, max_argmax, mean, sum
@@ -60,4 +63,6 @@ __all__ = [
     "stop_gradient", "sum", "take_along_axis", "tanh", "transpose", "value_and_grad", "where",
     "nn", "optim", "random", "train_step", "TrainStep", "distributed", "tree", "custom_vjp",
     "jacobian", "hessian", "jvp", "jacfwd", "vmap",
+    "at", "diag", "diagonal", "dot", "einsum", "inner", "kron", "outer", "tensordot", "trace",
+    "tril", "triu",
 ]

@@ -43,6 +43,7 @@ import jitgrad as jg
 from jitgrad.frontend import tree
 from jitgrad.frontend.core import registry
 from jitgrad.frontend.ir import validate
+from jitgrad.frontend.ops import linalg as L
 from jitgrad.frontend.ops import nn as NN
 from jitgrad.frontend.ops import random as R
 from jitgrad.frontend.ops import shape as S
@@ -492,6 +493,24 @@ add("scatter_along_axis", "via-grad",
     mk(normal(3, 4)))
 add("scatter_along_axis", "direct", lambda g: S.scatter_along_axis(g, TAKE0, (3, 4), 0),
     lambda g: np_scatter_along_axis(g, TAKE0, (3, 4), 0), mk(normal(2, 4)))
+
+# the product summed over a batch: the gradient of an operand a batched matmul broadcasts
+add("matmul_sum", "via-grad-of-broadcast",
+    lambda w, h: jg.grad(lambda w: jg.sum(jg.tanh(w @ h)))(w),
+    lambda w, h: np.sum(dtanh(w @ h) @ np.swapaxes(h, -1, -2), axis=0),
+    mk(normal(3, 4), normal(2, 4, 5)))
+add("matmul_sum", "direct-keepdims", lambda a, b: L.matmul_sum_p.bind(
+    a, b, ta=False, tb=True, batch=(1, 3)), lambda a, b: np.sum(
+    a @ np.swapaxes(b, -1, -2), axis=0, keepdims=True), mk(normal(2, 3, 4, 5), normal(3, 2, 5)))
+
+# diagonals (the rows of the functions built on them are in test_linalg.py)
+add("diagonal", "offset-axes", lambda x: jg.diagonal(x, -1, 2, 0),
+    lambda x: np.diagonal(x, -1, 2, 0), mk(normal(3, 2, 4)))
+add("embed_diagonal", "via-grad-of-diagonal",
+    lambda x: jg.grad(lambda y: jg.sum(jg.tanh(jg.diagonal(y, 1))))(x),
+    lambda x: np.diag(dtanh(np.diagonal(x, 1)), 1)[:3, :4], mk(normal(3, 4)))
+add("embed_diagonal", "diag-of-vector", lambda v: jg.diag(v, -2), lambda v: np.diag(v, -2),
+    mk(normal(3)))
 
 
 # random numbers: the key is a traced uint32 input. A draw has no gradient ("nograd": a

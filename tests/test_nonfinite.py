@@ -287,6 +287,13 @@ CASES: dict[str, Case] = {
     "matmul/tt": Case(lambda a, b: P["matmul"].bind(a, b, ta=True, tb=True),
                       floats((4, 3), (2, 4)),
                       magnitude=lambda a, b: np.abs(a).T @ np.abs(b).T),
+    "matmul/batched": Case(lambda a, b: P["matmul"].bind(a, b, ta=False, tb=True),
+                           floats((2, 3, 4), (1, 2, 4)),
+                           magnitude=lambda a, b: np.abs(a) @ np.swapaxes(np.abs(b), -1, -2)),
+    "matmul_sum": Case(lambda a, b: P["matmul_sum"].bind(a, b, ta=True, tb=False, batch=()),
+                       floats((2, 4, 3), (2, 4, 2)),
+                       magnitude=lambda a, b: np.sum(np.swapaxes(np.abs(a), -1, -2)
+                                                     @ np.abs(b), axis=0)),
     # softmax cross-entropy: loss, gradient, and both in one fused pass
     "softmax_cross_entropy": ordered(lambda z, y: P["softmax_cross_entropy"].bind(z, y),
                                   _sce_inputs),
@@ -302,6 +309,9 @@ CASES: dict[str, Case] = {
     "concatenate": Case(lambda a, b: P["concatenate"].bind(a, b, axis=0), floats(X, (1, 4))),
     "slice": Case(lambda x: P["slice"].bind(x, index=SLICE), floats(X)),
     "pad_slice": Case(lambda g: P["pad_slice"].bind(g, shape=X, index=SLICE), floats((2, 3))),
+    "diagonal": Case(lambda x: P["diagonal"].bind(x, offset=1, axis1=0, axis2=1), floats(X)),
+    "embed_diagonal": Case(lambda g: P["embed_diagonal"].bind(g, shape=X, offset=1, axis1=0,
+                                                              axis2=1), floats((3,))),
     "gather": Case(lambda x, i: P["gather"].bind(x, i),
                    lambda dt: st.tuples(special_arrays(X, dt), IDX5)),
     "scatter_add": Case(lambda g, i: P["scatter_add"].bind(g, i, n=3),

@@ -7,10 +7,11 @@ keepdims, matmul (also against a transpose), reshape/transpose, slicing,
 concatenation, `where` on every comparison, piecewise-constant primitives
 (floor, ceil, round, sign) behind stop_gradient, casts, max_argmax (values, and
 the indices reused by take_along_axis), logsumexp, softmax, integer-array
-indexing and softmax_cross_entropy with integer labels, with values used
-several times. Between them the programs reach every primitive of the IR
-(the backward-only ones -- scatter_add, pad_slice, scatter_along_axis,
-softmax_cross_entropy_grad, broadcast_to -- through the gradients). For each
+indexing and softmax_cross_entropy with integer labels, batched matmul, an einsum
+through a diagonal and mixed advanced indexing, with values used several times.
+Between them the programs reach every primitive of the IR (the backward-only ones --
+scatter_add, pad_slice, scatter_along_axis, softmax_cross_entropy_grad, broadcast_to,
+matmul_sum, embed_diagonal -- through the gradients). For each
 program:
 
 - the jitted result equals the same function run eagerly on numpy arrays;
@@ -67,6 +68,7 @@ FAMILIES = [
     [(3, 4), (4,), (3, 1), (1, 4), ()],
     [(2, 3, 4), (3, 4), (4,), (2, 1, 4), (3, 1), ()],
     [(5,), (1,), ()],
+    [(2, 3, 3), (3, 3), (1, 3, 3), (3, 1), (3,), ()],  # stacks of square matrices
 ]
 
 UNARY = {
@@ -228,6 +230,15 @@ def apply(op: tuple, vals: list[Any], margins: list[float] | None, idx: Any = No
         values, idx = jg.max_argmax(x, axis=axis)
         picked = jg.take_along_axis(jg.tanh(x), jg.reshape(idx, _keep_shape(x.shape, axis)), axis)
         return values + jg.reshape(picked, values.shape)
+    if kind == "batched_matmul":  # a stack of matrices times a matrix or a stack
+        _, i, j = op
+        return vals[i] @ vals[j]
+    if kind == "einsum":  # the diagonal of the last two axes times the first: a contraction
+        _, i = op
+        return np.einsum("i...jj,i...->...j", vals[i], jg.tanh(vals[i][..., 0, 0]))
+    if kind == "adv_index":  # integer arrays on the first and last axes (numpy's rules)
+        _, i = op
+        return vals[i][[0, -1, 0], ..., [-1, 0, 0]]
     raise AssertionError(f"unknown op {op}")
 
 
@@ -295,6 +306,7 @@ def programs(draw) -> Spec:
              "concat", "where", "max_argmax", "mask", "piecewise", "softmax"]
     if int_input:
         kinds += ["gather", "sce", "int_scale"]
+    kinds += ["batched_matmul", "einsum", "adv_index"]  # issue 16: linear algebra, indexing
     for _ in range(draw(st.integers(1, 8))):
         kind = draw(st.sampled_from(kinds))
         i = draw(st.integers(0, len(shapes) - 1))
@@ -368,6 +380,18 @@ def programs(draw) -> Spec:
         elif kind == "max_argmax" and len(s) >= 1:
             axis = draw(st.integers(-len(s), len(s) - 1))
             op, out = ("max_argmax", i, axis), _reduced(s, axis, False)
+        elif kind == "batched_matmul" and len(s) == 3:
+            partners = [j for j, t in enumerate(shapes) if 2 <= len(t) <= 3 and t[-2] == s[-1]
+                        and _broadcastable(s[:-2], t[:-2]) is not None]
+            if partners:
+                j = draw(st.sampled_from(partners))
+                t = shapes[j]
+                op, out = ("batched_matmul", i, j), _broadcastable(s[:-2], t[:-2]) + (
+                    s[1], t[-1])
+        elif kind == "einsum" and len(s) >= 3 and s[-1] == s[-2]:
+            op, out = ("einsum", i), s[1:-1]
+        elif kind == "adv_index" and len(s) >= 2:
+            op, out = ("adv_index", i), (3,) + s[1:-1]
         if op is None:  # the drawn kind does not apply to this node's shape
             op, out = ("unary", draw(st.sampled_from(sorted(UNARY))), i), s
         ops.append(op)

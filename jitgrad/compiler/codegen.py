@@ -198,7 +198,7 @@ def _lower_accumulating(low: Lowering, product: Instr, group: Group) -> None:
         sub = _subgroup(group, x)
         _lower_group(low, sub)
         done = sub.members
-    kernel, dtype, args = product.prim.accumulate(product, out, x)
+    kernel, dtype, args = product.prim.accumulate(low, product, out, x)
     # The sum may take x's buffer when x dies here, unless the call also reads x as an operand.
     same = [] if low.root(x) in {low.root(v) for v in product.inputs} else [(out, x)]
     low.steps.append(Step(kernel.symbol(dtype), args, [out], [*product.inputs, x],

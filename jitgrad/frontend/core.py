@@ -115,8 +115,8 @@ class Primitive:
         return fn
 
     def def_accumulate(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """fn(ins, out, x) -> (kernel, dtype, args): one call computing out = x + ins's
-        result (x possibly out's own memory)."""
+        """fn(low, ins, out, x) -> (kernel, dtype, args): one call computing out = x + ins's
+        result (x possibly out's own memory); `low.meta_block` holds any run-time table."""
         self.accumulate = fn
         return fn
 

@@ -16,7 +16,10 @@ from ..errors import JitgradError, TracingError
 from . import random_guard, tree
 from .core import Trace, Tracer, with_user_loc
 from .ir import Program, check_dtype
+from .ops import contract as C
+from .ops import diagonal as D
 from .ops import elementwise as E
+from .ops import indexing as X
 from .ops import linalg as L
 from .ops import reduce as R
 from .ops import shape as S
@@ -88,7 +91,6 @@ _METHODS: dict[str, Any] = {
     "__lt__": E.lt, "__le__": E.le, "__gt__": E.gt, "__ge__": E.ge,
     "__eq__": E.eq, "__ne__": E.ne,
     "__neg__": E.neg, "__pos__": lambda x: x, "__abs__": E.abs,
-    "__getitem__": S.getitem,
     "__bool__": _no_concrete("bool()"), "__float__": _no_concrete("float()"),
     "__int__": _no_concrete("int()"), "__index__": _no_concrete("an index"),
     "__array__": _no_concrete("conversion to a numpy array"),
@@ -126,16 +128,10 @@ def _where(cond: Any, x: Any = None, y: Any = None) -> Any:
     return E.where(cond, x, y)
 
 
-def _dot(a: Any, b: Any) -> Any:
-    if np.ndim(a) > 2 or np.ndim(b) > 2:
-        raise JitgradError("np.dot of arrays with more than 2 dimensions is not supported")
-    return L.matmul(a, b)
-
-
 _FUNCTIONS: dict[Any, Callable[..., Any]] = {
     np.sum: R.sum, np.mean: R.mean, np.max: R.max, np.amax: R.max,
     np.argmax: lambda x, axis=None: R.argmax(x, axis),  # numpy's default: flattened
-    np.where: _where, np.dot: _dot, np.reshape: S.reshape, np.transpose: S.transpose,
+    np.where: _where, np.reshape: S.reshape, np.transpose: S.transpose,
     np.concatenate: S.concatenate, np.take_along_axis: S.take_along_axis,
     np.round: lambda x, decimals=0: _round(x, decimals), np.around: lambda x, decimals=0:
     _round(x, decimals), np.ndim: lambda x: x.ndim, np.shape: lambda x: x.shape,
@@ -172,5 +168,17 @@ def _array_function(self: Tracer, func: Any, types: Any, args: Any, kwargs: Any)
 
 Tracer.__array_ufunc__ = _array_ufunc
 Tracer.__array_function__ = _array_function
+
+# ---------------------------------------------------------------- linear algebra and indexing
+
+_FUNCTIONS.update({
+    np.dot: C.dot, np.einsum: C.einsum, np.tensordot: C.tensordot, np.inner: C.inner,
+    np.outer: C.outer, np.kron: C.kron, np.trace: D.trace, np.diag: D.diag,
+    np.diagonal: D.diagonal, np.triu: D.triu, np.tril: D.tril,
+})
+Tracer.dot = C.dot
+Tracer.__getitem__ = X.getitem
+Tracer.__setitem__ = X.setitem
+Tracer.at = property(X.IndexUpdates)
 
 __all__ = ["trace_flat", "signature_of", "Signature"]

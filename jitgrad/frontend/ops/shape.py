@@ -304,21 +304,9 @@ def take_along_axis(x: Any, idx: Any, axis: int) -> Any:
 
 
 def getitem(x: Any, key: Any) -> Any:
-    """x[key] for basic indexing (ints, slices, None, ...) or one integer array on axis 0."""
+    """x[key] for basic indexing (ints, slices, None, ...); indexing.getitem takes the rest."""
     x = _as_array(x)
-    if isinstance(key, Tracer) or (isinstance(key, (np.ndarray, list))):
-        idx = _as_array(np.asarray(key) if isinstance(key, list) else key)
-        if idx.dtype == np.dtype(bool):
-            raise JitgradError("boolean-mask indexing has a data-dependent shape; "
-                               "use jg.where(mask, x, 0) instead")
-        if idx.dtype.kind not in "iu":
-            raise JitgradError(f"array indices must be integers, got {idx.dtype}")
-        if isinstance(idx, np.ndarray):
-            _check_bounds(idx, x.shape[0] if x.ndim else 0)
-        return gather_p.bind(x, idx)
     key = key if isinstance(key, tuple) else (key,)
-    if any(isinstance(k, (Tracer, np.ndarray, list)) for k in key):
-        raise JitgradError("only one integer array index, on its own (x[idx]), is supported")
     n_real = sum(1 for k in key if k is not None and k is not Ellipsis)
     if n_real > x.ndim:
         raise JitgradError(f"too many indices ({n_real}) for an array of shape {x.shape}")
