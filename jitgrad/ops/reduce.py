@@ -396,18 +396,39 @@ prod_p.def_shape(lambda x, *, axes, keepdims: (reduced_shape(x[0], axes, keepdim
 
 @prod_p.def_vjp
 def _prod_vjp(cts, outs, ins, *, axes, keepdims):
-    # d prod / d x_i is the product of the others: prod / x_i where no entry is zero; at
-    # the one zero of a slice, the product of its other entries; 0 with two zeros or more.
+    # d prod / d x_i is the product of the others, computed without dividing by x_i (which
+    # may be zero) as the product of the entries before i times that of the entries after:
+    # scans of multiplications, whose own VJPs keep every order exact.
     x = ins[0]
-    g = _expand_back(cts[0], x.shape, axes)
-    y = _expand_back(outs[0], x.shape, axes)
-    zero = E.eq(x, 0.0)
-    n_zero = sum(zero, axes, keepdims=True)
-    others = _expand_back(prod(E.where(zero, 1.0, x), axes, keepdims=False), x.shape, axes)
-    safe = E.where(zero, 1.0, x)
-    d = E.where(E.eq(n_zero, 0), y / safe, E.where(E.eq(n_zero, 1), E.where(zero, others, 0.0),
-                                                   0.0))
-    return [g * d]
+    rest = tuple(a for a in range(x.ndim) if a not in axes)
+    moved = S.transpose(x, rest + axes)
+    lines = S.reshape(moved, moved.shape[:len(rest)] + (_count(x.shape, axes),))
+    others = S.reshape(_exclusive_products(lines), moved.shape)
+    others = S.transpose(others, tuple(int(i) for i in np.argsort(rest + axes)))
+    return [_expand_back(cts[0], x.shape, axes) * others]
+
+
+def _exclusive_products(x: Any) -> Any:
+    """prod_{j != i} x[..., j] for every i along the last axis, in O(n log n) multiplies."""
+    n = x.shape[-1]
+
+    def shifted(v: Any, d: int) -> Any:  # v moved d places along the last axis, 1s in front
+        ones = np.ones(v.shape[:-1] + (builtins.min(d, n),), v.dtype)
+        if d >= n:
+            return ones
+        return S.concatenate([ones, S.getitem(v, (Ellipsis, slice(0, n - d)))], axis=-1)
+
+    def prefix(v: Any) -> Any:  # inclusive running product (Hillis-Steele scan)
+        d = 1
+        while d < n:
+            v = v * shifted(v, d)
+            d *= 2
+        return v
+
+    backwards = (Ellipsis, slice(None, None, -1))
+    before = prefix(shifted(x, 1))
+    after = S.getitem(prefix(shifted(S.getitem(x, backwards), 1)), backwards)
+    return before * after
 
 
 def prod(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
