@@ -203,10 +203,10 @@ def _iterate(x: Tracer) -> Any:
 def _no_conversion(x: Tracer, *args: Any, **kwargs: Any) -> Any:
     raise TracingError(
         f"a traced {x.ir_var.type_str()} was converted to a numpy array (at {current_loc()}): "
-        "numpy.array, numpy.asarray, numpy.r_ and numpy.c_ cannot be traced, and on a list "
-        "holding traced values they convert the list element by element before jitgrad sees "
-        "it. Build the array with numpy.stack(list) (or numpy.concatenate, jitgrad.numpy.array"
-        "(list)); its value is only known when the compiled program runs.")
+        "np.array, np.asarray, np.r_ and np.c_ cannot be traced, and given a list holding "
+        "traced values they convert the list's items one by one before jitgrad sees it. "
+        "Build the array with np.stack(list) (or np.concatenate, or jitgrad.numpy.array(list)); "
+        "a traced value is only known when the compiled program runs.")
 
 
 for _name, _fn in {**METHODS, **OPERATORS}.items():

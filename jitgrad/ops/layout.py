@@ -78,13 +78,13 @@ def expand_dims(x: Any, axis: Any) -> Any:
 
 def atleast_1d(*arys: Any) -> Any:
     out = [S.reshape(a, (1,)) if a.ndim == 0 else a for a in map(_arr, arys)]
-    return out[0] if len(out) == 1 else out
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def atleast_2d(*arys: Any) -> Any:
     out = [S.reshape(a, (1,) * (2 - a.ndim) + a.shape) if a.ndim < 2 else a
            for a in map(_arr, arys)]
-    return out[0] if len(out) == 1 else out
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def atleast_3d(*arys: Any) -> Any:
@@ -92,7 +92,7 @@ def atleast_3d(*arys: Any) -> Any:
         shape = {0: (1, 1, 1), 1: (1, a.size, 1), 2: a.shape + (1,)}.get(a.ndim, a.shape)
         return S.reshape(a, shape)
     out = [three(a) for a in map(_arr, arys)]
-    return out[0] if len(out) == 1 else out
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 # ---------------------------------------------------------------- axis permutations
