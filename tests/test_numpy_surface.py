@@ -112,8 +112,8 @@ row("binary", "np.true_divide", "div", "broadcast", lambda a, b: np.true_divide(
     mk(normal(3, 4), away(4)))
 row("binary", "np.power", "pow", "array-exponent-broadcast", lambda a, b: np.power(a, b),
     mk(pos(3, 1), normal(4)))
-row("binary", "np.power", "pow", "negative-base-int-exponents", lambda a: np.power(a, np.arange(4.0)),
-    mk(normal(3, 4)))
+row("binary", "np.power", "pow", "negative-base-int-exponents",
+    lambda a: np.power(a, np.arange(4.0)), mk(normal(3, 4)))
 
 
 def quotient(divisor: float, *shape: int) -> Any:
@@ -401,7 +401,8 @@ def test_sort_is_stable_and_puts_nan_last(backend):
     np.testing.assert_array_equal(idx, np.argsort(x, axis=-1, kind="stable"))
     np.testing.assert_array_equal(jg.jit(lambda x: np.sort(x))(x), np.sort(x))
     # ties: the gradient goes to the element each sorted position came from
-    g = jg.jit(jg.grad(lambda x: jg.sum(np.sort(x) * np.arange(4.0))))(np.array([1.0, 0.0, 1.0, 0.0]))
+    g = jg.jit(jg.grad(lambda x: jg.sum(np.sort(x) * np.arange(4.0))))(
+        np.array([1.0, 0.0, 1.0, 0.0]))
     np.testing.assert_array_equal(g, [2.0, 0.0, 3.0, 1.0])
 
 

@@ -1,8 +1,16 @@
 """The primitive table: one module per family; each primitive's rules live beside it."""
 
 from ..core import registry
-from . import elementwise, linalg, nn, reduce, shape
-from . import layout, maths, sort  # the numpy surface (issue 16)
+from . import (  # the numpy surface (issue 16)
+           elementwise,
+           layout,
+           linalg,
+           maths,
+           nn,
+           reduce,
+           shape,
+           sort,
+)
 
 __all__ = ["registry", "elementwise", "linalg", "nn", "reduce", "shape", "layout", "maths",
            "sort"]
