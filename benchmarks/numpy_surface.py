@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -24,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import _common as C  # noqa: E402
+from compare import measure_calls  # noqa: E402
 
 
 def family_cases() -> dict:
@@ -66,20 +66,9 @@ def inputs(size: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def measure(fn, target_s: float = 0.2, repeats: int = 7) -> float:
-    """Median µs per call over `repeats` samples of ~target_s each."""
-    t, n = time.perf_counter(), 0
-    while time.perf_counter() - t < 0.05 or n < 2:
-        fn()
-        n += 1
-    calls = max(1, int(target_s / ((time.perf_counter() - t) / n)))
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append(1e6 * (time.perf_counter() - t) / calls)
-    return float(np.median(samples))
+def measure(fn) -> float:
+    """Median µs per call over samples of ~0.2 s each."""
+    return float(np.median(measure_calls(fn, target_s=0.2)))
 
 
 def worker(impl: str, size: int, dtype: str) -> dict:

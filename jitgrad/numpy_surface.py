@@ -19,7 +19,6 @@ import numpy as np
 from . import trace
 from .core import Tracer, current_loc
 from .errors import JitgradError, TracingError
-from .ops import elementwise as E
 from .ops import layout as Y
 from .ops import maths as M
 from .ops import reduce as R
@@ -72,14 +71,6 @@ def np_average(a, axis=None, weights=None, returned=False, *, keepdims=None):
     return R.average(a, axis, weights, returned, _keep(keepdims))
 
 
-def np_round(a, decimals=0, out=None):
-    _reject("round", out=out)
-    if decimals:
-        raise JitgradError(f"numpy.round with decimals={decimals} is not supported on traced "
-                           f"values (at {current_loc()})")
-    return E.round(a)
-
-
 def np_stack(arrays, axis=0, out=None, *, dtype=None, casting=None):
     _reject("stack", out=out, dtype=dtype)
     return Y.stack(arrays, axis)
@@ -127,7 +118,7 @@ UFUNCS: dict[Any, Callable[..., Any]] = {
 FUNCTIONS: dict[Any, Callable[..., Any]] = {
     np.prod: np_prod, np.min: np_min, np.amin: np_min, np.var: np_var, np.std: np_std,
     np.cumsum: np_cumsum, np.average: np_average, np.clip: M.clip,
-    np.nan_to_num: M.nan_to_num, np.round: np_round, np.around: np_round,
+    np.nan_to_num: M.nan_to_num,
     np.sort: np_sort, np.argsort: np_argsort, np.partition: O.partition,
     np.stack: np_stack, np.vstack: _stacking(Y.vstack, "vstack"),
     np.hstack: _stacking(Y.hstack, "hstack"), np.dstack: Y.dstack,
@@ -146,13 +137,9 @@ FUNCTIONS: dict[Any, Callable[..., Any]] = {
 
 # ---------------------------------------------------------------- array methods
 
-def _axes_of(args: tuple) -> Any:
-    """x.squeeze(0, 1) / x.transpose(1, 0)-style arguments as one value."""
-    return args[0] if len(args) == 1 else (args or None)
-
-
 def _method_round(x, decimals=0, out=None):
-    return np_round(x, decimals, out)
+    _reject("ndarray.round", out=out)
+    return trace._round(x, decimals)
 
 
 def _method_clip(x, min=None, max=None, out=None, **kwargs):

@@ -24,17 +24,19 @@ import numpy as np
 from ..core import Tracer
 from ..errors import JitgradError
 from . import elementwise as E
+from . import vecmath as V
 
 _LN2 = math.log(2.0)
 _LN10 = math.log(10.0)
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 
-def _unary_math(name: str, ref: Any, scalar: str, vjp: Any, helpers: str = ""):
-    """A float-valued unary primitive: vjp(g, y, x) -> the gradient (y the result)."""
+def _unary_math(name: str, ref: Any, libm: str, vjp: Any):
+    """A float-valued unary primitive computed by libm's `libm` (vectorised by libmvec in
+    fused loops, see vecmath.py): vjp(g, y, x) -> the gradient (y the result)."""
     p, fn = E._unary(name, ref)
     p.def_vjp(lambda cts, outs, ins: [vjp(cts[0], outs[0], ins[0])])
-    p.def_scalar(scalar, helpers)
+    p.def_scalar(f"vm_{libm}({{0}})", V.helper(f"vm_{libm}"))
     return p, fn
 
 
@@ -44,42 +46,34 @@ def _erf_ref(x: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- unary
 
-sin_p, sin = _unary_math("sin", np.sin, "np.sin({0})", lambda g, y, x: g * cos(x))
-cos_p, cos = _unary_math("cos", np.cos, "np.cos({0})", lambda g, y, x: E.neg(g * sin(x)))
-tan_p, tan = _unary_math("tan", np.tan, "np.tan({0})", lambda g, y, x: g * (1.0 + y * y))
-arcsin_p, arcsin = _unary_math("arcsin", np.arcsin, "np.arcsin({0})",
+sin_p, sin = _unary_math("sin", np.sin, "sin", lambda g, y, x: g * cos(x))
+cos_p, cos = _unary_math("cos", np.cos, "cos", lambda g, y, x: E.neg(g * sin(x)))
+tan_p, tan = _unary_math("tan", np.tan, "tan", lambda g, y, x: g * (1.0 + y * y))
+arcsin_p, arcsin = _unary_math("arcsin", np.arcsin, "asin",
                                lambda g, y, x: g / E.sqrt(1.0 - x * x))
-arccos_p, arccos = _unary_math("arccos", np.arccos, "np.arccos({0})",
+arccos_p, arccos = _unary_math("arccos", np.arccos, "acos",
                                lambda g, y, x: E.neg(g) / E.sqrt(1.0 - x * x))
-arctan_p, arctan = _unary_math("arctan", np.arctan, "np.arctan({0})",
+arctan_p, arctan = _unary_math("arctan", np.arctan, "atan",
                                lambda g, y, x: g / (1.0 + x * x))
-sinh_p, sinh = _unary_math("sinh", np.sinh, "np.sinh({0})", lambda g, y, x: g * cosh(x))
-cosh_p, cosh = _unary_math("cosh", np.cosh, "np.cosh({0})", lambda g, y, x: g * sinh(x))
-arcsinh_p, arcsinh = _unary_math("arcsinh", np.arcsinh, "np.arcsinh({0})",
+sinh_p, sinh = _unary_math("sinh", np.sinh, "sinh", lambda g, y, x: g * cosh(x))
+cosh_p, cosh = _unary_math("cosh", np.cosh, "cosh", lambda g, y, x: g * sinh(x))
+arcsinh_p, arcsinh = _unary_math("arcsinh", np.arcsinh, "asinh",
                                  lambda g, y, x: g / E.sqrt(x * x + 1.0))
-arccosh_p, arccosh = _unary_math("arccosh", np.arccosh, "np.arccosh({0})",
+arccosh_p, arccosh = _unary_math("arccosh", np.arccosh, "acosh",
                                  lambda g, y, x: g / E.sqrt(x * x - 1.0))
-arctanh_p, arctanh = _unary_math("arctanh", np.arctanh, "np.arctanh({0})",
+arctanh_p, arctanh = _unary_math("arctanh", np.arctanh, "atanh",
                                  lambda g, y, x: g / (1.0 - x * x))
-exp2_p, exp2 = _unary_math("exp2", np.exp2, "np.exp2({0})", lambda g, y, x: g * y * _LN2)
-expm1_p, expm1 = _unary_math("expm1", np.expm1, "np.expm1({0})",
+exp2_p, exp2 = _unary_math("exp2", np.exp2, "exp2", lambda g, y, x: g * y * _LN2)
+expm1_p, expm1 = _unary_math("expm1", np.expm1, "expm1",
                              lambda g, y, x: g * (y + 1.0))
-log2_p, log2 = _unary_math("log2", np.log2, "np.log2({0})",
+log2_p, log2 = _unary_math("log2", np.log2, "log2",
                            lambda g, y, x: g / (x * _LN2))
-log10_p, log10 = _unary_math("log10", np.log10, "np.log10({0})",
+log10_p, log10 = _unary_math("log10", np.log10, "log10",
                              lambda g, y, x: g / (x * _LN10))
-log1p_p, log1p = _unary_math("log1p", np.log1p, "np.log1p({0})",
+log1p_p, log1p = _unary_math("log1p", np.log1p, "log1p",
                              lambda g, y, x: g / (1.0 + x))
-_ERF = '''
-import math
-
-
-@njit(inline="always")
-def _erf(x):
-    return math.erf(x)
-'''
-erf_p, erf = _unary_math("erf", _erf_ref, "_erf({0})",
-                         lambda g, y, x: g * _TWO_OVER_SQRT_PI * E.exp(E.neg(x * x)), _ERF)
+erf_p, erf = _unary_math("erf", _erf_ref, "erf",
+                         lambda g, y, x: g * _TWO_OVER_SQRT_PI * E.exp(E.neg(x * x)))
 erf.__doc__ = "The error function 2/sqrt(pi) * integral of exp(-t^2) from 0 to x."
 
 
@@ -158,23 +152,18 @@ def clip(a: Any, a_min: Any = None, a_max: Any = None, out: Any = None, *,
 
 # ---------------------------------------------------------------- binary
 
-_MINIMUM = '''
+def _selection(name: str, keeps_a: str) -> str:
+    """The scalar helper choosing a where `keeps_a` holds, else b."""
+    return f'''
 @njit(inline="always")
-def _minimum(a, b):
-    return a if (a < b or a != a) else b
+def {name}(a, b):
+    return a if ({keeps_a}) else b
 '''
 
-_FMAX = '''
-@njit(inline="always")
-def _fmax(a, b):
-    return a if (a > b or b != b) else b
-'''
 
-_FMIN = '''
-@njit(inline="always")
-def _fmin(a, b):
-    return a if (a < b or b != b) else b
-'''
+_MINIMUM = _selection("_minimum", "a < b or a != a")  # NaN propagates, as in numpy
+_FMAX = _selection("_fmax", "a > b or b != b")  # NaN is ignored
+_FMIN = _selection("_fmin", "a < b or b != b")
 
 
 def _binary_math(name: str, ref: Any, scalar: str, rule: Any, *, helpers: str = "",
@@ -235,17 +224,37 @@ fmax_p, fmax = _binary_math("fmax", np.fmax, "_fmax({0}, {1})",
                             _nan_aware(_tie_rule(E.gt, E.lt)), helpers=_FMAX, floats=False)
 fmin_p, fmin = _binary_math("fmin", np.fmin, "_fmin({0}, {1})",
                             _nan_aware(_tie_rule(E.lt, E.gt)), helpers=_FMIN, floats=False)
+# numpy's algorithm, written without branches so that the loop vectorises: the larger
+# operand plus log1p(exp(-|a - b|)); where a - b is NaN (equal infinities, a NaN) a + b.
+_LOGADDEXP = V.helper("vm_exp", "vm_log1p", "vm_exp2") + '''
+
+
+@njit(inline="always")
+def _logaddexp(a, b):
+    d = a - b
+    r = (a if d > 0 else b) + vm_log1p(vm_exp(-abs(d)))
+    return r if d == d else a + b
+
+
+@njit(inline="always")
+def _logaddexp2(a, b):
+    d = a - b
+    r = (a if d > 0 else b) + vm_log1p(vm_exp2(-abs(d))) * 1.4426950408889634  # 1 / ln 2
+    return r if d == d else a + b
+'''
 logaddexp_p, logaddexp = _binary_math(
-    "logaddexp", np.logaddexp, "np.logaddexp({0}, {1})",
-    lambda g, y, a, b: (g * E.exp(a - y), g * E.exp(b - y)))
+    "logaddexp", np.logaddexp, "_logaddexp({0}, {1})",
+    lambda g, y, a, b: (g * E.exp(a - y), g * E.exp(b - y)), helpers=_LOGADDEXP)
 logaddexp2_p, logaddexp2 = _binary_math(
-    "logaddexp2", np.logaddexp2, "np.logaddexp2({0}, {1})",
-    lambda g, y, a, b: (g * exp2(a - y), g * exp2(b - y)))
+    "logaddexp2", np.logaddexp2, "_logaddexp2({0}, {1})",
+    lambda g, y, a, b: (g * exp2(a - y), g * exp2(b - y)), helpers=_LOGADDEXP)
 arctan2_p, arctan2 = _binary_math(
-    "arctan2", np.arctan2, "np.arctan2({0}, {1})",
-    lambda g, y, a, b: (g * b / (a * a + b * b), E.neg(g) * a / (a * a + b * b)))
-hypot_p, hypot = _binary_math("hypot", np.hypot, "np.hypot({0}, {1})",
-                              lambda g, y, a, b: (g * a / y, g * b / y))
+    "arctan2", np.arctan2, "vm_atan2({0}, {1})",
+    lambda g, y, a, b: (g * b / (a * a + b * b), E.neg(g) * a / (a * a + b * b)),
+    helpers=V.helper("vm_atan2"))
+hypot_p, hypot = _binary_math("hypot", np.hypot, "vm_hypot({0}, {1})",
+                              lambda g, y, a, b: (g * a / y, g * b / y),
+                              helpers=V.helper("vm_hypot"))
 # Numba's % and // follow Python's sign rule, as numpy's remainder and floor_divide do
 # (integer division by zero gives 0 in both).
 floor_divide_p, floor_divide = _binary_math("floor_divide", np.floor_divide, "({0} // {1})",

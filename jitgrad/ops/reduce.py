@@ -454,10 +454,16 @@ PROD = Kernel("prod", "px py outer n inner", f"K.reduce_prod({_VIEW})\nreturn 0"
               {**FLOATS, **WIDE_INTS})
 
 
-@prod_p.def_lowering
-def _lower_prod(low, ins) -> None:
-    x, y = ins.inputs[0], ins.outputs[0]
-    low.call(PROD, x.dtype, [x, y, *_reduce_dims(x.shape, ins.kw["axes"])], [y], [x], ins)
+def _plain_reduction(kernel: Kernel):
+    """The lowering of a reduction whose kernel needs no scratch: (x, y, outer, n, inner)."""
+    def lower(low, ins) -> None:
+        x, y = ins.inputs[0], ins.outputs[0]
+        low.call(kernel, x.dtype, [x, y, *_reduce_dims(x.shape, ins.kw["axes"])], [y], [x],
+                 ins)
+    return lower
+
+
+prod_p.def_lowering(_plain_reduction(PROD))
 
 
 # ---------------------------------------------------------------- min
@@ -496,12 +502,7 @@ def reduce_min(x, y):
 
 MIN = Kernel("min", "px py outer n inner", f"K.reduce_min({_VIEW})\nreturn 0",
              {**FLOATS, **WIDE_INTS})
-
-
-@min_p.def_lowering
-def _lower_min(low, ins) -> None:
-    x, y = ins.inputs[0], ins.outputs[0]
-    low.call(MIN, x.dtype, [x, y, *_reduce_dims(x.shape, ins.kw["axes"])], [y], [x], ins)
+min_p.def_lowering(_plain_reduction(MIN))
 
 
 for _p in (prod_p, min_p):
