@@ -3,10 +3,12 @@ implementation in its own process, alternating over rounds (medians, ratios).
 
     python benchmarks/numpy_surface.py [--rounds 3] [--size 1000000] [--dtype float32]
 
-Every case is a numpy expression run as it is by numpy and through `jg.jit` (a call as a
-user makes it: arguments in, a fresh result array out). The "family" cases combine the
-functions of a family the way code uses them; the single-function cases are each ufunc
-alone. Ratio = numpy time / jitgrad time (> 1: jitgrad faster).
+Every case is a numpy expression run as it is by numpy and through `jg.jit`: a call as a
+user makes it (arguments in, a fresh result array out: the result is copied out of the
+arena), and the bare native call (the fused loop alone, its result left in the arena).
+The "family" cases combine the functions of a family the way code uses them; the
+single-function cases are each ufunc alone. Ratio = numpy time / jitgrad time (> 1:
+jitgrad faster).
 """
 
 from __future__ import annotations
@@ -45,13 +47,15 @@ def family_cases() -> dict:
 def single_cases() -> dict:
     unary = ["sin", "cos", "tan", "arcsin", "arccos", "arctan", "sinh", "cosh", "arcsinh",
              "arctanh", "exp2", "expm1", "log2", "log10", "log1p", "square"]
-    def one(f):  # inputs in [-1, 1): inside every domain but arccosh's
+    def one(f):  # inputs in [-1, 1): inside every domain but those of the logarithms
         return lambda x, y: f(x)
 
     def two(f):
         return lambda x, y: f(x, y)
 
     out = {f"np.{u}": one(getattr(np, u)) for u in unary}
+    out["np.log2"] = lambda x, y: np.log2(1.5 + x)
+    out["np.log10"] = lambda x, y: np.log10(1.5 + x)
     out["np.arccosh"] = lambda x, y: np.arccosh(2.0 + x)
     for b in ["minimum", "fmax", "hypot", "arctan2", "logaddexp", "remainder"]:
         out[f"np.{b}"] = two(getattr(np, b))
@@ -85,7 +89,9 @@ def worker(impl: str, size: int, dtype: str) -> dict:
             cf = jg.jit(fn)
             np.testing.assert_allclose(cf(x, y), fn(x, y), rtol=1e-4 if dtype == "float32"
                                        else 1e-10, atol=1e-5)
+            run, _keep = C.native_runner(cf, x, y)
             out[name] = measure(lambda c=cf: c(x, y))
+            out[f"{name} (native)"] = measure(run)
     return out
 
 
@@ -113,18 +119,23 @@ def main(argv: list[str] | None = None) -> int:
             runs[impl].append(json.loads(p.stdout.strip().splitlines()[-1]))
     rows = []
     for name in runs["numpy"][0]:
-        t_np = float(np.median([r[name] for r in runs["numpy"]]))
-        t_jg = float(np.median([r[name] for r in runs["jitgrad"]]))
-        rows.append({"case": name, "numpy_us": t_np, "jitgrad_us": t_jg, "ratio": t_np / t_jg})
+        row = {"case": name}
+        row["numpy_us"] = float(np.median([r[name] for r in runs["numpy"]]))
+        for key, case in (("jitgrad_us", name), ("native_us", f"{name} (native)")):
+            row[key] = float(np.median([r[case] for r in runs["jitgrad"]]))
+        row["ratio"] = row["numpy_us"] / row["jitgrad_us"]
+        row["native_ratio"] = row["numpy_us"] / row["native_us"]
+        rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"{args.size:,} {args.dtype} elements, {args.rounds} alternating rounds, medians, "
           f"load {os.getloadavg()[0]:.1f}")
-    print("| case | numpy µs | jitgrad µs | numpy/jitgrad |\n|---|---:|---:|---:|")
+    print("| case | numpy µs | jitgrad µs | numpy/jitgrad | native µs | numpy/native |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['case']} | {r['numpy_us']:,.0f} | {r['jitgrad_us']:,.0f} | "
-              f"{r['ratio']:.2f} |")
+              f"{r['ratio']:.2f} | {r['native_us']:,.0f} | {r['native_ratio']:.2f} |")
     return 0
 
 
