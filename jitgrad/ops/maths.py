@@ -4,7 +4,8 @@ Each row below declares a primitive whole: numpy reference, shape rule, VJP (wri
 primitives, so every order works) and scalar expression (so fusion inlines it into one
 loop with its neighbours). Functions that are as fast composed from existing primitives
 are compositions (they fuse the same way): square, reciprocal, negative, positive, fabs,
-absolute, deg2rad/radians, rad2deg/degrees, nan_to_num, true_divide, clip.
+absolute, deg2rad/radians, rad2deg/degrees, nan_to_num, clip (true_divide is numpy's
+divide). The libm functions are called through vecmath.py, so that fused loops vectorise.
 
 Conventions at kinks (as elementwise.py's):
 - minimum, fmin, fmax at a tie send half of the gradient to each argument (autograd's
@@ -126,10 +127,6 @@ def nan_to_num(x: Any, copy: bool = True, nan: float = 0.0, posinf: float | None
     lo = float(info.min) if neginf is None else float(neginf)
     out = E.where(E.eq(x, math.inf), hi, E.where(E.eq(x, -math.inf), lo, x))
     return E.where(E.ne(x, x), float(nan), out)
-
-
-def true_divide(a: Any, b: Any) -> Any:
-    return E.div(a, b)
 
 
 def clip(a: Any, a_min: Any = None, a_max: Any = None, out: Any = None, *,
