@@ -228,3 +228,47 @@ class EinsumNumpy:
 
     def time_einsum(self, spec):
         np.einsum(self.spec, *self.xs, out=self.out, optimize=True)
+# ---------------------------------------------------------------- the numpy surface (issue 16)
+# Elementwise families as a user writes them (benchmarks/numpy_surface.py has the rest and
+# runs each side in its own process, alternating): jitgrad fuses each into one loop.
+
+FAMILY_SIZES = ["1000000"]
+
+
+def _surface_case(family):
+    from . import numpy_surface
+    return numpy_surface.family_cases()[family], numpy_surface.inputs
+
+
+FAMILIES = ["trig", "exp/log", "min/max", "binary maths", "remainder"]
+
+
+class NumpySurfaceJitgrad:
+    params = (FAMILIES, FAMILY_SIZES)
+    param_names = ["family", "size"]
+
+    def setup(self, family, size):
+        import jitgrad as jg
+        C.pin_threads()
+        fn, inputs = _surface_case(family)
+        x, y = inputs(int(size), "float32")
+        cf = jg.jit(fn)
+        cf(x, y)
+        self.run, self.keep = C.native_runner(cf, x, y)
+
+    def time_family(self, family, size):
+        self.run()
+
+
+class NumpySurfaceNumpy:
+    params = (FAMILIES, FAMILY_SIZES)
+    param_names = ["family", "size"]
+
+    def setup(self, family, size):
+        C.pin_threads()
+        self.fn, inputs = _surface_case(family)
+        self.x, self.y = inputs(int(size), "float32")
+
+    def time_family(self, family, size):
+        with np.errstate(all="ignore"):
+            self.fn(self.x, self.y)

@@ -2,6 +2,7 @@
 
 import sys as _sys
 
+from . import numpy  # noqa: E402  (jitgrad.numpy: numpy's namespace for traced values)
 from .errors import (
     CacheSecurityError,
     JitgradError,
@@ -10,6 +11,7 @@ from .errors import (
     TracingError,
     UndefinedGradientError,
 )
+from .frontend import numpy_surface as _numpy_surface  # noqa: F401  (numpy's functions on Tracer)
 from .frontend import random, tree
 from .frontend import trace as _trace  # noqa: F401  (attaches operators to Tracer)
 from .frontend.api import CompiledFunction, checkpoint, grad, jit, value_and_grad
@@ -35,9 +37,53 @@ from .frontend.ops.elementwise import (
 )
 from .frontend.ops.indexing import at
 from .frontend.ops.linalg import matmul
+from .frontend.ops.maths import (  # the numpy surface (issue 16)
+    arccos,
+    arccosh,
+    arcsin,
+    arcsinh,
+    arctan,
+    arctan2,
+    arctanh,
+    clip,
+    cos,
+    cosh,
+    erf,
+    exp2,
+    expm1,
+    floor_divide,
+    fmax,
+    fmin,
+    hypot,
+    log1p,
+    log2,
+    log10,
+    logaddexp,
+    logaddexp2,
+    minimum,
+    remainder,
+    sin,
+    sinh,
+    square,
+    tan,
+)
 from .frontend.ops.nn import softmax, softmax_cross_entropy
-from .frontend.ops.reduce import argmax, logsumexp, max, max_argmax, mean, sum
+from .frontend.ops.reduce import (
+    argmax,
+    average,
+    cumsum,
+    logsumexp,
+    max,
+    max_argmax,
+    mean,
+    min,
+    prod,
+    std,
+    sum,
+    var,
+)
 from .frontend.ops.shape import concatenate, reshape, take_along_axis, transpose
+from .frontend.ops.sort import argsort, sort
 from .frontend.transforms import hessian, jacfwd, jacobian, jvp, vmap
 from .tools import show as _show  # noqa: F401  (attaches cf.show to CompiledFunction)
 from .tools import timeline
@@ -65,4 +111,9 @@ __all__ = [
     "jacobian", "hessian", "jvp", "jacfwd", "vmap",
     "at", "diag", "diagonal", "dot", "einsum", "inner", "kron", "outer", "tensordot", "trace",
     "tril", "triu",
+    # the numpy surface (issue 16)
+    "numpy", "arccos", "arccosh", "arcsin", "arcsinh", "arctan", "arctan2", "arctanh", "clip",
+    "cos", "cosh", "erf", "exp2", "expm1", "fmax", "fmin", "floor_divide", "hypot", "log1p",
+    "log2", "log10", "logaddexp", "logaddexp2", "minimum", "remainder", "sin", "sinh",
+    "square", "tan", "average", "cumsum", "min", "prod", "std", "var", "argsort", "sort",
 ]

@@ -27,6 +27,7 @@ rules are checked at first order.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import re
 import zlib
@@ -559,6 +560,104 @@ add("randint_offset", "int32",
     lambda x, k: jg.random.randint(k, x.shape, -3, 12).astype(x.dtype) + x * 0,
     lambda x, k: np_randint(k, x.shape, -3, 12).astype(x.dtype) + x * 0,
     mk(normal(3, 4), const(KEY)), kind="nograd")
+
+
+# ---------------------------------------------------------------- the numpy surface (issue 16)
+# One or two rows per primitive of the numpy surface (part A) here, for the registry's
+# coverage; every numpy function, method and operator, compositions included, has its own
+# rows in test_numpy_surface.py.
+
+
+def uniform(lo: float, hi: float, *shape: int) -> Callable[[np.random.Generator], np.ndarray]:
+    return lambda r: r.uniform(lo, hi, size=shape)
+
+
+def quotient_away(sa: tuple[int, ...], sb: tuple[int, ...]) -> Callable[[np.random.Generator], Any]:
+    """(a, b) with a / b an integer plus a fraction in [0.2, 0.8] (remainder, floor_divide:
+    away from the jumps), b of either sign."""
+    def gen(r: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        b = away(*sb)(r) * 1.5
+        out = np.broadcast_shapes(sa, sb)
+        q = r.integers(-3, 3, size=out) + r.uniform(0.2, 0.8, size=out)
+        a = (q * b)[tuple(slice(0, 1) if d == 1 else slice(None)
+                          for d in (1,) * (len(out) - len(sa)) + sa)]
+        return a.reshape(sa), b
+    return gen
+
+
+MATHS_UNARY = [
+    ("sin", jg.sin, np.sin, normal), ("cos", jg.cos, np.cos, normal),
+    ("tan", jg.tan, np.tan, lambda *s: uniform(-1.2, 1.2, *s)),
+    ("arcsin", jg.arcsin, np.arcsin, lambda *s: uniform(-0.8, 0.8, *s)),
+    ("arccos", jg.arccos, np.arccos, lambda *s: uniform(-0.8, 0.8, *s)),
+    ("arctan", jg.arctan, np.arctan, normal), ("sinh", jg.sinh, np.sinh, normal),
+    ("cosh", jg.cosh, np.cosh, normal), ("arcsinh", jg.arcsinh, np.arcsinh, normal),
+    ("arccosh", jg.arccosh, np.arccosh, lambda *s: uniform(1.2, 3.0, *s)),
+    ("arctanh", jg.arctanh, np.arctanh, lambda *s: uniform(-0.8, 0.8, *s)),
+    ("exp2", jg.exp2, np.exp2, normal), ("expm1", jg.expm1, np.expm1, normal),
+    ("log2", jg.log2, np.log2, pos), ("log10", jg.log10, np.log10, pos),
+    ("log1p", jg.log1p, np.log1p, pos),
+    ("erf", jg.erf, lambda x: np.vectorize(math.erf)(x), normal),
+]
+for _name, _fn, _ref, _gen in MATHS_UNARY:
+    for _shape in [(3, 4), (2, 3, 2)]:
+        add(_name, "x".join(map(str, _shape)), _fn, _ref, mk(_gen(*_shape)))
+
+for _name, _fn, _ref, _gen in [
+        ("minimum", jg.minimum, np.minimum, lambda sa, sb: mk(separated(sa, sb))),
+        ("fmin", jg.fmin, np.fmin, lambda sa, sb: mk(separated(sa, sb))),
+        ("fmax", jg.fmax, np.fmax, lambda sa, sb: mk(separated(sa, sb))),
+        ("logaddexp", jg.logaddexp, np.logaddexp, lambda sa, sb: mk(normal(*sa), normal(*sb))),
+        ("logaddexp2", jg.logaddexp2, np.logaddexp2,
+         lambda sa, sb: mk(normal(*sa), normal(*sb))),
+        ("arctan2", jg.arctan2, np.arctan2, lambda sa, sb: mk(away(*sa), away(*sb))),
+        ("hypot", jg.hypot, np.hypot, lambda sa, sb: mk(away(*sa), away(*sb))),
+        ("remainder", jg.remainder, np.remainder, lambda sa, sb: mk(quotient_away(sa, sb)))]:
+    for _sa, _sb in [((3, 4), (4,)), ((3, 1), (1, 4))]:
+        add(_name, f"{'x'.join(map(str, _sa))}-{'x'.join(map(str, _sb))}", _fn, _ref,
+            _gen(_sa, _sb))
+FLOOR_DIVISOR = np.array([1.5, -0.75, 2.25, -1.25])
+add("floor_divide", "3x4-4", lambda x: jg.floor_divide(x, FLOOR_DIVISOR),
+    lambda x: np.floor_divide(x, FLOOR_DIVISOR),
+    mk(lambda r: FLOOR_DIVISOR * near_int(0.2, 0.8, 3, 4)(r)), kind="undefined",
+    f32=False)  # a float64 divisor makes the result float64, as in numpy
+add("floor_divide", "operator", lambda x: x // 0.75, lambda x: x // 0.75,
+    mk(lambda r: quotient_away((2, 3), ())(r)[0] * 0.5), kind="undefined")
+add("fmax", "nan-operand", lambda a: jg.fmax(a, np.array([np.nan, 0.5, np.nan, -0.5])),
+    lambda a: np.fmax(a, np.array([np.nan, 0.5, np.nan, -0.5])),
+    mk(lambda r: separated((3, 4), ())(r)[0]), f32=False)
+
+
+def with_zeros(count: int, *shape: int) -> Callable[[np.random.Generator], np.ndarray]:
+    """Normal values with `count` exact zeros in the first row (prod's special cases)."""
+    def gen(r: np.random.Generator) -> np.ndarray:
+        x = r.normal(size=shape)
+        x.reshape(shape[0], -1)[0, :count] = 0.0
+        return x
+    return gen
+
+
+for _axis, _keep in [(None, False), (1, True), ((0, 2), False), (-1, False)]:
+    add("prod", f"axis{_axis}-keepdims{_keep}",
+        lambda x, a=_axis, k=_keep: jg.prod(x, axis=a, keepdims=k),
+        lambda x, a=_axis, k=_keep: np.prod(x, axis=a, keepdims=k), mk(normal(2, 3, 4)))
+    add("min", f"axis{_axis}-keepdims{_keep}",
+        lambda x, a=_axis, k=_keep: jg.min(x, axis=a, keepdims=k),
+        lambda x, a=_axis, k=_keep: np.min(x, axis=a, keepdims=k), mk(distinct(2, 3, 4)))
+add("prod", "one-zero", lambda x: jg.prod(x, axis=1), lambda x: np.prod(x, axis=1),
+    mk(with_zeros(1, 3, 4)))
+add("prod", "two-zeros", lambda x: jg.prod(x, axis=1), lambda x: np.prod(x, axis=1),
+    mk(with_zeros(2, 3, 4)))
+for _axis in (None, 0, -1):
+    add("cumsum", f"axis{_axis}", lambda x, a=_axis: jg.cumsum(x, axis=a),
+        lambda x, a=_axis: np.cumsum(x, axis=a), mk(normal(3, 4)))
+add("cumsum", "vjp-reverse",
+    lambda g: jg.frontend.ops.reduce.cumsum_p.bind(g, axis=1, reverse=True),
+    lambda g: np.flip(np.cumsum(np.flip(g, 1), axis=1), 1), mk(normal(2, 5)))
+for _axis, _shape in [(-1, (3, 4)), (0, (5, 2)), (None, (2, 3))]:
+    add("argsort", f"axis{_axis}", lambda x, a=_axis: jg.argsort(x, axis=a),
+        lambda x, a=_axis: np.argsort(x, axis=a, kind="stable"), mk(distinct(*_shape)),
+        kind="nograd")
 
 
 # ---------------------------------------------------------------- helpers

@@ -242,6 +242,9 @@ def _mlp(x, y, W0, b0, W1, b1):
     return jg.nn.mlp_loss({"W0": W0, "b0": b0, "W1": W1, "b1": b1}, x, y)
 
 
+VECMATH_UNARY = ("sin", "cos", "tan", "arcsin", "arccos", "arctan", "sinh", "cosh", "arcsinh",
+                 "arccosh", "arctanh", "exp2", "expm1", "log2", "log10", "log1p", "erf")
+
 CASES: dict[str, Case] = {
     # elementwise
     **{n: unary(n) for n in ("neg", "exp", "log", "tanh", "sigmoid", "sqrt", "abs", "relu",
@@ -351,6 +354,21 @@ CASES: dict[str, Case] = {
                       P["softmax_cross_entropy_grad"].bind(z, y)),
         lambda dt: st.tuples(special_arrays(W, dt), _labels(*W))),
     "custom_vjp_call": Case(lambda x: _custom_tanh(x * 2.0), floats(X)),
+    # the numpy surface (issue 16): libm through libmvec (vecmath.py) in the loop bodies
+    **{n: unary(n) for n in VECMATH_UNARY},
+    **{f"{n}/wide": Case(lambda x, n=n: P[n].bind(x), floats(W)) for n in VECMATH_UNARY},
+    **{n: binary(n) for n in ("minimum", "fmin", "fmax", "logaddexp", "logaddexp2", "arctan2",
+                              "hypot", "remainder", "floor_divide")},
+    **{f"{n}/wide": Case(lambda a, b, n=n: P[n].bind(a, b), floats(W, W[1:]))
+       for n in ("logaddexp", "arctan2", "hypot")},
+    "prod": ordered(lambda x: P["prod"].bind(x, axes=(1,), keepdims=False), floats(X)),
+    "prod/axis0": ordered(lambda x: P["prod"].bind(x, axes=(0,), keepdims=True), floats(X)),
+    "min": ordered(lambda x: P["min"].bind(x, axes=(1,), keepdims=False), floats(X)),
+    "min/all": ordered(lambda x: P["min"].bind(x, axes=(0, 1), keepdims=False), floats(X)),
+    "cumsum": summing("cumsum", axis=1, reverse=False),
+    "cumsum/reverse": summing("cumsum", axis=0, reverse=True),
+    "argsort": Case(lambda x: P["argsort"].bind(x, axis=1), floats(X)),
+    "argsort/axis0": Case(lambda x: P["argsort"].bind(x, axis=0), floats(X)),
     # fused kernels that are more than one primitive
     "fused/bias_relu": Case(lambda x, b: jg.relu(x * 2.0 + b), floats(X, X[1:])),
     "fused/relu_backward": Case(lambda y, g: jg.where(y > 0, g, 0.0), floats(X, X)),

@@ -8,10 +8,12 @@ concatenation, `where` on every comparison, piecewise-constant primitives
 (floor, ceil, round, sign) behind stop_gradient, casts, max_argmax (values, and
 the indices reused by take_along_axis), logsumexp, softmax, integer-array
 indexing and softmax_cross_entropy with integer labels, batched matmul, an einsum
-through a diagonal and mixed advanced indexing, with values used several times.
-Between them the programs reach every primitive of the IR (the backward-only ones --
-scatter_add, pad_slice, scatter_along_axis, softmax_cross_entropy_grad, broadcast_to,
-matmul_sum, embed_diagonal -- through the gradients). For each
+through a diagonal, mixed advanced indexing, and the numpy surface (trigonometric,
+hyperbolic, exponential and logarithmic functions, erf, minimum, fmin/fmax, logaddexp(2),
+hypot, arctan2, cumsum, sort, min, prod, var), with values used several times. Between
+them the programs reach every primitive of the IR (the backward-only ones -- scatter_add,
+pad_slice, scatter_along_axis, softmax_cross_entropy_grad, broadcast_to, matmul_sum,
+embed_diagonal -- through the gradients). For each
 program:
 
 - the jitted result equals the same function run eagerly on numpy arrays;
@@ -84,6 +86,19 @@ UNARY = {
     "affine": lambda x: 0.5 * x - 1.0,
     "abs": jg.abs,
     "relu": jg.relu,
+    # the numpy surface (issue 16), inside their domains by construction
+    "sin": jg.sin, "cos": jg.cos, "arctan": jg.arctan, "arcsinh": jg.arcsinh, "erf": jg.erf,
+    "sinh_tanh": lambda x: jg.sinh(jg.tanh(x)), "cosh_tanh": lambda x: jg.cosh(jg.tanh(x)),
+    "tan_half_tanh": lambda x: jg.tan(0.5 * jg.tanh(x)),
+    "arcsin_half_tanh": lambda x: jg.arcsin(0.5 * jg.tanh(x)),
+    "arccos_half_tanh": lambda x: jg.arccos(0.5 * jg.tanh(x)),
+    "arctanh_half_tanh": lambda x: jg.arctanh(0.5 * jg.tanh(x)),
+    "arccosh_2p_sq": lambda x: jg.arccosh(2.0 + x * x),
+    "exp2_tanh": lambda x: jg.exp2(jg.tanh(x)), "expm1_tanh": lambda x: jg.expm1(jg.tanh(x)),
+    "log1p_sq_": lambda x: jg.log1p(x * x), "log2_1p_sq": lambda x: jg.log2(1.0 + x * x),
+    "log10_1p_sq": lambda x: jg.log10(1.0 + x * x), "np_square": np.square,
+    "cumsum": lambda x: jg.cumsum(x, axis=-1) if x.ndim else x,
+    "sort": lambda x: jg.sort(x, axis=-1) if x.ndim else x,
 }
 BINARY = {
     "add": lambda a, b: a + b,
@@ -92,8 +107,16 @@ BINARY = {
     "div": lambda a, b: a / (1.0 + b * b),
     "pow": lambda a, b: (1.0 + a * a) ** jg.tanh(b),
     "maximum": jg.maximum,
+    # the numpy surface (issue 16)
+    "minimum": jg.minimum, "fmax": jg.fmax, "fmin": jg.fmin,
+    "logaddexp": jg.logaddexp, "logaddexp2": jg.logaddexp2,
+    "hypot": lambda a, b: jg.hypot(a, 1.0 + b * b),
+    "arctan2": lambda a, b: jg.arctan2(a, 1.0 + b * b),
 }
-REDUCE = {"sum": jg.sum, "mean": jg.mean, "max": jg.max, "logsumexp": jg.logsumexp}
+# selections of one operand: the kink is where the operands are equal
+TIES = ("maximum", "minimum", "fmax", "fmin")
+REDUCE = {"sum": jg.sum, "mean": jg.mean, "max": jg.max, "logsumexp": jg.logsumexp,
+          "min": jg.min, "prod": jg.prod, "var": jg.var}
 CMP = {"lt": lambda a, b: a < b, "le": lambda a, b: a <= b,
        "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
        "eq": lambda a, b: a == b, "ne": lambda a, b: a != b}
@@ -163,10 +186,12 @@ def apply(op: tuple, vals: list[Any], margins: list[float] | None, idx: Any = No
         _, name, i = op
         if check and name in ("abs", "relu"):
             margins.append(_min_abs(vals[i]))
+        if check and name == "sort" and np.ndim(vals[i]):  # kinks where two entries tie
+            margins.append(_min_abs(np.diff(np.sort(vals[i], axis=-1), axis=-1)))
         return UNARY[name](vals[i])
     if kind == "binary":
         _, name, i, j = op
-        if check and name == "maximum":
+        if check and name in TIES:
             margins.append(_min_abs(np.asarray(vals[i]) - np.asarray(vals[j])))
         return BINARY[name](vals[i], vals[j])
     if kind == "scalar":
@@ -174,8 +199,9 @@ def apply(op: tuple, vals: list[Any], margins: list[float] | None, idx: Any = No
         return BINARY[name](vals[i], c) if name != "rsub" else c - vals[i]
     if kind == "reduce":
         _, name, i, axis, keepdims = op
-        if check and name == "max":
-            margins.append(_top2_gap(np.asarray(vals[i]), _axes(axis, np.ndim(vals[i]))))
+        if check and name in ("max", "min"):
+            x = np.asarray(vals[i]) * (1.0 if name == "max" else -1.0)
+            margins.append(_top2_gap(x, _axes(axis, np.ndim(vals[i]))))
         return REDUCE[name](vals[i], axis=axis, keepdims=keepdims)
     if kind == "matmul":
         _, i, j, transpose_b = op

@@ -506,10 +506,10 @@ def test_python_if_on_a_traced_value_asks_for_where(backend):
 
 
 def test_unsupported_numpy_function_is_named(backend):
-    with pytest.raises(jg.JitgradError, match=r"numpy\.sort"):
-        jg.jit(lambda x: jg.sum(np.sort(x)))(np.ones(3))
-    with pytest.raises(jg.JitgradError, match=r"numpy\.sin"):
-        jg.jit(lambda x: np.sin(x))(np.ones(3))
+    with pytest.raises(jg.JitgradError, match=r"numpy\.cumprod"):
+        jg.jit(lambda x: jg.sum(np.cumprod(x)))(np.ones(3))
+    with pytest.raises(jg.JitgradError, match=r"numpy\.fft\.fft"):
+        jg.jit(lambda x: np.fft.fft(x))(np.ones(3))
 
 
 # ---------------------------------------------------------------- numpy dispatch

@@ -364,26 +364,26 @@ class Tracer:
     float32). Operators are attached in trace.py.
     """
 
-    __slots__ = ("trace", "var", "weak")
+    __slots__ = ("trace", "ir_var", "weak")
     __array_priority__ = 1000
 
     def __init__(self, trace: Trace, var: Var, weak: bool = False):
         self.trace = trace
-        self.var = var
+        self.ir_var = var
         self.weak = weak
 
-    shape = property(lambda self: self.var.shape)
-    dtype = property(lambda self: self.var.dtype)
-    ndim = property(lambda self: len(self.var.shape))
-    size = property(lambda self: self.var.size)
+    shape = property(lambda self: self.ir_var.shape)
+    dtype = property(lambda self: self.ir_var.dtype)
+    ndim = property(lambda self: len(self.ir_var.shape))
+    size = property(lambda self: self.ir_var.size)
 
     def __len__(self) -> int:
-        if not self.var.shape:
+        if not self.ir_var.shape:
             raise TypeError("len() of a 0-d traced value")
-        return self.var.shape[0]
+        return self.ir_var.shape[0]
 
     def __repr__(self) -> str:
-        return f"Tracer<{self.var.type_str()}>"
+        return f"Tracer<{self.ir_var.type_str()}>"
 
 
 class Trace:
@@ -414,11 +414,11 @@ class Trace:
         """The Var standing for x here: our tracer, a lifted outer tracer, or a constant."""
         if isinstance(x, Tracer):
             if x.trace is self:
-                return x.var
+                return x.ir_var
             # A value of an enclosing trace used inside this one: a constant input here.
             hit = self.captured.get(id(x))
             if hit is None:
-                hit = (x, Var(x.var.shape, x.var.dtype))
+                hit = (x, Var(x.ir_var.shape, x.ir_var.dtype))
                 self.captured[id(x)] = hit
             return hit[1]
         arr = np.asarray(x)
@@ -429,7 +429,7 @@ class Trace:
                                f"value: {e} (at {current_loc()})") from None
         arr = arr.astype(dtype, copy=False)  # native byte order
         if arr.ndim == 0:
-            return self.emit(const_p, (), {"value": arr.item(), "dtype": arr.dtype})[0].var
+            return self.emit(const_p, (), {"value": arr.item(), "dtype": arr.dtype})[0].ir_var
         var = Var(arr.shape, arr.dtype)
         self.consts[var] = arr
         return var

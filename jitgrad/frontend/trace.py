@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import JitgradError, TracingError
 from . import random_guard, tree
-from .core import Trace, Tracer, with_user_loc
+from .core import Trace, Tracer, current_loc, with_user_loc
 from .ir import Program, check_dtype
 from .ops import contract as C
 from .ops import diagonal as D
@@ -64,21 +64,13 @@ def _swap(f: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
 def _no_concrete(what: str) -> Callable[..., Any]:
     def fail(self: Tracer, *args: Any) -> Any:
         raise TracingError(
-            f"{what} needs a concrete value, but this is a traced {self.var.type_str()} "
+            f"{what} needs a concrete value, but this is a traced {self.ir_var.type_str()} "
             f"inside jit/grad: its value is only known when the compiled program runs. "
             f"Python control flow on traced values (if/while/and/or) cannot be traced; use "
             f"jg.where(cond, a, b) to select between values. An argument meant as a Python "
             f"value (a shape, a loop count, a flag) can be a static argument: "
             f"jg.jit(f, static_argnums=..., static_argnames=...).")
     return fail
-
-
-def _iterate(x: Tracer) -> Any:
-    """Iteration over the first axis, as over a numpy array (`k1, k2 = jg.random.split(key)`):
-    the shape is static, so the loop unrolls into one slice per row (as in JAX)."""
-    if not x.shape:
-        raise TypeError("iteration over a 0-d traced value")
-    return (S.getitem(x, i) for i in range(x.shape[0]))
 
 
 _METHODS: dict[str, Any] = {
@@ -93,8 +85,6 @@ _METHODS: dict[str, Any] = {
     "__neg__": E.neg, "__pos__": lambda x: x, "__abs__": E.abs,
     "__bool__": _no_concrete("bool()"), "__float__": _no_concrete("float()"),
     "__int__": _no_concrete("int()"), "__index__": _no_concrete("an index"),
-    "__array__": _no_concrete("conversion to a numpy array"),
-    "__iter__": lambda x: _iterate(x),
     "astype": E.cast,
     "sum": R.sum, "mean": R.mean, "max": R.max,
     "argmax": lambda x, axis=None: R.argmax(x, axis),  # numpy's default: flattened
@@ -145,24 +135,31 @@ def _round(x: Any, decimals: int) -> Any:
     return E.round(x)
 
 
+def _ufunc_name(ufunc: Any) -> str:
+    """numpy.sin, scipy.special.erf: the name a user would import the ufunc by."""
+    module = getattr(ufunc, "__module__", None) or "numpy"
+    return f"{module}.{ufunc.__name__}"
+
+
 def _array_ufunc(self: Tracer, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
     fn = _UFUNCS.get(ufunc)
     if method != "__call__" or fn is None:
-        name = f"numpy.{ufunc.__name__}" + ("" if method == "__call__" else f".{method}")
-        raise JitgradError(f"{name} is not supported on traced values; supported ufuncs: "
-                           f"{', '.join(sorted(u.__name__ for u in _UFUNCS))}")
+        name = _ufunc_name(ufunc) + ("" if method == "__call__" else f".{method}")
+        raise JitgradError(f"{name} is not supported on traced values (at {current_loc()}); "
+                           f"supported ufuncs: {', '.join(sorted(u.__name__ for u in _UFUNCS))}")
     if kwargs:
-        raise JitgradError(f"numpy.{ufunc.__name__}: keyword arguments "
-                           f"{sorted(kwargs)} are not supported on traced values")
+        raise JitgradError(f"{_ufunc_name(ufunc)}: keyword arguments {sorted(kwargs)} are not "
+                           f"supported on traced values (at {current_loc()})")
     return fn(*inputs)
 
 
 def _array_function(self: Tracer, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
     fn = _FUNCTIONS.get(func)
     if fn is None:
-        raise JitgradError(f"numpy.{func.__name__} is not supported on traced values; "
-                           f"supported: {', '.join(sorted(f.__name__ for f in _FUNCTIONS))} "
-                           "and the ufuncs")
+        # func.__module__ is where users find it: numpy.linalg.inv, not numpy.inv
+        raise JitgradError(f"{func.__module__}.{func.__name__} is not supported on traced "
+                           f"values (at {current_loc()}); supported: "
+                           f"{', '.join(sorted(f.__name__ for f in _FUNCTIONS))} and the ufuncs")
     return fn(*args, **kwargs)
 
 

@@ -1,7 +1,19 @@
 """The primitive table: one module per family; each primitive's rules live beside it."""
 
 from ..core import registry
-from . import contract, diagonal, elementwise, linalg, nn, random, reduce, shape
+from . import (
+           contract,
+           diagonal,
+           elementwise,
+           layout,
+           linalg,
+           maths,
+           nn,
+           random,
+           reduce,
+           shape,
+           sort,
+)
 
-__all__ = ["registry", "contract", "diagonal", "elementwise", "linalg", "nn", "random",
-           "reduce", "shape"]
+__all__ = ["registry", "contract", "diagonal", "elementwise", "layout", "linalg", "maths", "nn",
+           "random", "reduce", "shape", "sort"]

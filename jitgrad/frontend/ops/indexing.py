@@ -263,6 +263,6 @@ def at(x: Any) -> IndexUpdates:
 
 def setitem(x: Tracer, key: Any, value: Any) -> None:
     raise TracingError(
-        f"a traced {x.var.type_str()} cannot be assigned to in place (x[...] = v): jitgrad "
+        f"a traced {x.ir_var.type_str()} cannot be assigned to in place (x[...] = v): jitgrad "
         "traces a functional program. Write x = x.at[key].set(v) (or .add(v) for +=); "
         "jg.at(a)[key].set(v) does the same for any array.")

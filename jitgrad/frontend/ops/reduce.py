@@ -382,3 +382,224 @@ for _p in (sum_p, max_p, argmax_p, max_argmax_p, logsumexp_p):
 argmax_p.def_lowering(_lower_argmax)
 max_argmax_p.def_lowering(_lower_argmax)
 
+
+
+# ================================================================ numpy surface (issue 16)
+# prod, min and cumsum are primitives (a kernel each); var, std and average compose them.
+
+# ---------------------------------------------------------------- prod
+
+prod_p = primitive("prod", "reduce")
+prod_p.def_impl(lambda x, *, axes, keepdims: np.prod(x, axis=axes, keepdims=keepdims))
+prod_p.def_shape(lambda x, *, axes, keepdims: (reduced_shape(x[0], axes, keepdims), x[1]))
+
+
+@prod_p.def_vjp
+def _prod_vjp(cts, outs, ins, *, axes, keepdims):
+    # d prod / d x_i is the product of the others, computed without dividing by x_i (which
+    # may be zero) as the product of the entries before i times that of the entries after:
+    # scans of multiplications, whose own VJPs keep every order exact.
+    x = ins[0]
+    rest = tuple(a for a in range(x.ndim) if a not in axes)
+    moved = S.transpose(x, rest + axes)
+    lines = S.reshape(moved, moved.shape[:len(rest)] + (_count(x.shape, axes),))
+    others = S.reshape(_exclusive_products(lines), moved.shape)
+    others = S.transpose(others, tuple(int(i) for i in np.argsort(rest + axes)))
+    return [_expand_back(cts[0], x.shape, axes) * others]
+
+
+def _exclusive_products(x: Any) -> Any:
+    """prod_{j != i} x[..., j] for every i along the last axis, in O(n log n) multiplies."""
+    n = x.shape[-1]
+
+    def shifted(v: Any, d: int) -> Any:  # v moved d places along the last axis, 1s in front
+        ones = np.ones(v.shape[:-1] + (builtins.min(d, n),), v.dtype)
+        if d >= n:
+            return ones
+        return S.concatenate([ones, S.getitem(v, (Ellipsis, slice(0, n - d)))], axis=-1)
+
+    def prefix(v: Any) -> Any:  # inclusive running product (Hillis-Steele scan)
+        d = 1
+        while d < n:
+            v = v * shifted(v, d)
+            d *= 2
+        return v
+
+    backwards = (Ellipsis, slice(None, None, -1))
+    before = prefix(shifted(x, 1))
+    after = S.getitem(prefix(shifted(S.getitem(x, backwards), 1)), backwards)
+    return before * after
+
+
+def prod(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+    """Product over axes (numpy semantics; booleans and integers multiply as int64)."""
+    x = _as_array(x)
+    if x.dtype.kind in "biu" and x.dtype not in _WIDE:
+        x = E.cast(x, np.int64)
+    return prod_p.bind(x, axes=normalize_axes(axis, x.ndim), keepdims=bool(keepdims))
+
+
+@njit(cache=True)
+def reduce_prod(x, y):
+    outer, n, inner = x.shape
+    for o in range(outer):
+        for i in range(inner):
+            y[o, i] = 1
+        for k in range(n):  # row by row: contiguous, vectorised over the columns
+            for i in range(inner):
+                y[o, i] *= x[o, k, i]
+
+
+PROD = Kernel("prod", "px py outer n inner", f"K.reduce_prod({_VIEW})\nreturn 0",
+              {**FLOATS, **WIDE_INTS})
+
+
+def _plain_reduction(kernel: Kernel):
+    """The lowering of a reduction whose kernel needs no scratch: (x, y, outer, n, inner)."""
+    def lower(low, ins) -> None:
+        x, y = ins.inputs[0], ins.outputs[0]
+        low.call(kernel, x.dtype, [x, y, *_reduce_dims(x.shape, ins.kw["axes"])], [y], [x],
+                 ins)
+    return lower
+
+
+prod_p.def_lowering(_plain_reduction(PROD))
+
+
+# ---------------------------------------------------------------- min
+
+min_p = primitive("min", "reduce")
+min_p.def_impl(lambda x, *, axes, keepdims: np.min(x, axis=axes, keepdims=keepdims))
+
+
+@min_p.def_shape
+def _min_shape(x, *, axes, keepdims):
+    if any(x[0][a] == 0 for a in axes):
+        raise JitgradError(f"cannot take the min over an empty axis of shape {x[0]}")
+    return reduced_shape(x[0], axes, keepdims), x[1]
+
+
+min_p.def_vjp(_max_vjp)  # ties share the gradient evenly, as for max
+
+
+def min(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+    x = _as_array(x)
+    return min_p.bind(x, axes=normalize_axes(axis, x.ndim), keepdims=bool(keepdims))
+
+
+@njit(cache=True)
+def reduce_min(x, y):
+    outer, n, inner = x.shape
+    for o in range(outer):
+        for i in range(inner):
+            y[o, i] = x[o, 0, i]
+        for k in range(1, n):
+            for i in range(inner):
+                v = x[o, k, i]
+                if v < y[o, i] or v != v:  # NaN wins, as in numpy's min
+                    y[o, i] = v
+
+
+MIN = Kernel("min", "px py outer n inner", f"K.reduce_min({_VIEW})\nreturn 0",
+             {**FLOATS, **WIDE_INTS})
+min_p.def_lowering(_plain_reduction(MIN))
+
+
+for _p in (prod_p, min_p):
+    _p.def_prepare(_prepare_reduction)
+
+
+# ---------------------------------------------------------------- cumsum
+
+cumsum_p = primitive("cumsum", "reduce")
+cumsum_p.def_impl(lambda x, *, axis, reverse: (
+    np.flip(np.cumsum(np.flip(x, axis), axis=axis), axis) if reverse
+    else np.cumsum(x, axis=axis)))
+cumsum_p.def_shape(lambda x, *, axis, reverse: x)
+# the adjoint of a running sum is the running sum from the other end
+cumsum_p.def_vjp(lambda cts, outs, ins, *, axis, reverse: [
+    cumsum_p.bind(cts[0], axis=axis, reverse=not reverse)])
+
+
+def cumsum(x: Any, axis: int | None = None) -> Any:
+    """Running sum along axis (None: of the flattened array), numpy's cumsum."""
+    x = _as_array(x)
+    if axis is None:
+        x, axis = S.reshape(x, (-1,)), 0
+    if x.ndim == 0:
+        x = S.reshape(x, (1,))
+    if x.dtype.kind in "biu" and x.dtype not in _WIDE:
+        x = E.cast(x, np.int64)
+    return cumsum_p.bind(x, axis=_single_axis(x, axis), reverse=False)
+
+
+@njit(cache=True)
+def scan_sum(x, y, reverse):
+    outer, n, inner = x.shape
+    for o in range(outer):
+        for j in range(n):
+            k = n - 1 - j if reverse else j
+            prev = k + 1 if reverse else k - 1
+            for i in range(inner):
+                y[o, k, i] = x[o, k, i] + (y[o, prev, i] if j else 0)
+
+
+CUMSUM = Kernel("cumsum", "px py outer n inner reverse", (
+    "K.scan_sum(carray(_vp(px), (outer, n, inner), {dt}), "
+    "carray(_vp(py), (outer, n, inner), {dt}), reverse)\nreturn 0"), {**FLOATS, **WIDE_INTS})
+
+
+@cumsum_p.def_lowering
+def _lower_cumsum(low, ins) -> None:
+    x, y = ins.inputs[0], ins.outputs[0]
+    dims = _reduce_dims(x.shape, (ins.kw["axis"],))
+    low.call(CUMSUM, x.dtype, [x, y, *dims, int(ins.kw["reverse"])], [y], [x], ins)
+
+
+# ---------------------------------------------------------------- compositions
+
+def _count(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
+    return int(np.prod([shape[a] for a in axes], dtype=np.int64))
+
+
+def var(x: Any, axis: Any = None, ddof: int = 0, keepdims: bool = False) -> Any:
+    """Variance over axes, divided by n - ddof (numpy's var)."""
+    x = _as_array(x)
+    if x.dtype.kind != "f":
+        x = E.cast(x, np.float64)
+    axes = normalize_axes(axis, x.ndim)
+    centred = x - mean(x, axes, keepdims=True)
+    dof = _count(x.shape, axes) - ddof
+    return E.mul(sum(centred * centred, axes, keepdims), 1.0 / dof if dof > 0 else np.inf)
+
+
+def std(x: Any, axis: Any = None, ddof: int = 0, keepdims: bool = False) -> Any:
+    return E.sqrt(var(x, axis, ddof, keepdims))
+
+
+def average(x: Any, axis: Any = None, weights: Any = None, returned: bool = False,
+            keepdims: bool = False) -> Any:
+    """numpy's average: sum(x * w) / sum(w) over axis; 1-d weights lie along one axis."""
+    x = _as_array(x)
+    if weights is None:
+        avg = mean(x, axis, keepdims)
+        if not returned:
+            return avg
+        axes = normalize_axes(axis, x.ndim)
+        return avg, E.asdtype(np.full(np.shape(avg), _count(x.shape, axes)), avg.dtype)
+    w = _as_array(weights)
+    if x.dtype.kind != "f":
+        x = E.cast(x, np.float64)
+    if w.shape != x.shape:
+        if axis is None or not isinstance(axis, (int, np.integer)):
+            raise JitgradError(f"average: weights of shape {w.shape} differ from the array's "
+                               f"{x.shape}; give the one axis they lie along")
+        ax = normalize_axes(axis, x.ndim)[0]
+        if w.shape != (x.shape[ax],):
+            raise JitgradError(f"average: weights of shape {w.shape} do not match axis {axis} "
+                               f"of an array of shape {x.shape}")
+        w = S.reshape(w, tuple(x.shape[ax] if i == ax else 1 for i in range(x.ndim)))
+    x, w = E.promote(x, w)
+    total = sum(S.broadcast_to(w, x.shape), axis, keepdims)
+    avg = sum(x * w, axis, keepdims) / total
+    return (avg, total) if returned else avg
