@@ -301,10 +301,3 @@ class NumbaExecutable:
         from . import interp
         interp.run(self.program, args)
         raise JitgradError(f"index or label out of range in {self._labels[status - 1]}")
-
-
-def compile_program(prog: Program, check_finite: bool = False,
-                    donate: dict[int, int] | None = None,
-                    pinned: Sequence[int] | None = None) -> NumbaExecutable:
-    """Plan and compile prog (the pipeline plans once and compiles its Planned)."""
-    return NumbaExecutable(plan_program(prog, donate, pinned), check_finite)

@@ -18,6 +18,7 @@ sealed cache directory too (`cache.njit`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 import threading
@@ -137,6 +138,7 @@ def symbol(name: str, dtype: Any) -> str:
     raise NoLoweringError(_no_variant(name, kernels, dtype))
 
 
+@functools.cache  # a loaded module's file, as Numba's own cache assumes, does not change
 def _file_hash(module: str) -> str:
     with open(sys.modules[module].__file__, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]

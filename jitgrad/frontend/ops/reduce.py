@@ -342,7 +342,7 @@ def _lower_sum(low, ins) -> None:
     x, y = ins.inputs[0], ins.outputs[0]
     dims = _reduce_dims(x.shape, ins.kw["axes"])
     if x.dtype.kind != "f":  # 64-bit integers sum exactly: no running sum
-        low.call(SUM_INT, x.dtype, [x, y, *dims], [y], [x], ins)
+        _plain_reduction(SUM_INT)(low, ins)
         return
     # a float64 running sum per column (scratch in the arena, which the planner frees at
     # once: kernels allocate nothing)
