@@ -188,15 +188,18 @@ def native_runner(cf, *args):
 
 
 def gemm_kernel(dtype="float32"):
-    """jitgrad's own gemm kernel symbol wrapped in a small njit caller:
-    call(spec) runs every row (pa, pb, pc, m, n, k, ta, tb) of an int64 array."""
+    """The GEMM kernel jitgrad chooses (compiler/blas.py: every 2-d product of a program goes
+    to one provider) wrapped in a small njit caller: call(spec) runs every row
+    (pa, pb, pc, m, n, k, ta, tb) of an int64 array."""
     import numpy as np
     from numba import njit, types
 
-    from jitgrad.compiler import kernels
-    kernels.ensure_loaded()
-    gemm = types.ExternalFunction(kernels.symbol("gemm", np.dtype(dtype)),
-                                  types.int64(*[types.int64] * 8))
+    from jitgrad.compiler import blas, kernels
+    dt = np.dtype(dtype)
+    provider = blas.choose(blas.GemmShape(256, 256, 256, False, False, dt, dt))
+    sym = provider.plain.symbol(dt)
+    kernels.require([sym])
+    gemm = types.ExternalFunction(sym, types.int64(*[types.int64] * 8))
 
     @njit
     def call(spec):

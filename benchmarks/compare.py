@@ -15,7 +15,7 @@ Reported per config: median µs per step over rounds (each round's figure is its
 median of several timing repeats), ratio to numpy and to JAX (the peer to beat), GFLOP/s
 (6·B·Σ in·out per step), and for jitgrad the time to first result in a fresh process
 (cache hit: a warm-up process runs first), the native call alone (no Python wrapper), and
-the GEMM floor: the step's matmuls alone through jitgrad's own gemm kernel.
+the GEMM floor: the step's matmuls alone through the GEMM provider jitgrad chose.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def worker_jax(config: str) -> dict:
 
 def gemm_floor_fn(config: str, dtype="float32"):
     """A function running exactly the step's matmuls (forward X@W, backward X.T@G and G@W.T,
-    the latter not for the first layer) through jitgrad's own gemm kernel symbol, in one
+    the latter not for the first layer) through the GEMM kernel jitgrad chooses, in one
     native call, on buffers of the step's shapes."""
     import numpy as np
 

@@ -26,9 +26,9 @@ def mkl_or_skip():
         pytest.skip(f"MKL: {blas.why_unavailable('mkl')}")
 
 
-def test_tiny_products_stay_on_openblas_and_large_ones_go_to_mkl_when_installed():
-    assert blas.choose(shape(32, 32, 64)) is blas.OPENBLAS_PROVIDER
+def test_products_go_to_mkl_when_installed_else_openblas_all_of_them():
     big = blas.choose(shape(256, 2048, 2048))
+    assert blas.choose(shape(32, 32, 64)) is big  # one BLAS pool per program
     if blas.available(blas.MKL_PROVIDER):
         assert big is blas.MKL_PROVIDER
     else:  # the fallback, and the reason it was needed
@@ -45,7 +45,8 @@ def test_the_variable_names_the_first_choice(monkeypatch):
     monkeypatch.setenv(blas.PROVIDER_VAR, "openblas")
     assert blas.choose(shape(256, 2048, 2048)) is blas.OPENBLAS_PROVIDER
     monkeypatch.setenv(blas.PROVIDER_VAR, "mkl")  # still not for products it does not take
-    assert blas.choose(shape(4, 4, 4)) is blas.OPENBLAS_PROVIDER
+    with pytest.raises(JitgradError, match="no GEMM provider computes a float32 product into"):
+        blas.choose(blas.GemmShape(4, 4, 4, False, False, F32, F64))
     monkeypatch.setenv(blas.PROVIDER_VAR, "cublas")
     with pytest.raises(JitgradError, match="JITGRAD_GEMM='cublas': expected one of"):
         blas.choose(shape(4, 4, 4))
@@ -122,3 +123,13 @@ def test_a_forked_child_computes_with_mkl_instead_of_hanging():
     p = subprocess.run([sys.executable, "-c", _FORK_CHILD], env=env, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0 and "child 0" in p.stdout, p.stderr[-2000:]
+
+
+def test_profiles_decode_an_accumulating_gemm_by_its_own_argument_names():
+    a, b, c = np.ones((6, 4), np.float32), np.ones((6, 5), np.float32), np.ones((4, 5), np.float32)
+    cf = jg.jit(lambda a, b, c: c + a.T @ b)
+    cf(a, b, c)
+    (call,) = [k for k in cf.lower(a, b, c).executable.kernel_calls()
+               if k.symbol.startswith("jg_gemm_acc")]
+    args = call.named_args()
+    assert (args["m"], args["n"], args["k"], args["ta"], args["tb"]) == (4, 5, 6, 1, 0)

@@ -14,11 +14,13 @@ so the choice is part of the program's cache key and costs nothing per call.
 Providers registered here, highest priority first:
 - `mkl`: Intel MKL from the `mkl` wheel when it is installed (`pip install mkl`),
   on its GNU OpenMP threading layer -- the libgomp that Numba's `omp` layer runs
-  on, so BLAS and jitgrad's parallel loops share one pool of threads -- for every
-  product but the smallest (below MKL_MIN_MACS multiply-adds);
-- `openblas`: scipy's OpenBLAS through Numba's own binding, always there, and the
-  small-matrix path: measured here, OpenBLAS takes 1.4-2 us for the tiny MLP's
-  32x32x32 products, MKL as long or a little longer, a plain Numba loop 4-7 us.
+  on, so BLAS and jitgrad's parallel loops share one pool of threads;
+- `openblas`: scipy's OpenBLAS through Numba's own binding, always there.
+Every 2-d product of a program goes to one library: two BLAS pools alternating
+within a step spin against each other (a medium MLP step ran 4x slower with its
+tiny products on OpenBLAS and the rest on MKL). Tiny products need no path of
+their own here: both libraries take 1.4-4 us for the tiny MLP's 32x32x32
+products (they run them on one thread), a plain Numba loop took 4-12 us.
 Other modules add theirs with `register` (a mixed-precision GEMM, say). Setting
 JITGRAD_GEMM=<name> makes a provider the first choice wherever it takes the shape
 (tests and benchmarks compare providers this way).
@@ -274,14 +276,6 @@ def _float_product(shape: GemmShape) -> bool:
     return shape.dtype == shape.out_dtype and shape.dtype.name in ("float32", "float64")
 
 
-# Below this many multiply-adds MKL is no faster than OpenBLAS (1.5-4 us a call either way
-# here): tiny products stay on OpenBLAS, whose pool is idle then.
-MKL_MIN_MACS = 64 * 1024
-
-
-def _mkl_takes(shape: GemmShape) -> bool:
-    return _float_product(shape) and shape.m * shape.n * shape.k > MKL_MIN_MACS
-
 
 # ---------------------------------------------------------------- openblas: Numba's BLAS
 
@@ -359,6 +353,6 @@ OPENBLAS_ACC = Kernel("gemm_acc", "pa pb pc px m n k ta tb", (
 
 
 OPENBLAS_PROVIDER = GemmProvider("openblas", OPENBLAS, OPENBLAS_ACC, _float_product)
-MKL_PROVIDER = GemmProvider("mkl", MKL, MKL_ACC, _mkl_takes, load=_load_mkl)
+MKL_PROVIDER = GemmProvider("mkl", MKL, MKL_ACC, _float_product, load=_load_mkl)
 register(OPENBLAS_PROVIDER, priority=0)
 register(MKL_PROVIDER, priority=10)
