@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import JitgradError, NonFiniteError
 from ..frontend.ir import Program, Var, var_names
-from . import cache, kernels, memory
+from . import cache, kernels, memory, threads
 from .codegen import MetaAddress, lower, prepare, render_glue
 from .executable import KernelCall
 
@@ -24,6 +24,7 @@ from .executable import KernelCall
 def _load_fused(fused: dict[str, str]) -> None:
     for sym, source in fused.items():
         if not kernels.is_registered(sym):
+            threads.init()  # a parallel loop links against the threading layer's symbols
             module = cache.load_module("fused", source, extra_key=kernels.library_hash())
             kernels.register_symbols(module, [sym])
 

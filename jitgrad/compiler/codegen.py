@@ -278,8 +278,52 @@ def _helpers(group: Group) -> str:
     return "".join(f"\n\n{h}\n" for h in seen)
 
 
+# Loops over at least this many elements run on all of jitgrad's threads (prange): below it
+# a parallel region's start (~2-5 us) costs more than the pass saves.
+PARALLEL_MIN_ELEMENTS = 1 << 17
+# A fused sum over all elements adds fixed blocks of this many (each its own partial sum,
+# partials combined in block order), and one over leading axes gives each thread fixed
+# blocks of this many columns: the result depends on neither the thread count nor the
+# schedule, and one block is exactly the plain sum kernel's order.
+SUM_BLOCK = 8192
+COLUMN_BLOCK = 256
+
+
+def _parallel(size: int) -> bool:
+    return size >= PARALLEL_MIN_ELEMENTS
+
+
+def _kernel(dtype: np.dtype, args: list[str], views: list[str], body: list[str],
+            passed: list[str], helpers: str, parallel: bool) -> tuple[str, str]:
+    """(symbol, module source) of a generated loop: a C-ABI function making its views
+    (`views`, assignments) and running `body`; a parallel one hands the views (the names
+    in `passed`) to an @njit(parallel=True) function holding the body, as a cfunc's own
+    prange does not run in parallel."""
+    lines = views + body
+    sym = _symbol(dtype, helpers + ("parallel\n" if parallel else "") + "\n".join(lines))
+    head = f"@cfunc(types.int64({', '.join(['I'] * len(args))}), cache=True, " \
+           f"error_model='numpy')\ndef {sym}({', '.join(args)}):\n"
+    if not parallel:
+        return sym, (kernels.CFUNC_PRELUDE + helpers + "\n\n" + head
+                     + "\n".join("    " + ln for ln in lines + ["return 0"]) + "\n")
+    call = f"_body({', '.join(passed)})"
+    return sym, (kernels.CFUNC_PRELUDE + "from numba import prange\n" + helpers
+                 + "\n\n@njit(parallel=True, cache=True, error_model='numpy')\n"
+                 + f"def {call}:\n" + "\n".join("    " + ln for ln in body) + "\n\n\n"
+                 + head + "\n".join("    " + ln for ln in views + [call, "return 0"]) + "\n")
+
+
+def _symbol(dtype: np.dtype, signature: str) -> str:
+    # The symbol names the kernel's meaning (expression, helpers, dtypes, broadcast pattern,
+    # parallel or not) only, so every layer of a deep network shares one compiled loop.
+    from .cache import module_key
+    return f"jg_fused_{dtype_short(dtype)}_{module_key(signature)[:16]}"
+
+
 def fused_kernel(group: Group) -> tuple[str, str, list[int]]:
     """(symbol, module source, runtime dims) of the loop computing a fused group."""
+    if group.reduction is not None:
+        return _fused_reduction_kernel(group)
     out = group.out
     dims, masks = _coalesce(out.shape, group.leaves)
     k = len(dims)
@@ -299,42 +343,129 @@ def fused_kernel(group: Group) -> tuple[str, str, list[int]]:
     names = {v: f"x{j}[{index(masks[j])}]" for j, v in enumerate(group.leaves)}
     body_expr = _group_expr(group, names)
     args = ["py"] + [f"p{j}" for j in range(len(group.leaves))] + [f"n{d}" for d in range(k)]
-    lines = [f"y = carray(_vp(py), {size([False] * k)}, {numpy_name(out.dtype)})"]
+    views = [f"y = carray(_vp(py), {size([False] * k)}, {numpy_name(out.dtype)})"]
     for j, v in enumerate(group.leaves):
-        lines.append(f"x{j} = carray(_vp(p{j}), {size(masks[j])}, {numpy_name(v.dtype)})")
-    indent = ""
+        views.append(f"x{j} = carray(_vp(p{j}), {size(masks[j])}, {numpy_name(v.dtype)})")
+    parallel = k > 0 and _parallel(out.size)
+    body, indent = [], ""
     for d in range(k):
-        lines.append(f"{indent}for i{d} in range(n{d}):")
+        body.append(f"{indent}for i{d} in {'prange' if parallel and d == 0 else 'range'}(n{d}):")
         indent += "    "
-    lines.append(f"{indent}y[{index([False] * k)}] = {body_expr}")
-    lines.append("return 0")
-    helpers = _helpers(group)
-    # The symbol names the kernel's meaning (expression, helpers, dtypes, broadcast pattern)
-    # only, so every layer of a deep network shares one compiled loop.
-    signature = helpers + "\n".join(lines)
-    from .cache import module_key
-    sym = f"jg_fused_{dtype_short(out.dtype)}_{module_key(signature)[:16]}"
-    source = (kernels.CFUNC_PRELUDE + helpers
-              + f"\n\n@cfunc(types.int64({', '.join(['I'] * len(args))}), "
-              f"cache=True, error_model='numpy')\ndef {sym}({', '.join(args)}):\n"
-              + "\n".join("    " + ln for ln in lines) + "\n")
+    body.append(f"{indent}y[{index([False] * k)}] = {body_expr}")
+    passed = ["y"] + [f"x{j}" for j in range(len(group.leaves))] + [f"n{d}" for d in range(k)]
+    sym, source = _kernel(out.dtype, args, views, body, passed, _helpers(group), parallel)
     return sym, source, dims
+
+
+def reduction_dims(group: Group) -> tuple[int, int]:
+    """(rows, columns) of a fused sum: the summed leading axes, and the kept ones."""
+    out = group.out
+    rows = _prod(out.shape[:len(group.reduction.kw["axes"])])
+    return rows, out.size // rows
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _fused_reduction_kernel(group: Group) -> tuple[str, str, list[int]]:
+    """The loop computing a group's values and their sum over its leading axes in one pass:
+    rows x columns values, each added to its column's float64 running sum (the plain sum
+    kernel's accumulation); a sum over everything (one column) adds fixed blocks."""
+    out = group.out
+    rows, cols = reduction_dims(group)
+    dt = numpy_name(out.dtype)
+    keep = group.keeps_out
+    parallel = _parallel(out.size)
+    loop = "prange" if parallel else "range"
+
+    def value(i: str) -> str:
+        names = {v: f"x{j}[{i if v.shape == out.shape else '0'}]"
+                 for j, v in enumerate(group.leaves)}
+        return f"{dt}({_group_expr(group, names)})"
+
+    args = (["py"] if keep else []) + ["ps", "pacc"] + \
+        [f"p{j}" for j in range(len(group.leaves))] + ["rows", "cols"]
+    views = ["n = rows * cols"]
+    if keep:
+        views.append(f"y = carray(_vp(py), n, {dt})")
+    views.append(f"s = carray(_vp(ps), cols, {dt})")
+    for j, v in enumerate(group.leaves):
+        views.append(f"x{j} = carray(_vp(p{j}), {'n' if v.shape == out.shape else 1}, "
+                     f"{numpy_name(v.dtype)})")
+    if cols == 1:
+        views.append(f"acc = carray(_vp(pacc), (n + {SUM_BLOCK - 1}) // {SUM_BLOCK}, "
+                     "np.float64)")
+    else:
+        views.append("acc = carray(_vp(pacc), cols, np.float64)")
+
+    def add(i: str, acc: str) -> list[str]:
+        return [f"v = {value(i)}"] + ([f"y[{i}] = v"] if keep else []) + [f"{acc} += v"]
+
+    if cols == 1:  # everything: fixed blocks, eight running sums each, then the blocks in order
+        body = [f"for b in {loop}(acc.size):",
+                f"    lo = b * {SUM_BLOCK}",
+                f"    hi = min(lo + {SUM_BLOCK}, n)",
+                "    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0",
+                "    i = lo",
+                "    while i + 8 <= hi:"]
+        for u in range(8):
+            body += ["        " + ln for ln in add(f"i + {u}" if u else "i", f"a{u}")]
+        body += ["        i += 8", "    t = 0.0", "    while i < hi:"]
+        body += ["        " + ln for ln in add("i", "t")]
+        body += ["        i += 1",
+                 "    acc[b] = t + (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)))",
+                 "total = 0.0",
+                 "for b in range(acc.size):",
+                 "    total += acc[b]",
+                 "s[0] = total"]
+    else:  # columns: blocks of columns, each summed down the rows in order
+        body = [f"for b in {loop}((cols + {COLUMN_BLOCK - 1}) // {COLUMN_BLOCK}):",
+                f"    lo = b * {COLUMN_BLOCK}",
+                f"    hi = min(lo + {COLUMN_BLOCK}, cols)",
+                "    for c in range(lo, hi):",
+                "        acc[c] = 0.0",
+                "    for r in range(rows):",
+                "        for c in range(lo, hi):"]
+        body += ["            " + ln for ln in add("r * cols + c", "acc[c]")]
+        body += ["    for c in range(lo, hi):",
+                 "        s[c] = acc[c]"]
+    passed = (["y"] if keep else []) + ["s", "acc"] + \
+        [f"x{j}" for j in range(len(group.leaves))] + ["rows", "cols", "n"]
+    sym, source = _kernel(out.dtype, args, views, body, passed, _helpers(group), parallel)
+    return sym, source, [rows, cols]
+
+
+def reduction_scratch(group: Group) -> Var:
+    """The float64 partial sums a fused sum needs (arena scratch, freed at once)."""
+    rows, cols = reduction_dims(group)
+    n = -(-rows // SUM_BLOCK) if cols == 1 else cols
+    return Var((n,), np.dtype(np.float64))
 
 
 def _lower_group(low: Lowering, group: Group) -> None:
     for ins in group.members.values():  # named now, though the loop is written later
         if ins.prim.scalar is None:
             raise NoLoweringError("it has no Numba lowering", ins)
-    dims, _ = _coalesce(group.out.shape, group.leaves)
     ops = ", ".join(m.prim.name for m in group.members.values() if not is_const(m)) or \
         group.root.prim.name
     out = group.out
     same = [(out, v) for v in group.leaves if v.shape == out.shape and v.dtype == out.dtype]
+    instrs = (group.root, *(i for i in group.members.values() if i is not group.root))
+    if group.reduction is not None:
+        total = group.reduction.outputs[0]
+        scratch = reduction_scratch(group)
+        written = ([out] if group.keeps_out else []) + [total]
+        low.steps.append(Step(None, [*written, scratch, *group.leaves, *reduction_dims(group)],
+                              [*written, scratch], list(group.leaves),
+                              f"fused[{ops}; sum] at {group.root.loc}",
+                              in_place=same if group.keeps_out else [], elementwise=True,
+                              group=group, instrs=(*instrs, group.reduction)))
+        return
+    dims, _ = _coalesce(group.out.shape, group.leaves)
     low.steps.append(Step(None, [out, *group.leaves, *dims], [out], list(group.leaves),
                           f"fused[{ops}] at {group.root.loc}", in_place=same,
-                          elementwise=True, group=group,
-                          instrs=(group.root, *(i for i in group.members.values()
-                                                if i is not group.root))))
+                          elementwise=True, group=group, instrs=instrs))
 
 
 # ---------------------------------------------------------------- glue

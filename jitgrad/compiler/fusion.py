@@ -5,6 +5,12 @@ single use; only its root is materialised. Scalar constants are folded into
 every group that reads them as literals. relu-backward (`where(y > 0, g, 0)`),
 bias + activation and the optimizer update all come out of this one rule as
 single-pass loops.
+
+A sum over the leading axes of a group's result (a primitive that
+`sums_in_producer`) is computed in the group's own loop: `sum(W * W)` never
+writes `W * W`, and a bias gradient's column sum runs in the pass of the
+relu-backward producing its input, which is then written only if something else
+reads it.
 """
 
 from __future__ import annotations
@@ -27,19 +33,35 @@ class Group:
     # `def_accumulate`), which code generation turns into one GEMM accumulating into the
     # group's result.
     accumulates: Instr | None = None
+    # A sum of the group's result over its leading axes, computed in the same loop; the
+    # result itself is then written only if `keeps_out` (something else reads it).
+    reduction: Instr | None = None
+    keeps_out: bool = True
 
     @property
     def out(self) -> Var:
         return self.root.outputs[0]
+
+    @property
+    def outputs(self) -> list[Var]:
+        """The values the group's loop writes."""
+        return ([self.out] if self.keeps_out else []) + (
+            [self.reduction.outputs[0]] if self.reduction is not None else [])
 
 
 def is_elementwise(ins: Instr) -> bool:
     return ins.prim.elementwise
 
 
-def accumulated_product(ins: Instr, producer: dict[Var, Instr], uses: Counter[Var]) -> Var | None:
+def accumulated_product(ins: Instr, producer: dict[Var, Instr], uses: Counter[Var],
+                        fused_into_one_reader: bool = False) -> Var | None:
     """For `x + A@B` whose product nothing else reads, the product: code generation makes
-    such a sum one GEMM accumulating into the sum's buffer, so it stays a group's root."""
+    such a sum one GEMM accumulating into the sum's buffer, so it stays a group's root.
+
+    Not where x is itself an elementwise result and the sum's one reader is an
+    elementwise loop (`fused_into_one_reader`): there GEMM writes its product and that
+    loop adds x as it goes, so x is never written (the weight-decay term of an SGD
+    update: one pass over the parameter reads W and the GEMM's dW, writes W)."""
     if not ins.prim.absorbs_accumulation:
         return None
     out = ins.outputs[0]
@@ -47,8 +69,27 @@ def accumulated_product(ins: Instr, producer: dict[Var, Instr], uses: Counter[Va
         p = producer.get(m)
         if (p is not None and p.prim.accumulate is not None and uses[m] == 1 and m is not x
                 and m.shape == x.shape == out.shape and m.dtype == x.dtype == out.dtype):
+            px = producer.get(x)
+            if fused_into_one_reader and px is not None and is_elementwise(px) \
+                    and not is_const(px):
+                return None
             return m
     return None
+
+
+def _sum_fuses(ins: Instr, group: Group | None, outputs: set[Var]) -> bool:
+    """Can the group computing ins's input compute this sum in its loop? A float sum over
+    leading axes of the result, every leaf of the group either of the result's shape or a
+    single value (the loop then indexes them all alike)."""
+    if group is None or group.accumulates is not None or group.reduction is not None:
+        return False
+    out = group.out
+    axes = ins.kw.get("axes", ())
+    return (ins.prim.sums_in_producer and ins.inputs[0] is out and out.dtype.kind == "f"
+            and out.size > 0 and ins.outputs[0].dtype == out.dtype
+            and axes == tuple(range(len(axes))) and len(axes) > 0
+            and not is_const(group.root)
+            and all(v.shape == out.shape or v.size == 1 for v in group.leaves))
 
 
 def fuse(prog: Program) -> list[Instr | Group]:
@@ -72,8 +113,26 @@ def fuse(prog: Program) -> list[Instr | Group]:
                 out += [x for x in leaves_of(p, members) if x not in out]
         return out
 
+    readers: dict[Var, list[Instr]] = {}
+    for ins in prog.instrs:
+        for v in ins.inputs:
+            readers.setdefault(v, []).append(ins)
+
+    def one_elementwise_reader(v: Var) -> bool:
+        """v is read once, by an elementwise loop that adds no product of its own (a chain
+        of products summed into one gradient accumulates them all into one buffer)."""
+        r = readers.get(v, [])
+        return (uses[v] == 1 and v not in outputs and len(r) == 1 and is_elementwise(r[0])
+                and not any(producer.get(u) is not None and producer[u].prim.accumulate
+                            is not None for u in r[0].inputs))
+
     for ins in prog.instrs:
         if not is_elementwise(ins):
+            g = group_of.get(ins.inputs[0]) if ins.inputs else None
+            if _sum_fuses(ins, g, outputs):
+                g.reduction = ins
+                g.keeps_out = uses[g.out] > 1 or g.out in outputs
+                continue
             schedule.append(ins)
             continue
         members = {ins.outputs[0]: ins}
@@ -85,12 +144,14 @@ def fuse(prog: Program) -> list[Instr | Group]:
                 members[v] = p
                 continue
             g = group_of.get(v)
-            if g is not None and uses[v] == 1 and v not in outputs and g.accumulates is None:
+            if g is not None and uses[v] == ins.inputs.count(v) and v not in outputs \
+                    and g.accumulates is None and g.reduction is None:
                 trial = {**members, **g.members}
                 if len(leaves_of(ins, trial)) <= MAX_LEAVES:
                     members = trial
                     absorbed.add(id(g))
-        product = accumulated_product(ins, producer, uses)
+        product = accumulated_product(ins, producer, uses,
+                                      one_elementwise_reader(ins.outputs[0]))
         group = Group(ins, members, leaves_of(ins, members),
                       producer[product] if product is not None else None)
         group_of[ins.outputs[0]] = group
@@ -122,6 +183,6 @@ def _accumulate_early(schedule: list[Instr | Group]) -> list[Instr | Group]:
         else:
             key = (i,)
         keys.append(key)
-        for v in ([item.out] if isinstance(item, Group) else item.outputs):
+        for v in item.outputs:
             position[v] = key
     return [item for _, item in sorted(zip(keys, schedule), key=lambda p: p[0])]

@@ -48,6 +48,8 @@ class Primitive:
     - `def_lowering`: library-kernel calls (a `kernels.Kernel` declares its C signature);
     - `def_accumulate`: the call computing `x + this` in x's buffer (GEMM's beta = 1),
       used where a primitive that `absorbs_accumulation` (add) reads this one's result;
+    - `sums_in_producer`: a sum over leading axes, which fusion computes inside the
+      elementwise loop producing its input (compiler/fusion.py);
     - `joint`: primitives lowered as one call when they share inputs (a loss and its
       gradient);
     - `def_prepare`: a rewrite into the form the kernels take (reductions over
@@ -65,6 +67,7 @@ class Primitive:
         self.grad = grad
         self.index_inputs = index_inputs
         self.absorbs_accumulation = absorbs_accumulation
+        self.sums_in_producer = False
         self.impl: Callable[..., Any] | None = None
         self.shape_rule: Callable[..., Any] | None = None
         self.vjp: Callable[..., Any] | None = None
@@ -386,6 +389,15 @@ class Tracer:
         return f"Tracer<{self.ir_var.type_str()}>"
 
 
+def _uniform(arr: np.ndarray) -> bool:
+    """Every element has the same bits (so -0.0 and 0.0, or two NaNs, are told apart)."""
+    if arr.size < 2:
+        return False
+    bits = arr.reshape(-1).view(np.dtype(f"u{arr.dtype.itemsize}")) \
+        if arr.dtype.itemsize in (1, 2, 4, 8) else None
+    return bits is not None and bool(np.all(bits == bits[0]))
+
+
 class Trace:
     """Records instructions while a function runs on Tracers."""
 
@@ -430,6 +442,13 @@ class Trace:
         arr = arr.astype(dtype, copy=False)  # native byte order
         if arr.ndim == 0:
             return self.emit(const_p, (), {"value": arr.item(), "dtype": arr.dtype})[0].ir_var
+        if _uniform(arr):
+            # One value everywhere (a constant cotangent broadcast by a VJP, as sum's is): a
+            # scalar broadcast, which elementwise consumers read as a literal, rather than
+            # an array the program stores and every kernel reading it streams from memory.
+            from .ops.shape import broadcast_to_p
+            scalar = self.emit(const_p, (), {"value": arr.flat[0].item(), "dtype": arr.dtype})
+            return self.emit(broadcast_to_p, scalar, {"shape": arr.shape})[0].ir_var
         var = Var(arr.shape, arr.dtype)
         self.consts[var] = arr
         return var

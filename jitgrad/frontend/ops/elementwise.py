@@ -12,6 +12,7 @@ Binary operations broadcast as numpy does; their VJPs sum over broadcast axes.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -329,12 +330,29 @@ maximum_p.def_scalar("_maximum({0}, {1})", _MAXIMUM)
 where_p.def_scalar("_select({0}, {1}, {2})", _SELECT)
 
 
+def _read_unbroadcast(ins, producer):
+    """ins reading the sources of its broadcast_to operands (an elementwise operation
+    broadcasts them itself, in its loop, without the copy) where the result's shape stays."""
+    inputs = tuple(producer[v].inputs[0] if producer.get(v) is not None
+                   and producer[v].prim is S.broadcast_to_p else v for v in ins.inputs)
+    if inputs == ins.inputs:
+        return None
+    if broadcast_shapes(*(v.shape for v in inputs)) != ins.outputs[0].shape:
+        return None
+    return dataclasses.replace(ins, inputs=inputs)
+
+
 @mul_p.def_simplify
 def _times_one(ins, producer):
-    """x for `x * 1` (the seed of every gradient) when that changes no shape or dtype."""
+    """x for `x * 1` (the seed of every gradient) when that changes no shape or dtype;
+    else broadcasts read in the loop."""
     for one, x in (ins.inputs, ins.inputs[::-1]):
         p = producer.get(one)
         if (is_const(p) and p.kw["value"] == 1
                 and x.shape == ins.outputs[0].shape and x.dtype == ins.outputs[0].dtype):
             return x
-    return None
+    return _read_unbroadcast(ins, producer)
+
+
+for _p in (add_p, sub_p, div_p, pow_p, maximum_p, lt_p, le_p, gt_p, ge_p, eq_p, ne_p, where_p):
+    _p.def_simplify(_read_unbroadcast)

@@ -49,6 +49,7 @@ def _expand_back(g: Any, shape: tuple[int, ...], axes: tuple[int, ...]) -> Any:
 # ---------------------------------------------------------------- sum
 
 sum_p = primitive("sum", "reduce")
+sum_p.sums_in_producer = True  # sum(W * W) in the loop computing W * W (compiler/fusion.py)
 sum_p.def_impl(lambda x, *, axes, keepdims: np.sum(x, axis=axes, keepdims=keepdims))
 sum_p.def_shape(lambda x, *, axes, keepdims: (reduced_shape(x[0], axes, keepdims), x[1]))
 
