@@ -10,7 +10,7 @@ import pytest
 import jitgrad as jg
 from jitgrad.compiler import codegen
 
-BIG = (640, 256)  # above codegen.PARALLEL_MIN_ELEMENTS: these loops run in parallel
+BIG = (1024, 1024)  # above codegen.PARALLEL_MIN_ELEMENTS: these loops run in parallel
 assert BIG[0] * BIG[1] >= codegen.PARALLEL_MIN_ELEMENTS
 
 

@@ -223,6 +223,49 @@ class NumbaExecutable:
                     raise JitgradError("a kernel rejected its input")
         return run
 
+    def fast_call(self, fixed: dict[int, np.ndarray]) -> Callable[[Sequence[np.ndarray]], Any]:
+        """(executable.Executable.fast_call) The fixed leaves' pointers are written into each
+        thread's pointer table once; a call writes the others' and runs the chunks."""
+        others = [i for i in range(self._n_inputs) if i not in fixed]
+        fixed_ptrs = [(2 + i, _address(a)) for i, a in fixed.items()]
+        slots = [2 + i for i in others]
+        chunks, local, first = self._chunks, self._local, self._outputs[0]
+        lock = self._serial or threading.Lock()
+        tables: set[int] = set()  # ids of the pointer tables holding the fixed pointers
+
+        def full_args(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+            args: list[Any] = [fixed.get(i) for i in range(self._n_inputs)]
+            for i, a in zip(others, arrays, strict=True):
+                args[i] = a
+            return args
+
+        def call(arrays: Sequence[np.ndarray]) -> Any:
+            arena = getattr(local, "arena", None) or self._new_arena()
+            ptrs, last = arena.ptrs, arena.last_args
+            if id(ptrs) not in tables:
+                for slot, address in fixed_ptrs:
+                    ptrs[slot] = address
+                for i in fixed:
+                    last[i] = fixed[i]  # so that run() does not rewrite them either
+                tables.add(id(ptrs))
+            for slot, i, a in zip(slots, others, arrays, strict=True):
+                if a is not last[i]:
+                    ptrs[slot] = _address(a)
+                    last[i] = a
+            status = 0
+            with lock:
+                for chunk in chunks:
+                    status = chunk(arena.ptrs_addr)
+                    if status:
+                        break
+                if status:
+                    self._explain_failure(full_args(arrays), status)
+                if self._donate_copy or self._pinned_slots:  # results ready before a check
+                    return self._finish(arena, full_args(arrays))[0]
+            return self._collect(arena.buf, arrays, first, False) if first[0] == "arena" \
+                else self._collect(arena.buf, full_args(arrays), first, False)
+        return call
+
     def _arena(self) -> _Arena:
         """The calling thread's arena, made on its first call."""
         return getattr(self._local, "arena", None) or self._new_arena()
@@ -286,6 +329,10 @@ class NumbaExecutable:
                 break
         if status:
             self._explain_failure(args, status)
+        return self._finish(arena, args)
+
+    def _finish(self, arena: _Arena, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The results of the call that just ran in arena, donated ones in place."""
         outs = [self._collect(arena.buf, args, spec, as_is)
                 for spec, as_is in zip(self._outputs, self._returned_as_is, strict=True)]
         for out_i, offset, v in self._pinned_slots:

@@ -231,6 +231,8 @@ def _load_mkl() -> str | None:
     path = mkl_runtime_path()
     if path is None:
         return "the mkl package is not installed (pip install mkl)"
+    from . import threads
+    threads.prefer_passive_waiting()  # before MKL's GNU layer loads libgomp
     try:
         lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         fns = {name: getattr(lib, name) for name in _MKL_ENTRY_POINTS}
@@ -248,7 +250,6 @@ def _load_mkl() -> str | None:
         llb.add_symbol(name, ctypes.cast(fns[name], ctypes.c_void_p).value)
     _mkl = lib
     os.register_at_fork(after_in_child=_single_threaded_after_fork)
-    from . import threads
     set_threads(threads.num_threads())
     return None
 

@@ -278,9 +278,11 @@ def _helpers(group: Group) -> str:
     return "".join(f"\n\n{h}\n" for h in seen)
 
 
-# Loops over at least this many elements run on all of jitgrad's threads (prange): below it
-# a parallel region's start (~2-5 us) costs more than the pass saves.
-PARALLEL_MIN_ELEMENTS = 1 << 17
+# Loops over at least this many elements run on all of jitgrad's threads (prange). A parallel
+# loop costs ~0.3-0.5 s more to compile (Numba's parfor passes) and a parallel region's start
+# a few us: worth it for the large MLP's 2048x2048 weights (16 MB streamed per pass), not for
+# the medium one's 784x512 (whose new-program compile budget it would break).
+PARALLEL_MIN_ELEMENTS = 1 << 20
 # A fused sum over all elements adds fixed blocks of this many (each its own partial sum,
 # partials combined in block order), and one over leading axes gives each thread fixed
 # blocks of this many columns: the result depends on neither the thread count nor the

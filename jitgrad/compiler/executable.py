@@ -47,3 +47,9 @@ class Executable(Protocol):
 
     def bare_call(self, args: Sequence[np.ndarray]) -> Callable[[], Any]:
         """The computation alone on these arrays, for timing its floor."""
+
+    def fast_call(self, fixed: dict[int, np.ndarray]) -> Callable[[Sequence[np.ndarray]], Any]:
+        """A call whose argument leaves `fixed` (index -> array: train_step's parameters and
+        state) are the same arrays every time: `call(others)` takes the other leaves in
+        order (already contiguous, of their signatures), runs as `run` does, and returns
+        the first result only; its work does not grow with the number of fixed leaves."""

@@ -52,6 +52,17 @@ class InterpretedExecutable:
     def bare_call(self, args: Sequence[np.ndarray]) -> Callable[[], Any]:
         return lambda: run(self.program, args)
 
+    def fast_call(self, fixed: dict[int, np.ndarray]) -> Callable[[Sequence[np.ndarray]], Any]:
+        n = len(self.program.inputs)
+        others = [i for i in range(n) if i not in fixed]
+
+        def call(arrays: Sequence[np.ndarray]) -> np.ndarray:
+            args: list[Any] = [fixed.get(i) for i in range(n)]
+            for i, a in zip(others, arrays, strict=True):
+                args[i] = a
+            return self.run(args)[0]
+        return call
+
     def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
         if self._serial is None:
             return self._run(args)

@@ -62,7 +62,7 @@ class TrainStep:
 
     def __init__(self, loss_fn: Any, params: Any, optimizer: Optimizer, *, key: Any = None,
                  **jit_options: Any):
-        self.params = params
+        self.params = params  # (and no fast path yet)
         self.optimizer = optimizer
         self.state = optimizer.init(params)
         self.t = 0
@@ -93,9 +93,28 @@ class TrainStep:
         names = ("params", "state", "hyper") + (() if self.key is None else ("key", "t"))
         self.compiled = CompiledFunction(step, donate=donate, arg_names=names, **jit_options)
 
+    @property
+    def params(self) -> Any:
+        return self._params
+
+    @params.setter
+    def params(self, params: Any) -> None:
+        # The fast path holds the parameter arrays it was made with: new ones need a new path.
+        self._params = params
+        self._fast = None
+
     def __call__(self, *batch: Any) -> np.ndarray:
         with self._lock:
-            return self._step(batch)
+            fast = self._fast
+            if fast is not None:
+                loss = fast(self.t, batch)
+                if loss is not None:
+                    self.t += 1
+                    return loss
+            loss = self._step(batch)
+            if self._fast is None and not self.check_finite:
+                self._fast = _FastPath(self, batch)
+            return loss
 
     def _step(self, batch: tuple[Any, ...]) -> np.ndarray:
         hyper = self.optimizer.hyper(self.t + 1)
@@ -118,6 +137,52 @@ class TrainStep:
     def plan_only(self, *batch: Any) -> Any:
         """The step's program and memory plan for this batch, compiling nothing."""
         return self.compiled.plan_only(self.params, self.state, self.optimizer.hyper(1), *batch)
+
+
+class _FastPath:
+    """A step's call after the first, in Python work independent of the parameter count.
+
+    The parameters and optimizer state are the same arrays every step (they are updated
+    in place), so their pointers are written once (`Executable.fast_call`); a call fills
+    the hyperparameters into arrays of its own and checks only what can differ: the
+    batch's arrays (type, dtype, shape, contiguity) and the hyperparameters' structure.
+    Anything else -- a batch of another shape, a list instead of an array -- returns None:
+    the full path then converts, checks, compiles or explains, as on the first call."""
+
+    def __init__(self, step: TrainStep, batch: tuple[Any, ...]):
+        self.optimizer = step.optimizer
+        fixed = tree.flatten((step.params, step.state))[0]
+        hyper_leaves, self.hyper_tree = tree.flatten(self.optimizer.hyper(step.t))
+        keyed = step.key is not None
+        entry = step.compiled.lower(step.params, step.state, self.optimizer.hyper(step.t),
+                                    *step_inputs(step.key, step.t), *batch)
+        sigs = entry.sigs
+        n_fixed, n_hyper = len(fixed), len(hyper_leaves)
+        self.hyper = [np.zeros((), sig[1]) for sig in sigs[n_fixed:n_fixed + n_hyper]]
+        fixed_args = dict(enumerate(fixed))
+        if keyed:
+            fixed_args[n_fixed + n_hyper] = step.key
+            self.t_arg = np.zeros((), np.uint32)
+        self.keyed = keyed
+        self.batch = [(sig[0], np.dtype(sig[1])) for sig in sigs[n_fixed + n_hyper + 2 * keyed:]]
+        self.call = entry.executable.fast_call(fixed_args)
+
+    def __call__(self, t: int, batch: tuple[Any, ...]) -> np.ndarray | None:
+        if len(batch) != len(self.batch):
+            return None
+        for a, (shape, dtype) in zip(batch, self.batch, strict=True):
+            if type(a) is not np.ndarray or a.shape != shape or a.dtype != dtype \
+                    or not a.flags.c_contiguous:
+                return None
+        leaves, structure = tree.flatten(self.optimizer.hyper(t + 1))
+        if structure != self.hyper_tree:
+            return None
+        for arr, v in zip(self.hyper, leaves, strict=True):
+            arr[()] = v
+        if self.keyed:
+            self.t_arg[()] = t
+            return self.call([*self.hyper, self.t_arg, *batch])
+        return self.call([*self.hyper, *batch])
 
 
 def train_step(loss_fn: Any, params: Any, optimizer: Optimizer, *, comm: Any = None,
