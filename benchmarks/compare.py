@@ -1,8 +1,14 @@
 """Side-by-side MLP training-step benchmark: jitgrad vs hand-written numpy, PyTorch, JAX.
 
     python benchmarks/compare.py [--configs tiny,small,medium,deep,large] [--rounds 3]
-                                 [--impls jitgrad,numpy,torch,jax] [--markdown] [--json FILE]
+                                 [--impls jitgrad,numpy,torch,jax] [--loaded] [--json FILE]
+    python benchmarks/compare.py --markdown   # quiet + loaded -> docs/performance.md, README
     python benchmarks/compare.py --profile medium      # jitgrad per-kernel profile of one step
+
+--loaded runs every worker beside a fixed competing load: two Python processes spinning
+`while True: pass` (as many as the threads each implementation gets), started before the
+rounds and stopped after them. --markdown measures both ways and rewrites the generated
+sections of docs/performance.md and the README's table (CPU model, versions, date, load).
 
 Each implementation × config runs in its own fresh process (`--worker IMPL CONFIG`, which
 prints one JSON line), and the implementations alternate over the rounds: two BLAS/OpenMP
@@ -21,6 +27,7 @@ the GEMM floor: the step's matmuls alone through the GEMM provider jitgrad chose
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -309,7 +316,7 @@ def fmt(v, spec):
     return "—" if v is None else format(v, spec)
 
 
-def print_table(rows: list[dict], info: dict, markdown: bool, new_compile: dict) -> None:
+def print_table(rows: list[dict], info: dict, new_compile: dict) -> None:
     head = ["config", "impl", "µs/step", "÷ numpy", "÷ JAX", "GFLOP/s", "1st result s",
             "native µs", "GEMM floor µs"]
     lines = []
@@ -321,21 +328,11 @@ def print_table(rows: list[dict], info: dict, markdown: bool, new_compile: dict)
                       fmt(r["vs_peer"], ".2f"), fmt(r["gflops"], ".1f"),
                       fmt(r["first_s"], ".2f"), fmt(r.get("native_us"), ",.0f"),
                       fmt(r.get("gemm_floor_us"), ",.0f")])
-    if markdown:
-        print(f"Measured on {info['cpu']} ({info['cores']} cores"
-              f"{', ' + info['isa'] if 'isa' in info else ''}), "
-              f"{info.get('threads', 2)} threads per implementation, "
-              f"float32, Python {info['python']}; {info.get('versions', '')}.\n")
-        print("| " + " | ".join(head) + " |")
-        print("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
-        for ln in lines:
-            print("| " + " | ".join(ln) + " |")
-    else:
-        print(f"machine: {info['cpu']}, {info['cores']} cores; {info.get('versions', '')}")
-        widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=False)]
-        for ln in [head] + lines:
-            print("  ".join(str(x).rjust(w) if i > 1 else str(x).ljust(w)
-                            for i, (x, w) in enumerate(zip(ln, widths, strict=False))))
+    print(f"machine: {info['cpu']}, {info['cores']} cores; {info.get('versions', '')}")
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=False)]
+    for ln in [head] + lines:
+        print("  ".join(str(x).rjust(w) if i > 1 else str(x).ljust(w)
+                        for i, (x, w) in enumerate(zip(ln, widths, strict=False))))
     if new_compile:
         print()
         print("jitgrad time to first result in a fresh process: "
@@ -383,13 +380,122 @@ def print_profile(config: str, res: dict) -> None:
         print(f"  {c['us']:9,.1f} µs  {c['label'][:100]}")
 
 
+# ---------------------------------------------------------------- competing load, docs
+
+SPIN = "while True: pass"
+
+
+def measure_rounds(configs: list[str], impls: list[str], rounds: int) -> dict:
+    results = {(i, c): [] for i in impls for c in configs}
+    for rnd in range(rounds):
+        for cfg in configs:
+            order = impls[rnd % len(impls):] + impls[:rnd % len(impls)]  # rotate who goes first
+            for impl in order:
+                r = run_worker(impl, cfg)
+                results[(impl, cfg)].append(r)
+                print(f"round {rnd + 1} {cfg:6} {impl:7} "
+                      f"{statistics.median(r['us']) if 'us' in r else r.get('error')}",
+                      file=sys.stderr)
+    return results
+
+
+def with_competing_load(n: int, run):
+    """run() beside n processes spinning on a core each (stopped afterwards, even on error)."""
+    spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(n)]
+    try:
+        return run()
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+
+
+def markdown_table(rows: list[dict], info: dict, new_compile: dict) -> str:
+    head = ["config", "impl", "µs/step", "÷ numpy", "÷ JAX", "GFLOP/s", "1st result s",
+            "native µs", "GEMM floor µs", "load"]
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 8) + "|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['config']} | {r['impl']} | error: {r['error']} |" + " |" * 7)
+            continue
+        out.append("| " + " | ".join([
+            r["config"], r["impl"], fmt(r["us"], ",.0f"), fmt(r["vs_numpy"], ".2f"),
+            fmt(r["vs_peer"], ".2f"), fmt(r["gflops"], ".1f"), fmt(r["first_s"], ".2f"),
+            fmt(r.get("native_us"), ",.0f"), fmt(r.get("gemm_floor_us"), ",.0f"),
+            fmt(r.get("load1"), ".1f")]) + " |")
+    if new_compile:
+        out.append("")
+        out.append("jitgrad time to first result in a fresh process (a new program): "
+                   + ", ".join(f"{c} {v:.2f} s" for c, v in new_compile.items()) + ".")
+    return "\n".join(out)
+
+
+def readme_table(quiet: list[dict], loaded: list[dict], configs: list[str]) -> str:
+    names = {"jitgrad": "jitgrad", "numpy": "numpy", "torch": "PyTorch eager", "jax": "JAX jit"}
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in quiet)]
+
+    def us(rows, cfg, impl):
+        return next((r.get("us") for r in rows if r["config"] == cfg and r["impl"] == impl), None)
+
+    out = ["| config | " + " | ".join(names[i] for i in impls) + " | jitgrad ÷ JAX | "
+           "loaded: jitgrad | loaded: JAX |",
+           "|---|" + "---:|" * (len(impls) + 3)]
+    for cfg in configs:
+        widths, batch = C.CONFIGS[cfg]
+        j, x = us(quiet, cfg, "jitgrad"), us(quiet, cfg, PEER)
+        cells = [fmt(us(quiet, cfg, i), ",.0f") for i in impls]
+        cells.append(fmt(j / x if j and x else None, ".2f"))
+        cells += [fmt(us(loaded, cfg, "jitgrad"), ",.0f"), fmt(us(loaded, cfg, PEER), ",.0f")]
+        out.append(f"| {cfg} {'-'.join(map(str, widths)) if len(widths) < 8 else cfg}, "
+                   f"batch {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def replace_section(path: str, marker: str, text: str) -> None:
+    """Replace what lies between `<!-- marker:begin -->` and `<!-- marker:end -->`."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    with open(path) as f:
+        doc = f.read()
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{path}: no {begin} ... {end} section to regenerate")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{begin}\n{text}\n{end}{tail}")
+
+
+def write_docs(info: dict, quiet: list[dict], loaded: list[dict], configs: list[str],
+               new_compile: dict, rounds: int, spinners: int) -> None:
+    root = os.path.dirname(HERE)
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    where = (f"Measured {when} on {info['cpu']} ({info['cores']} cores"
+             f"{', ' + info['isa'] if 'isa' in info else ''}), {info.get('threads', 2)} threads "
+             f"per implementation, float32, Python {info['python']}; {info.get('versions', '')}; "
+             f"{rounds} alternating rounds, each implementation in its own process, medians; "
+             f"`load` is the 1-minute load average after each run (median).")
+    doc = "\n\n".join([
+        where, "**Quiet machine** (nothing else of ours running):",
+        markdown_table(quiet, info, new_compile),
+        f"**Beside a competing load**: {spinners} processes spinning `{SPIN}`:",
+        markdown_table(loaded, info, {})])
+    replace_section(os.path.join(root, "docs", "performance.md"), "compare.py", doc)
+    replace_section(os.path.join(root, "README.md"), "compare.py", "\n\n".join([
+        f"{when}, {info['cpu']}, {info.get('threads', 2)} threads; "
+        f"{info.get('versions', '')}; median µs per step; 'loaded': beside {spinners} "
+        f"spinning processes (`python benchmarks/compare.py --markdown`).",
+        readme_table(quiet, loaded, configs)]))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=",".join(C.CONFIGS))
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--markdown", action="store_true",
+                    help="measure quiet and loaded; rewrite docs/performance.md and the README")
+    ap.add_argument("--loaded", action="store_true",
+                    help="run beside a competing load (--threads spinning processes)")
     ap.add_argument("--threads", type=int, default=C.THREADS,
                     help="threads for every implementation (default 2)")
     ap.add_argument("--json", help="also write the raw results to this file")
@@ -441,22 +547,26 @@ def main(argv: list[str] | None = None) -> int:
                 new_compile[cfg] = r["first_s"]
             print(f"warm-up jitgrad {cfg}: "
                   f"{r.get('first_s', r.get('error'))}", file=sys.stderr)
-    results = {(i, c): [] for i in impls for c in configs}
-    for rnd in range(a.rounds):
-        for cfg in configs:
-            order = impls[rnd % len(impls):] + impls[:rnd % len(impls)]  # rotate who goes first
-            for impl in order:
-                r = run_worker(impl, cfg)
-                results[(impl, cfg)].append(r)
-                print(f"round {rnd + 1} {cfg:6} {impl:7} "
-                      f"{statistics.median(r['us']) if 'us' in r else r.get('error')}",
-                      file=sys.stderr)
+    spinners = a.threads
+    if a.loaded and not a.markdown:
+        results = with_competing_load(spinners, lambda: measure_rounds(configs, impls, a.rounds))
+    else:
+        results = measure_rounds(configs, impls, a.rounds)
     rows = summarize(results, configs, impls)
-    print_table(rows, info, a.markdown, new_compile)
+    print_table(rows, info, new_compile)
+    dump = {"machine": info, "rows": rows, "new_compile_s": new_compile, "loaded": a.loaded,
+            "raw": {f"{i}/{c}": v for (i, c), v in results.items()}}
+    if a.markdown:
+        loaded = with_competing_load(spinners, lambda: measure_rounds(configs, impls, a.rounds))
+        loaded_rows = summarize(loaded, configs, impls)
+        print(f"\nbeside {spinners} spinning processes:")
+        print_table(loaded_rows, info, {})
+        write_docs(info, rows, loaded_rows, configs, new_compile, a.rounds, spinners)
+        dump["loaded_rows"] = loaded_rows
+        dump["loaded_raw"] = {f"{i}/{c}": v for (i, c), v in loaded.items()}
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"machine": info, "rows": rows, "new_compile_s": new_compile,
-                       "raw": {f"{i}/{c}": v for (i, c), v in results.items()}}, f, indent=1)
+            json.dump(dump, f, indent=1)
     return 0
 
 
