@@ -9,6 +9,7 @@ from . import (
            linalg,
            maths,
            nn,
+           precision,
            random,
            reduce,
            shape,
@@ -16,4 +17,4 @@ from . import (
 )
 
 __all__ = ["registry", "contract", "diagonal", "elementwise", "layout", "linalg", "maths", "nn",
-           "random", "reduce", "shape", "sort"]
+           "precision", "random", "reduce", "shape", "sort"]
