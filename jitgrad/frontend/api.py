@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from ..compiler import pipeline
-from ..compiler.precision import check_precision
 from ..compiler import remat as remat_mod
 from ..compiler.passes import dce
 from ..compiler.pipeline import Compiled
+from ..compiler.precision import check_precision
 from ..errors import JitgradError, NonFiniteError, UndefinedGradientError
 from . import tree
 from .autodiff import grad_program
