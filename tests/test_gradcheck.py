@@ -46,6 +46,7 @@ from jitgrad.frontend.core import registry
 from jitgrad.frontend.ir import validate
 from jitgrad.frontend.ops import linalg as L
 from jitgrad.frontend.ops import nn as NN
+from jitgrad.frontend.ops import precision as PREC
 from jitgrad.frontend.ops import random as R
 from jitgrad.frontend.ops import shape as S
 from jitgrad.frontend.trace import signature_of, trace_flat
@@ -298,6 +299,14 @@ add("stop_gradient", "of-self", lambda x: x * jg.stop_gradient(x * x), lambda x:
 add("stop_gradient", "two-args", lambda x, y: jg.stop_gradient(x) * y + x,
     lambda x, y: x * y + x, mk(normal(3, 4), normal(4)),
     expected_grad=lambda args, ws: [ws[0], np.sum(ws[0] * args[0], axis=0)], order2=False)
+
+# round_bf16 (mixed precision): float32 in, bfloat16 values out; the cotangent passes
+# through, as torch.autocast's casts do (finite differences of a step function cannot judge)
+add("round_bf16", "via-float32", lambda x: PREC.round_bf16_p.bind(x.astype(np.float32)
+                                                                   ).astype(x.dtype),
+    lambda x: PREC.round_to_bf16(x.astype(np.float32)).astype(x.dtype), mk(normal(3, 4)),
+    expected_grad=lambda args, ws: [ws[0].astype(np.float32).astype(np.float64)],
+    order2=False)
 
 
 

@@ -262,6 +262,7 @@ CASES: dict[str, Case] = {
     "const": Case(_consts, floats(X)),
     "cast": Case(_cast(np.float32), floats(X), dtypes=(np.float64,)),  # overflows to inf
     "cast/f64": Case(_cast(np.float64), floats(X), dtypes=(np.float32,)),
+    "round_bf16": Case(lambda x: P["round_bf16"].bind(x), floats(W), dtypes=(np.float32,)),
     "cast/bool": Case(_cast(bool), floats(X)),                  # NaN is true, -0.0 false
     "cast/from-bool": Case(lambda c: P["cast"].bind(c, dtype=np.dtype(np.float64)),
                            lambda dt: st.tuples(bools(X)), dtypes=(np.float64,)),
