@@ -35,8 +35,10 @@ from test_properties import programs
 from test_properties import run as run_program
 
 import jitgrad as jg
+from jitgrad.compiler import bf16_provider
 from jitgrad.frontend import tree
 from jitgrad.frontend.core import registry
+from jitgrad.frontend.ops.precision import round_to_bf16
 
 FULL = bool(os.environ.get("JITGRAD_TEST_FULL"))
 _PROPERTY = int(os.environ.get("JITGRAD_PROPERTY_EXAMPLES", "200"))
@@ -129,6 +131,8 @@ class Case:
     dtypes: tuple[Any, ...] = FLOATS
     magnitude: Callable[..., Any] | None = None
     zero_signs: bool = True
+    # an optional library the Numba lowering calls (MKL's bfloat16 GEMM): skipped without it
+    requires: Callable[[], bool] | None = None
     compiled: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -294,6 +298,13 @@ CASES: dict[str, Case] = {
     "matmul/batched": Case(lambda a, b: P["matmul"].bind(a, b, ta=False, tb=True),
                            floats((2, 3, 4), (1, 2, 4)),
                            magnitude=lambda a, b: np.abs(a) @ np.swapaxes(np.abs(b), -1, -2)),
+    # bfloat16 storage and GEMM (precision="bf16" on CPUs with bfloat16 instructions and MKL)
+    "to_bf16": Case(lambda x: P["to_bf16"].bind(x), floats(W), dtypes=(np.float32,)),
+    "matmul_bf16": Case(lambda a, b: P["matmul_bf16"].bind(P["to_bf16"].bind(a),
+                                                           P["to_bf16"].bind(b), ta=False, tb=True),
+                        floats(X, (2, 4)), dtypes=(np.float32,),
+                        magnitude=lambda a, b: np.abs(round_to_bf16(a)) @ np.abs(
+                            round_to_bf16(b)).T, requires=bf16_provider.available),
     "matmul_sum": Case(lambda a, b: P["matmul_sum"].bind(a, b, ta=True, tb=False, batch=()),
                        floats((2, 4, 3), (2, 4, 2)),
                        magnitude=lambda a, b: np.sum(np.swapaxes(np.abs(a), -1, -2)
@@ -452,6 +463,8 @@ PARAMS = [pytest.param(cid, dt, id=f"{cid}-{np.dtype(dt).name}")
 @given(data=st.data())
 def test_special_values_compiled_as_interpreted(case_id, dtype, data):
     case = CASES[case_id]
+    if case.requires is not None and not case.requires():
+        pytest.skip(f"{case_id} needs MKL's bfloat16 GEMM and a CPU with bfloat16 instructions")
     args = data.draw(case.inputs(dtype), label="inputs")
     with np.errstate(all="ignore"):
         want = _as_tuple(_compiled(case, "interpret")(*args))

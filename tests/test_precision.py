@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import jitgrad as jg
+from jitgrad.compiler import bf16_provider
 from jitgrad.compiler import precision as precision_mod
 from jitgrad.frontend.ops.precision import bf16_bits, round_bf16_p, round_to_bf16
 from jitgrad.training.recipe import TrainConfig, run_training
@@ -233,3 +234,73 @@ def test_digits_mlp_trains_to_float32_accuracy_under_bf16():
                          out=None).metrics["test_accuracy"] for seed in (0, 1)])
     assert accs["bf16"] >= accs["f32"] - 0.005, accs
     assert accs["f32"] > 0.95
+
+
+# ---------------------------------------------------------------- the bfloat16 GEMM provider
+
+needs_provider = pytest.mark.skipif(not bf16_provider.available(),
+                                    reason="needs MKL's bfloat16 GEMM (the mkl extra) and a "
+                                           "CPU with AVX512_BF16 or AMX-BF16")
+
+
+def _calls(cf) -> list[str]:
+    return [s.sym for s in cf.latest.planned.low.steps]
+
+
+@needs_provider
+def test_provider_stores_each_operand_once_as_bfloat16(rng):
+    p, x, y = _mlp(rng)
+    ref = {k: v.copy() for k, v in p.items()}
+    step = jg.train_step(_mlp_loss, p, jg.optim.SGD(lr=0.1, momentum=0.9,
+                                                    weight_decay=1e-2), precision="bf16")
+    loss = step(x, y)
+    calls = _calls(step.compiled)
+    # five products, all bfloat16 (weight gradients added into the momentum in the GEMM)
+    assert sum(c.startswith("jg_gemm_bf16") for c in calls) == 5
+    assert "jg_gemm_bf16_acc_f32" in calls
+    assert not any(c.startswith("jg_gemm_f32") for c in calls)
+    # x, W1, h, W2, g and the relu gradient stored once each: W2 serves both its products
+    prepared = step.compiled.latest.planned.prepared
+    stored = [i.inputs[0] for i in prepared.instrs if i.prim.name == "to_bf16"]
+    assert len(stored) == len(set(stored)) == 6
+    assert not any(i.prim.name == "round_bf16" for i in prepared.instrs)
+    plan = step.compiled.plan
+    assert any(b.var.dtype == np.uint16 for b in plan.buffers.values())
+    # the same step interpreted (round_bf16 then the float32 GEMM)
+    interp = {k: v.copy() for k, v in ref.items()}
+    step_i = jg.train_step(_mlp_loss, interp, jg.optim.SGD(lr=0.1, momentum=0.9,
+                                                           weight_decay=1e-2),
+                           precision="bf16", backend="interpret")
+    np.testing.assert_allclose(loss, step_i(x, y), rtol=1e-6)
+    for k in p:
+        close(p[k], interp[k])
+
+
+@needs_provider
+def test_provider_can_be_turned_off(monkeypatch, rng):
+    a = rng.standard_normal((8, 16)).astype(F32)
+    b = rng.standard_normal((16, 4)).astype(F32)
+    on = jg.jit(lambda a, b: a @ b, precision="bf16")
+    close(on(a, b), ref_matmul(a, b))
+    assert "jg_gemm_bf16_f32" in _calls(on)
+    monkeypatch.setenv("JITGRAD_BF16_GEMM", "0")
+    off = jg.jit(lambda a, b: a @ b, precision="bf16")
+    close(off(a, b), ref_matmul(a, b))
+    assert "jg_gemm_f32" in _calls(off) and "jg_gemm_bf16_f32" not in _calls(off)
+
+
+@needs_provider
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_provider_transposes_and_degenerate_shapes(rng, ta, tb):
+    for m, k, n in ((5, 7, 3), (1, 1, 1), (3, 0, 2), (0, 4, 2)):
+        a = rng.standard_normal((k, m) if ta else (m, k)).astype(F32)
+        b = rng.standard_normal((n, k) if tb else (k, n)).astype(F32)
+
+        def f(a, b):
+            return (a.T if ta else a) @ (b.T if tb else b)
+        cf = jg.jit(f, precision="bf16")
+        got = cf(a, b)
+        want = (ref_round(a).T if ta else ref_round(a)) @ (ref_round(b).T if tb else ref_round(b))
+        assert got.shape == want.shape == (m, n)
+        if want.size:
+            close(got, want)

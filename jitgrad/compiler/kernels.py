@@ -23,7 +23,7 @@ import hashlib
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -68,17 +68,22 @@ class Kernel:
     body, `{dt}` standing for the variant's numpy type and `K` for the declaring module.
     variants: FLOATS, WIDE_INTS or ITEM_SIZES. can_fail: the kernel checks its data
     (indices, labels) and returns nonzero when it rejects it. uses_blas: it calls BLAS
-    (whose threads threads.limit_blas sets once BLAS is loaded).
+    (whose threads threads.limit_blas sets once BLAS is loaded). available: for a kernel
+    calling an optional library (MKL's bfloat16 GEMM), whether that library is loaded
+    and its symbols bound; lowerings only call such a kernel where it is, and
+    `ensure_loaded` skips it elsewhere.
     """
 
     def __init__(self, name: str, args: str, body: str, variants: dict[str, str], *,
-                 can_fail: bool = False, uses_blas: bool = False, module: str | None = None):
+                 can_fail: bool = False, uses_blas: bool = False, module: str | None = None,
+                 available: Callable[[], bool] | None = None):
         self.name = name
         self.args = args.split()
         self.body = body
         self.variants = variants
         self.can_fail = can_fail
         self.uses_blas = uses_blas
+        self.available = available
         self.module = module or sys._getframe(1).f_globals["__name__"]
         for suffix in variants:
             sym = f"jg_{name}_{suffix}"
@@ -215,7 +220,7 @@ def declared_symbols() -> list[str]:
 def ensure_loaded() -> None:
     """Compile (or load) every declared kernel: for warming a cache ahead of use. (The
     modules declaring them are imported with the package.)"""
-    require(_by_symbol)
+    require(s for s, (k, _) in _by_symbol.items() if k.available is None or k.available())
 
 
 __all__ = ["CFUNC_PRELUDE", "FLOATS", "ITEM_SIZES", "Kernel", "WIDE_INTS", "ensure_loaded",

@@ -1,0 +1,162 @@
+"""bfloat16 GEMM: how precision="bf16" products run on CPUs with bfloat16 instructions.
+
+The policy pass (compiler/precision.py) reads each GEMM operand through `round_bf16`,
+whose float32 result any GEMM can multiply. Where this CPU multiplies bfloat16 natively
+(AMX-BF16 / AVX512_BF16) and MKL's `cblas_gemm_bf16bf16f32` is loaded
+(compiler/bf16_provider.py), code generation rewrites a 2-d product of two rounded
+operands (`prepare`) into
+- `to_bf16`: the rounded operand stored as bfloat16 bit patterns (uint16, half the
+  bytes), made once per value and step by a fused loop — a weight once for its forward
+  and backward products, never per GEMM call;
+- `matmul_bf16`: op(A)·op(B) of bfloat16 operands, accumulated and returned in float32.
+Both compute exactly what `round_bf16` then `matmul` compute, up to the order of the
+float32 sums. Batched products keep the float32 GEMM on rounded values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import types
+
+from ...compiler import bf16_provider
+from ...compiler.cache import njit
+from ...compiler.kernels import Kernel
+from ...errors import JitgradError, NoLoweringError
+from ..core import emit_like, primitive
+from ..ir import Instr, Var
+from . import linalg as L
+from .precision import BF16_HELPERS, bf16_bits, bf16_to_f32, round_bf16_p
+
+# Storage forms of code generation only (prepare makes them): nothing differentiates them.
+to_bf16_p = primitive("to_bf16", "elementwise", grad="zero")
+matmul_bf16_p = primitive("matmul_bf16", "linalg", grad="zero")
+
+_F32, _U16 = np.dtype(np.float32), np.dtype(np.uint16)
+
+
+@to_bf16_p.def_shape
+def _to_bf16_shape(x):
+    if x[1] != _F32:
+        raise JitgradError(f"stores float32 values as bfloat16, got {x[1]}")
+    return x[0], _U16
+
+
+to_bf16_p.def_impl(lambda x: bf16_bits(x).reshape(np.shape(x)))
+to_bf16_p.def_scalar("_jg_bf16_bits({0})", BF16_HELPERS)
+
+
+@matmul_bf16_p.def_shape
+def _matmul_bf16_shape(a, b, *, ta, tb):
+    if a[1] != _U16 or b[1] != _U16 or len(a[0]) != 2 or len(b[0]) != 2:
+        raise JitgradError(f"multiplies 2-d bfloat16 (uint16) matrices, got {a[1]}{list(a[0])} "
+                           f"and {b[1]}{list(b[0])}")
+    shape, _ = L._matmul_shape((a[0], _F32), (b[0], _F32), ta=ta, tb=tb)
+    return shape, _F32
+
+
+@matmul_bf16_p.def_impl
+def _matmul_bf16_impl(a, b, *, ta, tb):
+    fa, fb = bf16_to_f32(a).reshape(a.shape), bf16_to_f32(b).reshape(b.shape)
+    return L._op(fa, ta) @ L._op(fb, tb)
+
+
+# ---------------------------------------------------------------- the rewrite
+
+def _producer(v: Var, out: list[Instr]) -> Instr | None:
+    for ins in reversed(out):  # the operand's rounding is usually just before its GEMM
+        if v in ins.outputs:
+            return ins
+    return None
+
+
+def _stored(src: Var, out: list[Instr], like: Instr) -> Var:
+    """src as bfloat16 storage: the to_bf16 an earlier product made, else a new one."""
+    for ins in out:
+        if ins.prim is to_bf16_p and ins.inputs[0] is src:
+            return ins.outputs[0]
+    return emit_like(out, to_bf16_p, (src,), like)
+
+
+def _prepare_product(ins: Instr, out: list[Instr]) -> None:
+    a, b = ins.inputs
+    sources = []
+    for v in (a, b):
+        p = _producer(v, out)
+        sources.append(p.inputs[0] if p is not None and p.prim is round_bf16_p else None)
+    m, n = ins.outputs[0].shape[-2:] if ins.outputs[0].ndim >= 2 else (0, 0)
+    k = a.shape[-2] if ins.kw["ta"] else a.shape[-1]
+    if (None in sources or a.ndim != 2 or b.ndim != 2
+            or not bf16_provider.chooses_bf16(m, n, k)):
+        out.append(ins)
+        return
+    sa, sb = (_stored(s, out, ins) for s in sources)
+    out.append(Instr(matmul_bf16_p, (sa, sb), ins.params, ins.outputs, ins.loc, ins.role,
+                     ins.checkpoint))
+
+
+L.matmul_p.def_prepare(_prepare_product)
+
+# ---------------------------------------------------------------- compiling
+
+# MKL's CBLAS: (layout, transa, transb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc) with
+# MKL_INT 32-bit (the LP64 interface libmkl_rt selects by default); addresses as int64.
+_I32 = types.int32
+_cblas_gemm_bf16 = types.ExternalFunction("cblas_gemm_bf16bf16f32", types.void(
+    _I32, _I32, _I32, _I32, _I32, _I32, types.float32, types.int64, _I32, types.int64, _I32,
+    types.float32, types.int64, _I32))
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+
+@njit(cache=True)
+def gemm_bf16(pa, pb, c, x, m, n, k, ta, tb, accumulate):
+    """C = op(A)·op(B) (+ X when accumulating, X possibly C's own memory), row-major: A and
+    B bfloat16 at addresses pa, pb; C and X float32 arrays of m·n."""
+    if accumulate and x.ctypes.data != c.ctypes.data:
+        c[:] = x
+    if m == 0 or n == 0:
+        return 0
+    if k == 0:
+        if not accumulate:
+            c[:] = 0
+        return 0
+    _cblas_gemm_bf16(_ROW_MAJOR, _TRANS if ta else _NO_TRANS, _TRANS if tb else _NO_TRANS,
+                     m, n, k, np.float32(1.0), pa, m if ta else k, pb, k if tb else n,
+                     np.float32(1.0 if accumulate else 0.0), c.ctypes.data, n)
+    return 0
+
+
+_BODY = ("c = carray(_vp(pc), m * n, {dt})\n"
+         "return K.gemm_bf16(pa, pb, c, %s, m, n, k, ta, tb, %d)")
+GEMM_BF16 = Kernel("gemm_bf16", "pa pb pc m n k ta tb", _BODY % ("c", 0), {"f32": "np.float32"},
+                   available=bf16_provider.available)
+GEMM_BF16_ACC = Kernel("gemm_bf16_acc", "pa pb pc px m n k ta tb",
+                       _BODY % ("carray(_vp(px), m * n, {dt})", 1), {"f32": "np.float32"},
+                       available=bf16_provider.available)
+
+
+def _check_provider() -> None:
+    if not bf16_provider.available():  # prepare never makes it then; a hand-made one
+        raise NoLoweringError("it needs MKL's bfloat16 GEMM (the mkl extra) on a CPU with "
+                              "AVX512_BF16 or AMX-BF16")
+
+
+@matmul_bf16_p.def_lowering
+def _lower_bf16(low: Any, ins: Instr) -> None:
+    _check_provider()
+    a, b = ins.inputs
+    c = ins.outputs[0]
+    low.call(GEMM_BF16, _F32, [a, b, c, *L._gemm_args(ins, c)], [c], [a, b], ins)
+
+
+@matmul_bf16_p.def_accumulate
+def _accumulate_bf16(low: Any, ins: Instr, out: Var, x: Var) -> tuple[Any, np.dtype, list[Any]]:
+    _check_provider()
+    a, b = ins.inputs
+    return GEMM_BF16_ACC, _F32, [a, b, out, x, *L._gemm_args(ins, out)]
+
+
+matmul_bf16_p.def_cost(L._matmul_flops)
+matmul_bf16_p.def_label(lambda ins: " bf16" + L._matmul_label(ins))
+to_bf16_p.def_label(lambda ins: " bf16 storage")
