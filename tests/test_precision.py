@@ -249,7 +249,7 @@ def _calls(cf) -> list[str]:
 
 @needs_provider
 def test_provider_stores_each_operand_once_as_bfloat16(rng):
-    p, x, y = _mlp(rng)
+    p, x, y = _mlp(rng, sizes=(128, 256, 64), n=64)  # products big enough to pay
     ref = {k: v.copy() for k, v in p.items()}
     step = jg.train_step(_mlp_loss, p, jg.optim.SGD(lr=0.1, momentum=0.9,
                                                     weight_decay=1e-2), precision="bf16")
@@ -277,9 +277,17 @@ def test_provider_stores_each_operand_once_as_bfloat16(rng):
 
 
 @needs_provider
-def test_provider_can_be_turned_off(monkeypatch, rng):
+def test_small_products_stay_on_the_float32_gemm(rng):
     a = rng.standard_normal((8, 16)).astype(F32)
-    b = rng.standard_normal((16, 4)).astype(F32)
+    cf = jg.jit(lambda a: a @ a.T, precision="bf16")
+    close(cf(a), ref_round(a) @ ref_round(a).T)
+    assert "jg_gemm_f32" in _calls(cf) and "jg_fused_u16" not in " ".join(_calls(cf))
+
+
+@needs_provider
+def test_provider_can_be_turned_off(monkeypatch, rng):
+    a = rng.standard_normal((64, 128)).astype(F32)
+    b = rng.standard_normal((128, 64)).astype(F32)
     on = jg.jit(lambda a, b: a @ b, precision="bf16")
     close(on(a, b), ref_matmul(a, b))
     assert "jg_gemm_bf16_f32" in _calls(on)
@@ -291,7 +299,9 @@ def test_provider_can_be_turned_off(monkeypatch, rng):
 
 @needs_provider
 @pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
-def test_provider_transposes_and_degenerate_shapes(rng, ta, tb):
+def test_provider_transposes_and_degenerate_shapes(monkeypatch, rng, ta, tb):
+    monkeypatch.setattr(bf16_provider, "MIN_WORK", 0)  # every product on the bfloat16 GEMM
+    monkeypatch.setattr(bf16_provider, "MIN_K", 0)
     for m, k, n in ((5, 7, 3), (1, 1, 1), (3, 0, 2), (0, 4, 2)):
         a = rng.standard_normal((k, m) if ta else (m, k)).astype(F32)
         b = rng.standard_normal((n, k) if tb else (k, n)).astype(F32)
@@ -300,6 +310,7 @@ def test_provider_transposes_and_degenerate_shapes(rng, ta, tb):
             return (a.T if ta else a) @ (b.T if tb else b)
         cf = jg.jit(f, precision="bf16")
         got = cf(a, b)
+        assert "jg_gemm_bf16_f32" in _calls(cf)
         want = (ref_round(a).T if ta else ref_round(a)) @ (ref_round(b).T if tb else ref_round(b))
         assert got.shape == want.shape == (m, n)
         if want.size:

@@ -60,6 +60,14 @@ def available() -> bool:
     return precision.cpu_has_bf16() and _mkl() is not None
 
 
+# Below this much work (m·n·k), or with a short inner dimension, MKL's bfloat16 GEMM was
+# no faster than its float32 one here (2 threads, AMX): 32x32x64 0.7x, 64x256x10 0.6x,
+# 64x10x128 1.0x; 128x10x512 1.2x, 64x256x256 1.5-1.8x, 128x512x784 2.5-3.8x.
+MIN_WORK = 1 << 19
+MIN_K = 32
+
+
 def chooses_bf16(m: int, n: int, k: int) -> bool:
-    """Whether an m×k by k×n product of bfloat16 operands runs as a bfloat16 GEMM."""
-    return available()
+    """Whether an m×k by k×n product of bfloat16 operands runs as a bfloat16 GEMM (else
+    the float32 GEMM multiplies the rounded values)."""
+    return k >= MIN_K and m * n * k >= MIN_WORK and available()
