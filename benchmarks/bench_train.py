@@ -1,5 +1,6 @@
 """asv: the full SGD training step (forward, softmax-xent + L2, backward, update) of the five
-MLP configs, float32 and float64, and float32 under bfloat16 mixed precision. Compilation (or the cache load) happens in setup."""
+MLP configs, float32 and float64, and float32 under bfloat16 mixed precision. Compilation
+(or the cache load) happens in setup."""
 
 from . import _common as C
 
