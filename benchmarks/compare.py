@@ -425,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", nargs=2, metavar=("IMPL", "CONFIG"), help=argparse.SUPPRESS)
     ap.add_argument("--with-profile", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    PRECISION = a.precision
 
     if a.worker:
         impl, cfg = a.worker
@@ -448,7 +449,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     WORKER_THREADS = a.threads
-    PRECISION = a.precision
     if PRECISION == "bf16":
         PEER = BF16_PEER
     a.impls = a.impls or ",".join(BF16_IMPLS if PRECISION == "bf16" else IMPLS)

@@ -9,6 +9,7 @@ must be within bfloat16's tolerance of float32's; training the bundled digits ML
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -315,3 +316,12 @@ def test_provider_transposes_and_degenerate_shapes(monkeypatch, rng, ta, tb):
         assert got.shape == want.shape == (m, n)
         if want.size:
             close(got, want)
+
+
+def test_jitgrad_train_precision_flag(capsys):
+    from jitgrad.tools import cli
+    assert cli.main(["train", "--precision", "bf16", "--epochs", "1", "-q", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["config"]["precision"] == "bf16" and metrics["test_accuracy"] > 0.8
+    assert cli.main(["train", "--precision", "bf16", "--dtype", "float64", "-q"]) == 2
+    assert "needs --dtype float32" in capsys.readouterr().err
