@@ -248,6 +248,14 @@ def _calls(cf) -> list[str]:
     return [s.sym for s in cf.latest.planned.low.steps]
 
 
+def _bf16_gemms(calls: list[str]) -> list[str]:
+    return [c for c in calls if c.startswith("jg_gemm") and c.endswith("_u16")]
+
+
+def _f32_gemms(calls: list[str]) -> list[str]:
+    return [c for c in calls if c.startswith("jg_gemm") and c.endswith("_f32")]
+
+
 @needs_provider
 def test_provider_stores_each_operand_once_as_bfloat16(rng):
     p, x, y = _mlp(rng, sizes=(128, 256, 64), n=64)  # products big enough to pay
@@ -257,9 +265,9 @@ def test_provider_stores_each_operand_once_as_bfloat16(rng):
     loss = step(x, y)
     calls = _calls(step.compiled)
     # five products, all bfloat16 (weight gradients added into the momentum in the GEMM)
-    assert sum(c.startswith("jg_gemm_bf16") for c in calls) == 5
-    assert "jg_gemm_bf16_acc_f32" in calls
-    assert not any(c.startswith("jg_gemm_f32") for c in calls)
+    assert len(_bf16_gemms(calls)) == 5
+    assert "jg_gemm_acc_bf16_u16" in calls
+    assert not _f32_gemms(calls)
     # x, W1, h, W2, g and the relu gradient stored once each: W2 serves both its products
     prepared = step.compiled.latest.planned.prepared
     stored = [i.inputs[0] for i in prepared.instrs if i.prim.name == "to_bf16"]
@@ -282,7 +290,8 @@ def test_small_products_stay_on_the_float32_gemm(rng):
     a = rng.standard_normal((8, 16)).astype(F32)
     cf = jg.jit(lambda a: a @ a.T, precision="bf16")
     close(cf(a), ref_round(a) @ ref_round(a).T)
-    assert "jg_gemm_f32" in _calls(cf) and "jg_fused_u16" not in " ".join(_calls(cf))
+    assert _f32_gemms(_calls(cf)) and not _bf16_gemms(_calls(cf))
+    assert "jg_fused_u16" not in " ".join(_calls(cf))
 
 
 @needs_provider
@@ -291,11 +300,11 @@ def test_provider_can_be_turned_off(monkeypatch, rng):
     b = rng.standard_normal((128, 64)).astype(F32)
     on = jg.jit(lambda a, b: a @ b, precision="bf16")
     close(on(a, b), ref_matmul(a, b))
-    assert "jg_gemm_bf16_f32" in _calls(on)
+    assert _bf16_gemms(_calls(on))
     monkeypatch.setenv("JITGRAD_BF16_GEMM", "0")
     off = jg.jit(lambda a, b: a @ b, precision="bf16")
     close(off(a, b), ref_matmul(a, b))
-    assert "jg_gemm_f32" in _calls(off) and "jg_gemm_bf16_f32" not in _calls(off)
+    assert _f32_gemms(_calls(off)) and not _bf16_gemms(_calls(off))
 
 
 @needs_provider
@@ -311,7 +320,7 @@ def test_provider_transposes_and_degenerate_shapes(monkeypatch, rng, ta, tb):
             return (a.T if ta else a) @ (b.T if tb else b)
         cf = jg.jit(f, precision="bf16")
         got = cf(a, b)
-        assert "jg_gemm_bf16_f32" in _calls(cf)
+        assert _bf16_gemms(_calls(cf))
         want = (ref_round(a).T if ta else ref_round(a)) @ (ref_round(b).T if tb else ref_round(b))
         assert got.shape == want.shape == (m, n)
         if want.size:

@@ -68,22 +68,22 @@ class Kernel:
     body, `{dt}` standing for the variant's numpy type and `K` for the declaring module.
     variants: FLOATS, WIDE_INTS or ITEM_SIZES. can_fail: the kernel checks its data
     (indices, labels) and returns nonzero when it rejects it. uses_blas: it calls BLAS
-    (whose threads threads.limit_blas sets once BLAS is loaded). available: for a kernel
-    calling an optional library (MKL's bfloat16 GEMM), whether that library is loaded
-    and its symbols bound; lowerings only call such a kernel where it is, and
-    `ensure_loaded` skips it elsewhere.
+    (whose threads threads.limit_blas sets once BLAS is loaded). library: for a kernel
+    calling an optional native library by name, a function that loads it and registers
+    its symbols, returning False when the library is missing (the kernel then cannot
+    load, and `ensure_loaded` leaves it out).
     """
 
     def __init__(self, name: str, args: str, body: str, variants: dict[str, str], *,
                  can_fail: bool = False, uses_blas: bool = False, module: str | None = None,
-                 available: Callable[[], bool] | None = None):
+                 library: Callable[[], bool] | None = None):
         self.name = name
         self.args = args.split()
         self.body = body
         self.variants = variants
         self.can_fail = can_fail
         self.uses_blas = uses_blas
-        self.available = available
+        self.library = library
         self.module = module or sys._getframe(1).f_globals["__name__"]
         for suffix in variants:
             sym = f"jg_{name}_{suffix}"
@@ -199,6 +199,8 @@ def require(symbols: Iterable[str]) -> None:
         blas = False
         for sym in missing:
             kernel, suffix = _by_symbol[sym]
+            if kernel.library is not None and not kernel.library():
+                raise NoLoweringError(f"kernel {sym} calls a library that is not installed")
             module = cache.load_module("kernels", kernel.source(suffix),
                                        extra_key=_file_hash(kernel.module) + _file_hash(__name__))
             register_symbols(module, [sym])
@@ -220,7 +222,7 @@ def declared_symbols() -> list[str]:
 def ensure_loaded() -> None:
     """Compile (or load) every declared kernel: for warming a cache ahead of use. (The
     modules declaring them are imported with the package.)"""
-    require(s for s, (k, _) in _by_symbol.items() if k.available is None or k.available())
+    require(s for s, (k, _) in _by_symbol.items() if k.library is None or k.library())
 
 
 __all__ = ["CFUNC_PRELUDE", "FLOATS", "ITEM_SIZES", "Kernel", "WIDE_INTS", "ensure_loaded",

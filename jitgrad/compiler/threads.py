@@ -69,7 +69,9 @@ def init() -> None:
 
 
 def _set_numba_threads() -> None:
+    from . import blas
     numba.set_num_threads(min(num_threads(), numba.config.NUMBA_NUM_THREADS))
+    blas.set_threads(numba.get_num_threads())  # MKL (when loaded) runs on the same pool
 
 
 def set_local_ranks(n: int) -> int:

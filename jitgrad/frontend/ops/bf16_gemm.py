@@ -15,14 +15,12 @@ float32 sums. Batched products keep the float32 GEMM on rounded values.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
-from numba import types
 
-from ...compiler import bf16_provider
-from ...compiler.cache import njit
-from ...compiler.kernels import Kernel
+from ...compiler import bf16_provider, blas
 from ...errors import JitgradError, NoLoweringError
 from ..core import emit_like, primitive
 from ..ir import Instr, Var
@@ -85,10 +83,11 @@ def _prepare_product(ins: Instr, out: list[Instr]) -> None:
     for v in (a, b):
         p = _producer(v, out)
         sources.append(p.inputs[0] if p is not None and p.prim is round_bf16_p else None)
-    m, n = ins.outputs[0].shape[-2:] if ins.outputs[0].ndim >= 2 else (0, 0)
-    k = a.shape[-2] if ins.kw["ta"] else a.shape[-1]
-    if (None in sources or a.ndim != 2 or b.ndim != 2
-            or not bf16_provider.chooses_bf16(m, n, k)):
+    if None in sources or a.ndim != 2 or b.ndim != 2:
+        out.append(ins)
+        return
+    shape = L.gemm_shape(ins, ins.outputs[0])
+    if not bf16_provider.chooses_bf16(dataclasses.replace(shape, dtype=np.dtype(np.uint16))):
         out.append(ins)
         return
     sa, sb = (_stored(s, out, ins) for s in sources)
@@ -100,61 +99,26 @@ L.matmul_p.def_prepare(_prepare_product)
 
 # ---------------------------------------------------------------- compiling
 
-# MKL's CBLAS: (layout, transa, transb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc) with
-# MKL_INT 32-bit (the LP64 interface libmkl_rt selects by default); addresses as int64.
-_I32 = types.int32
-_cblas_gemm_bf16 = types.ExternalFunction("cblas_gemm_bf16bf16f32", types.void(
-    _I32, _I32, _I32, _I32, _I32, _I32, types.float32, types.int64, _I32, types.int64, _I32,
-    types.float32, types.int64, _I32))
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-
-
-@njit(cache=True)
-def gemm_bf16(pa, pb, c, x, m, n, k, ta, tb, accumulate):
-    """C = op(A)·op(B) (+ X when accumulating, X possibly C's own memory), row-major: A and
-    B bfloat16 at addresses pa, pb; C and X float32 arrays of m·n."""
-    if accumulate and x.ctypes.data != c.ctypes.data:
-        c[:] = x
-    if m == 0 or n == 0:
-        return 0
-    if k == 0:
-        if not accumulate:
-            c[:] = 0
-        return 0
-    _cblas_gemm_bf16(_ROW_MAJOR, _TRANS if ta else _NO_TRANS, _TRANS if tb else _NO_TRANS,
-                     m, n, k, np.float32(1.0), pa, m if ta else k, pb, k if tb else n,
-                     np.float32(1.0 if accumulate else 0.0), c.ctypes.data, n)
-    return 0
-
-
-_BODY = ("c = carray(_vp(pc), m * n, {dt})\n"
-         "return K.gemm_bf16(pa, pb, c, %s, m, n, k, ta, tb, %d)")
-GEMM_BF16 = Kernel("gemm_bf16", "pa pb pc m n k ta tb", _BODY % ("c", 0), {"f32": "np.float32"},
-                   available=bf16_provider.available)
-GEMM_BF16_ACC = Kernel("gemm_bf16_acc", "pa pb pc px m n k ta tb",
-                       _BODY % ("carray(_vp(px), m * n, {dt})", 1), {"f32": "np.float32"},
-                       available=bf16_provider.available)
-
-
-def _check_provider() -> None:
-    if not bf16_provider.available():  # prepare never makes it then; a hand-made one
-        raise NoLoweringError("it needs MKL's bfloat16 GEMM (the mkl extra) on a CPU with "
-                              "AVX512_BF16 or AMX-BF16")
-
-
 @matmul_bf16_p.def_lowering
 def _lower_bf16(low: Any, ins: Instr) -> None:
-    _check_provider()
     a, b = ins.inputs
     c = ins.outputs[0]
-    low.call(GEMM_BF16, _F32, [a, b, c, *L._gemm_args(ins, c)], [c], [a, b], ins)
+    kernel = _provider(ins, c).plain
+    low.call(kernel, a.dtype, [a, b, c, *L._gemm_args(ins, c)], [c], [a, b], ins)
 
 
 @matmul_bf16_p.def_accumulate
 def _accumulate_bf16(low: Any, ins: Instr, out: Var, x: Var) -> tuple[Any, np.dtype, list[Any]]:
-    _check_provider()
     a, b = ins.inputs
-    return GEMM_BF16_ACC, _F32, [a, b, out, x, *L._gemm_args(ins, out)]
+    return _provider(ins, out).accumulate, a.dtype, [a, b, out, x, *L._gemm_args(ins, out)]
+
+
+def _provider(ins: Instr, out: Var) -> Any:
+    try:
+        return blas.choose(L.gemm_shape(ins, out))
+    except JitgradError:  # prepare never makes one then; a hand-made one
+        raise NoLoweringError("it needs MKL's bfloat16 GEMM (the mkl extra) on a CPU with "
+                              "AVX512_BF16 or AMX-BF16") from None
 
 
 matmul_bf16_p.def_cost(L._matmul_flops)

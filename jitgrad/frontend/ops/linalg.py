@@ -14,11 +14,8 @@ import dataclasses
 from typing import Any
 
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
+from ...compiler import blas
 from ...compiler.cache import njit
 from ...compiler.kernels import FLOATS, Kernel
 from ...errors import JitgradError
@@ -143,71 +140,9 @@ def matmul(a: Any, b: Any) -> Any:
 
 # ---------------------------------------------------------------- compiling
 
-# np.dot inside Numba calls BLAS (scipy's OpenBLAS) with transpose flags for .T views,
-# so no transpose is ever materialised.
-
-
-@njit(cache=True)
-def gemm(a, b, c, ta, tb):
-    if ta and tb:
-        np.dot(a.T, b.T, c)
-    elif ta:
-        np.dot(a.T, b, c)
-    elif tb:
-        np.dot(a, b.T, c)
-    else:
-        np.dot(a, b, c)
-
-
-@intrinsic
-def _xxgemm(typingctx, like, transa, transb, m, n, k, pa, lda, pb, ldb, pc, ldc, beta):
-    """Column-major C = op(A)·op(B) + beta·C at addresses pa, pb, pc, through Numba's own
-    BLAS binding (`numba_xxgemm`, scipy's BLAS): np.dot can neither accumulate into its
-    output nor take a matrix at an offset of a batch. `like` is an array of C's dtype."""
-    def codegen(context, builder, signature, args):
-        from numba.np.linalg import get_blas_kind, make_constant_slot
-        _, ta, tb, m_, n_, k_, pa_, lda_, pb_, ldb_, pc_, ldc_, beta_ = args
-        dtype = signature.args[0].dtype
-        char, vp = ir.IntType(8), cgutils.voidptr_t
-        intp = context.get_value_type(types.intp)
-        fnty = ir.FunctionType(ir.IntType(32), [char, char, char, intp, intp, intp, vp, vp,
-                                                intp, vp, intp, vp, vp, intp])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
-        one = make_constant_slot(context, builder, dtype, 1.0)
-        beta_slot = cgutils.alloca_once_value(
-            builder, context.cast(builder, beta_, signature.args[-1], dtype))
-
-        def trans(flag):
-            return builder.select(builder.icmp_unsigned("!=", flag, flag.type(0)),
-                                  char(ord("t")), char(ord("n")))
-
-        res = builder.call(fn, (char(ord(get_blas_kind(dtype))), trans(ta), trans(tb),
-                                m_, n_, k_, builder.bitcast(one, vp),
-                                builder.inttoptr(pa_, vp), lda_, builder.inttoptr(pb_, vp),
-                                ldb_, builder.bitcast(beta_slot, vp),
-                                builder.inttoptr(pc_, vp), ldc_))
-        return builder.sext(res, context.get_value_type(types.int64))
-    return (types.int64(like, transa, transb, m, n, k, pa, lda, pb, ldb, pc, ldc, beta),
-            codegen)
-
-
-@njit(cache=True)
-def _row_major_gemm(c, pa, pb, pc, m, n, k, ta, tb, beta):
-    # Row-major C = op(A)·op(B) is column-major C^T = op(B)^T·op(A)^T.
-    return _xxgemm(c, tb, ta, n, m, k, pb, k if tb else n, pa, m if ta else k, pc, n, beta)
-
-
-@njit(cache=True)
-def gemm_accumulate(pa, pb, c, x, m, n, k, ta, tb):
-    """C = op(A)·op(B) + X, row-major, with X possibly C's own memory: a gradient
-    contribution from a matmul is added into the gradient's one buffer as it is computed
-    (Deep Learning 6.5), never materialised on its own and summed."""
-    if x.ctypes.data != c.ctypes.data:
-        for i in range(c.size):
-            c[i] = x[i]
-    if m == 0 or n == 0 or k == 0:
-        return 0
-    return _row_major_gemm(c, pa, pb, c.ctypes.data, m, n, k, ta, tb, 1.0)
+# A 2-d product is one call of the GEMM provider chosen for its shape (compiler/blas.py);
+# transposes reach it as flags, so `A.T @ G` never materialises a transpose. A batch of
+# products loops over its matrices calling OpenBLAS on each at its offset.
 
 
 @njit(cache=True)
@@ -220,9 +155,8 @@ def gemm_batched(pa, pb, c, x, m, n, k, ta, tb, accumulate, meta):
     it sums over: the first product of each of its matrices is written (beta = 0), the
     others added (beta = 1).
     """
-    if accumulate and x.ctypes.data != c.ctypes.data:
-        for i in range(c.size):
-            c[i] = x[i]
+    if accumulate:
+        blas.copy_into(c, x)
     nd = meta[0]
     shape = meta[1:1 + nd]
     sa = meta[1 + nd:1 + 2 * nd]
@@ -249,18 +183,11 @@ def gemm_batched(pa, pb, c, x, m, n, k, ta, tb, accumulate, meta):
             if j and sc[d] == 0:
                 first = False
         beta = 1.0 if accumulate or not first else 0.0
-        _row_major_gemm(c, pa + oa * size, pb + ob * size, c.ctypes.data + oc * size,
+        blas.row_major_gemm(c, pa + oa * size, pb + ob * size, c.ctypes.data + oc * size,
                         m, n, k, ta, tb, beta)
     return 0
 
 
-GEMM = Kernel("gemm", "pa pb pc m n k ta tb", (
-    "a = carray(_vp(pa), (k, m) if ta else (m, k), {dt})\n"
-    "b = carray(_vp(pb), (n, k) if tb else (k, n), {dt})\n"
-    "K.gemm(a, b, carray(_vp(pc), (m, n), {dt}), ta, tb)\nreturn 0"), FLOATS, uses_blas=True)
-GEMM_ACC = Kernel("gemm_acc", "pa pb pc px m n k ta tb", (
-    "return K.gemm_accumulate(pa, pb, carray(_vp(pc), m * n, {dt}), "
-    "carray(_vp(px), m * n, {dt}), m, n, k, ta, tb)"), FLOATS, uses_blas=True)
 _BATCHED_BODY = (
     "c = carray(_vp(pc), size, {dt})\n"
     "return K.gemm_batched(pa, pb, c, %s, m, n, k, ta, tb, %d, "
@@ -298,11 +225,19 @@ def _batch_meta(low, ins) -> tuple[str, int]:
         s for v in (a, b, c) for s in _batch_strides(v.shape, batch))])
 
 
+def gemm_shape(ins, out) -> blas.GemmShape:
+    """A 2-d product as the GEMM providers see it."""
+    a = ins.inputs[0]
+    m, n, k, ta, tb = _gemm_args(ins, out)
+    return blas.GemmShape(m, n, k, bool(ta), bool(tb), a.dtype, out.dtype)
+
+
 def _lower_product(low, ins) -> None:
     a, b = ins.inputs
     c = ins.outputs[0]
     if a.ndim == b.ndim == 2:
-        low.call(GEMM, a.dtype, [a, b, c, *_gemm_args(ins, c)], [c], [a, b], ins)
+        kernel = blas.choose(gemm_shape(ins, c)).plain
+        low.call(kernel, a.dtype, [a, b, c, *_gemm_args(ins, c)], [c], [a, b], ins)
     else:
         low.call(GEMM_BATCHED, a.dtype, [a, b, c, c.size, *_gemm_args(ins, c),
                                          *_batch_meta(low, ins)], [c], [a, b], ins)
@@ -311,7 +246,8 @@ def _lower_product(low, ins) -> None:
 def _accumulate_product(low, ins, out, x):
     a, b = ins.inputs
     if a.ndim == b.ndim == 2:
-        return GEMM_ACC, a.dtype, [a, b, out, x, *_gemm_args(ins, out)]
+        kernel = blas.choose(gemm_shape(ins, out)).accumulate
+        return kernel, a.dtype, [a, b, out, x, *_gemm_args(ins, out)]
     return GEMM_BATCHED_ACC, a.dtype, [a, b, out, x, out.size, *_gemm_args(ins, out),
                                        *_batch_meta(low, ins)]
 
