@@ -321,7 +321,7 @@ def _no_grads(args, ws):
 
 
 def _bf16(x):
-    return BF16.to_bf16_p.bind(x.astype(np.float32))
+    return PREC.to_bf16_p.bind(x.astype(np.float32))
 
 
 add("to_bf16", "bits", lambda x: _bf16(x).astype(x.dtype),

@@ -18,6 +18,7 @@ import pytest
 import jitgrad as jg
 from jitgrad.compiler import bf16_provider
 from jitgrad.compiler import precision as precision_mod
+from jitgrad.frontend.ops import precision as PREC
 from jitgrad.frontend.ops.precision import bf16_bits, round_bf16_p, round_to_bf16
 from jitgrad.training.recipe import TrainConfig, run_training
 
@@ -81,6 +82,16 @@ def test_compiled_rounding_equals_the_interpreter(rng):
     got = jg.jit(lambda v: round_bf16_p.bind(v) * 2.0)(x)  # fused with its neighbour
     with np.errstate(over="ignore"):
         np.testing.assert_array_equal(got, ref_round(x) * F32(2.0))
+
+
+@pytest.mark.parametrize("n", [37, PREC.PARALLEL_MIN + 5])
+def test_bfloat16_storage_serial_and_parallel(rng, n):
+    x = rng.standard_normal(n).astype(F32)
+    x[:len(_special_values())] = _special_values()
+    got = jg.jit(lambda v: PREC.to_bf16_p.bind(v))(x)
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got, bf16_bits(x))
+    np.testing.assert_array_equal(got.astype(np.uint32) << 16, ref_round(x).view(np.uint32))
 
 
 @pytest.mark.parametrize("shapes", [((7, 33), (33, 5)), ((4, 6, 9), (9, 3)),
@@ -275,6 +286,7 @@ def test_provider_stores_each_operand_once_as_bfloat16(rng):
     assert not any(i.prim.name == "round_bf16" for i in prepared.instrs)
     plan = step.compiled.plan
     assert any(b.var.dtype == np.uint16 for b in plan.buffers.values())
+    assert calls.count("jg_store_bf16_u16") == 6
     # the same step interpreted (round_bf16 then the float32 GEMM)
     interp = {k: v.copy() for k, v in ref.items()}
     step_i = jg.train_step(_mlp_loss, interp, jg.optim.SGD(lr=0.1, momentum=0.9,
@@ -291,7 +303,7 @@ def test_small_products_stay_on_the_float32_gemm(rng):
     cf = jg.jit(lambda a: a @ a.T, precision="bf16")
     close(cf(a), ref_round(a) @ ref_round(a).T)
     assert _f32_gemms(_calls(cf)) and not _bf16_gemms(_calls(cf))
-    assert "jg_fused_u16" not in " ".join(_calls(cf))
+    assert "jg_store_bf16_u16" not in _calls(cf)
 
 
 @needs_provider

@@ -5,9 +5,9 @@ whose float32 result any GEMM can multiply. Where this CPU multiplies bfloat16 n
 (AMX-BF16 / AVX512_BF16) and MKL's `cblas_gemm_bf16bf16f32` is loaded
 (compiler/bf16_provider.py), code generation rewrites a 2-d product of two rounded
 operands (`prepare`) into
-- `to_bf16`: the rounded operand stored as bfloat16 bit patterns (uint16, half the
-  bytes), made once per value and step by a fused loop — a weight once for its forward
-  and backward products, never per GEMM call;
+- `to_bf16` (precision.py): the rounded operand stored as bfloat16 bit patterns (uint16,
+  half the bytes), made once per value and step by a parallel pass — a weight once for
+  its forward and backward products, never per GEMM call;
 - `matmul_bf16`: op(A)·op(B) of bfloat16 operands, accumulated and returned in float32.
 Both compute exactly what `round_bf16` then `matmul` compute, up to the order of the
 float32 sums. Batched products keep the float32 GEMM on rounded values.
@@ -25,24 +25,13 @@ from ...errors import JitgradError, NoLoweringError
 from ..core import emit_like, primitive
 from ..ir import Instr, Var
 from . import linalg as L
-from .precision import BF16_HELPERS, bf16_bits, bf16_to_f32, round_bf16_p
+from .precision import bf16_to_f32, round_bf16_p, to_bf16_p
 
-# Storage forms of code generation only (prepare makes them): nothing differentiates them.
-to_bf16_p = primitive("to_bf16", "elementwise", grad="zero")
+# The product code generation gives precision="bf16" GEMMs (prepare makes it): its
+# operands are integer bit patterns, so nothing differentiates it.
 matmul_bf16_p = primitive("matmul_bf16", "linalg", grad="zero")
 
 _F32, _U16 = np.dtype(np.float32), np.dtype(np.uint16)
-
-
-@to_bf16_p.def_shape
-def _to_bf16_shape(x):
-    if x[1] != _F32:
-        raise JitgradError(f"stores float32 values as bfloat16, got {x[1]}")
-    return x[0], _U16
-
-
-to_bf16_p.def_impl(lambda x: bf16_bits(x).reshape(np.shape(x)))
-to_bf16_p.def_scalar("_jg_bf16_bits({0})", BF16_HELPERS)
 
 
 @matmul_bf16_p.def_shape
@@ -123,4 +112,3 @@ def _provider(ins: Instr, out: Var) -> Any:
 
 matmul_bf16_p.def_cost(L._matmul_flops)
 matmul_bf16_p.def_label(lambda ins: " bf16" + L._matmul_label(ins))
-to_bf16_p.def_label(lambda ins: " bf16 storage")
