@@ -208,6 +208,7 @@ def test_float64_gemms_are_left_alone_with_a_warning(rng):
 
 
 def test_a_cpu_without_bf16_is_told_once(monkeypatch, rng):
+    bf16_provider.available()  # loaded (or not) for the real CPU first: that is cached
     monkeypatch.setattr(precision_mod, "cpu_has_bf16", lambda: False)
     precision_mod._warn_once.cache_clear()
     a = rng.standard_normal((4, 3)).astype(F32)
