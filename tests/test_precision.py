@@ -347,3 +347,11 @@ def test_jitgrad_train_precision_flag(capsys):
     assert metrics["config"]["precision"] == "bf16" and metrics["test_accuracy"] > 0.8
     assert cli.main(["train", "--precision", "bf16", "--dtype", "float64", "-q"]) == 2
     assert "needs --dtype float32" in capsys.readouterr().err
+
+
+@needs_provider
+def test_an_operand_used_twice_is_stored_once(rng):
+    a = rng.standard_normal((128, 96)).astype(F32)
+    cf = jg.jit(lambda a: a @ a.T, precision="bf16")
+    close(cf(a), ref_round(a) @ ref_round(a).T)
+    assert _calls(cf).count("jg_store_bf16_u16") == 1 and _bf16_gemms(_calls(cf))

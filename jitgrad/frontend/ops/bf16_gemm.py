@@ -16,6 +16,7 @@ float32 sums. Batched products keep the float32 GEMM on rounded values.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any
 
 import numpy as np
@@ -51,27 +52,40 @@ def _matmul_bf16_impl(a, b, *, ta, tb):
 
 # ---------------------------------------------------------------- the rewrite
 
-def _producer(v: Var, out: list[Instr]) -> Instr | None:
-    for ins in reversed(out):  # the operand's rounding is usually just before its GEMM
-        if v in ins.outputs:
-            return ins
-    return None
+class _Seen:
+    """What the prepared instructions so far round and store: round_bf16 result -> its
+    operand, operand -> its to_bf16 result. Kept up to date as `out` grows, so a program
+    is indexed once however many products it has."""
+
+    def __init__(self, out: list[Instr]):
+        self.out, self.indexed = out, 0
+        self.rounded: dict[Var, Var] = {}
+        self.stored: dict[Var, Var] = {}
+
+    def update(self) -> _Seen:
+        for ins in self.out[self.indexed:]:
+            if ins.prim is round_bf16_p:
+                self.rounded[ins.outputs[0]] = ins.inputs[0]
+            elif ins.prim is to_bf16_p:
+                self.stored.setdefault(ins.inputs[0], ins.outputs[0])
+        self.indexed = len(self.out)
+        return self
 
 
-def _stored(src: Var, out: list[Instr], like: Instr) -> Var:
-    """src as bfloat16 storage: the to_bf16 an earlier product made, else a new one."""
-    for ins in out:
-        if ins.prim is to_bf16_p and ins.inputs[0] is src:
-            return ins.outputs[0]
-    return emit_like(out, to_bf16_p, (src,), like)
+_local = threading.local()  # the program being prepared in this thread: its _Seen
+
+
+def _seen(out: list[Instr]) -> _Seen:
+    seen = getattr(_local, "seen", None)
+    if seen is None or seen.out is not out:
+        seen = _local.seen = _Seen(out)
+    return seen.update()
 
 
 def _prepare_product(ins: Instr, out: list[Instr]) -> None:
     a, b = ins.inputs
-    sources = []
-    for v in (a, b):
-        p = _producer(v, out)
-        sources.append(p.inputs[0] if p is not None and p.prim is round_bf16_p else None)
+    seen = _seen(out)
+    sources = [seen.rounded.get(a), seen.rounded.get(b)]
     if None in sources or a.ndim != 2 or b.ndim != 2:
         out.append(ins)
         return
@@ -79,9 +93,12 @@ def _prepare_product(ins: Instr, out: list[Instr]) -> None:
     if not bf16_provider.chooses_bf16(dataclasses.replace(shape, dtype=np.dtype(np.uint16))):
         out.append(ins)
         return
-    sa, sb = (_stored(s, out, ins) for s in sources)
-    out.append(Instr(matmul_bf16_p, (sa, sb), ins.params, ins.outputs, ins.loc, ins.role,
-                     ins.checkpoint))
+    # each operand stored once: a weight's forward and backward products share it
+    for src in sources:
+        if src not in seen.stored:
+            seen.stored[src] = emit_like(out, to_bf16_p, (src,), ins)
+    out.append(Instr(matmul_bf16_p, tuple(seen.stored[src] for src in sources), ins.params,
+                     ins.outputs, ins.loc, ins.role, ins.checkpoint))
 
 
 L.matmul_p.def_prepare(_prepare_product)
