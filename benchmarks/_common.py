@@ -118,12 +118,13 @@ def jitgrad_loss(params, x, y):
     return jg.softmax_cross_entropy(h, y) + (0.5 * WEIGHT_DECAY) * l2
 
 
-def make_jitgrad_step(config: str, dtype="float32"):
-    """(step, params, x, y): a jg.train_step, not yet compiled."""
+def make_jitgrad_step(config: str, dtype="float32", precision: str | None = None):
+    """(step, params, x, y): a jg.train_step, not yet compiled (precision="bf16": mixed
+    precision, bfloat16 GEMM operands)."""
     import jitgrad as jg
     params = make_params(config, dtype)
     x, y = make_batch(config, dtype)
-    step = jg.train_step(jitgrad_loss, params, jg.optim.SGD(lr=LR))
+    step = jg.train_step(jitgrad_loss, params, jg.optim.SGD(lr=LR), precision=precision)
     return step, params, x, y
 
 

@@ -1,5 +1,6 @@
 """asv: the full SGD training step (forward, softmax-xent + L2, backward, update) of the five
-MLP configs, float32 and float64. Compilation (or the cache load) happens in setup."""
+MLP configs, float32 and float64, and float32 under bfloat16 mixed precision. Compilation
+(or the cache load) happens in setup."""
 
 from . import _common as C
 
@@ -15,6 +16,23 @@ class TrainStep:
         self.step(self.x, self.y)  # trace + compile (or load from the cache): not timed
 
     def time_train_step(self, config, dtype):
+        self.step(self.x, self.y)
+
+
+class TrainStepBF16:
+    """The float32 step under precision="bf16" (GEMM operands rounded to bfloat16; on CPUs
+    with AMX/AVX512_BF16 and the mkl extra, bfloat16 GEMMs): against TrainStep's float32."""
+
+    params = (list(C.CONFIGS),)
+    param_names = ["config"]
+    timeout = 600
+
+    def setup(self, config):
+        C.pin_threads()
+        self.step, self.p, self.x, self.y = C.make_jitgrad_step(config, precision="bf16")
+        self.step(self.x, self.y)
+
+    def time_train_step_bf16(self, config):
         self.step(self.x, self.y)
 
 

@@ -4,6 +4,7 @@
                                  [--impls jitgrad,numpy,torch,jax] [--loaded] [--json FILE]
     python benchmarks/compare.py --markdown   # quiet + loaded -> docs/performance.md, README
     python benchmarks/compare.py --profile medium      # jitgrad per-kernel profile of one step
+    python benchmarks/compare.py --precision bf16 --impls jitgrad,torch   # mixed precision
 
 --loaded runs every worker beside a fixed competing load: two Python processes spinning
 `while True: pass` (as many as the threads each implementation gets), started before the
@@ -22,6 +23,11 @@ median of several timing repeats), ratio to numpy and to JAX (the peer to beat),
 (6·B·Σ in·out per step), and for jitgrad the time to first result in a fresh process
 (cache hit: a warm-up process runs first), the native call alone (no Python wrapper), and
 the GEMM floor: the step's matmuls alone through the GEMM provider jitgrad chose.
+
+With --precision bf16 every step is mixed precision: jitgrad's `precision="bf16"` and
+PyTorch under `torch.autocast("cpu", dtype=torch.bfloat16)` (numpy and JAX have no such
+policy and are skipped); the ratio column is then to PyTorch, and to jitgrad's float32
+step measured in the same rounds ("÷ f32").
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ import _common as C  # noqa: E402
 
 IMPLS = ("jitgrad", "numpy", "torch", "jax")
 PEER = "jax"
+# Mixed precision: PyTorch's autocast is the peer; jitgrad's float32 step runs beside it.
+BF16_IMPLS = ("jitgrad", "torch", "jitgrad-f32")
+BF16_PEER = "torch"
+PRECISION = os.environ.get("JITGRAD_BENCH_PRECISION", "f32")  # the workers' policy
 
 
 # ---------------------------------------------------------------- timing
@@ -85,15 +95,18 @@ def worker_torch(config: str) -> dict:
     x, y = torch.from_numpy(xn), torch.from_numpy(yn)
     opt = torch.optim.SGD(params, lr=C.LR)
     n = len(params) // 2
+    bf16 = PRECISION == "bf16"
 
     def step():
-        h = x
-        for i in range(n):
-            h = torch.addmm(params[2 * i + 1], h, params[2 * i])
-            if i < n - 1:
-                h = torch.relu(h)
-        l2 = sum((params[2 * i] * params[2 * i]).sum() for i in range(n))
-        loss = torch.nn.functional.cross_entropy(h, y) + 0.5 * C.WEIGHT_DECAY * l2
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            h = x
+            for i in range(n):
+                h = torch.addmm(params[2 * i + 1], h, params[2 * i])
+                if i < n - 1:
+                    h = torch.relu(h)
+            l2 = sum((params[2 * i] * params[2 * i]).sum() for i in range(n))
+            loss = (torch.nn.functional.cross_entropy(h.float(), y)
+                    + 0.5 * C.WEIGHT_DECAY * l2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -171,10 +184,12 @@ def gemm_floor_fn(config: str, dtype="float32"):
     return (lambda: run(spec)), keep
 
 
-def worker_jitgrad(config: str, profile: bool = False) -> dict:
+def worker_jitgrad(config: str, profile: bool = False, precision: str | None = None) -> dict:
     """jitgrad's train_step; plus the bare native call, the GEMM floor (and a profile)."""
     import jitgrad  # noqa: F401  (timed: part of the time to first result)
-    step, params, x, y = C.make_jitgrad_step(config)
+    if precision is None:
+        precision = PRECISION
+    step, params, x, y = C.make_jitgrad_step(config, precision=precision)
     loss0 = step(x, y)
     first = time.perf_counter() - T_START
     C.pin_threads()
@@ -189,8 +204,9 @@ def worker_jitgrad(config: str, profile: bool = False) -> dict:
             out["profile"] = profile_steps(ex)
     except Exception as e:  # internals moved: keep the headline numbers
         out["native_error"] = repr(e)
-    floor, keep2 = gemm_floor_fn(config)
-    out["gemm_floor_us"] = measure_calls(floor)
+    if precision == "f32":  # the float32 GEMM floor
+        floor, keep2 = gemm_floor_fn(config)
+        out["gemm_floor_us"] = measure_calls(floor)
     return out
 
 
@@ -259,7 +275,8 @@ def machine() -> dict:
 
 
 def available(impl: str) -> bool:
-    mod = {"jitgrad": "jitgrad", "numpy": "numpy", "torch": "torch", "jax": "jax"}[impl]
+    mod = {"jitgrad": "jitgrad", "jitgrad-f32": "jitgrad", "numpy": "numpy", "torch": "torch",
+           "jax": "jax"}[impl]
     import importlib.util
     return importlib.util.find_spec(mod) is not None
 
@@ -270,6 +287,7 @@ WORKER_THREADS = C.THREADS
 def run_worker(impl: str, config: str, extra: list[str] | None = None,
                env: dict | None = None) -> dict:
     env = env or C.thread_env(threads=WORKER_THREADS)
+    env["JITGRAD_BENCH_PRECISION"] = PRECISION
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, config] + (extra or [])
     p = subprocess.run(cmd, capture_output=True, text=True, env=env,
                        timeout=1800)
@@ -298,6 +316,7 @@ def summarize(results: dict, configs: list[str], impls: list[str]) -> list[dict]
                    "rounds": [statistics.median(r["us"]) for r in rs],
                    "vs_numpy": us / med["numpy"] if "numpy" in med else None,
                    "vs_peer": us / med[PEER] if PEER in med else None,
+                   "vs_f32": us / med["jitgrad-f32"] if "jitgrad-f32" in med else None,
                    "gflops": C.step_flops(cfg) / us / 1e3,
                    "first_s": statistics.median(r["first_s"] for r in rs),
                    "loss0": rs[0]["loss0"],
@@ -317,14 +336,17 @@ def fmt(v, spec):
 
 
 def print_table(rows: list[dict], info: dict, new_compile: dict) -> None:
-    head = ["config", "impl", "µs/step", "÷ numpy", "÷ JAX", "GFLOP/s", "1st result s",
+    bf16 = PRECISION == "bf16"
+    head = ["config", "impl", "µs/step", "÷ f32" if bf16 else "÷ numpy",
+            "÷ PyTorch bf16" if bf16 else "÷ JAX", "GFLOP/s", "1st result s",
             "native µs", "GEMM floor µs"]
     lines = []
     for r in rows:
         if "error" in r:
             lines.append([r["config"], r["impl"], f"error: {r['error']}"] + [""] * 6)
             continue
-        lines.append([r["config"], r["impl"], fmt(r["us"], ",.0f"), fmt(r["vs_numpy"], ".2f"),
+        lines.append([r["config"], r["impl"], fmt(r["us"], ",.0f"),
+                      fmt(r["vs_f32" if bf16 else "vs_numpy"], ".2f"),
                       fmt(r["vs_peer"], ".2f"), fmt(r["gflops"], ".1f"),
                       fmt(r["first_s"], ".2f"), fmt(r.get("native_us"), ",.0f"),
                       fmt(r.get("gemm_floor_us"), ",.0f")])
@@ -487,10 +509,15 @@ def write_docs(info: dict, quiet: list[dict], loaded: list[dict], configs: list[
 
 
 def main(argv: list[str] | None = None) -> int:
+    global WORKER_THREADS, PRECISION, PEER
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=",".join(C.CONFIGS))
-    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--impls", default=None,
+                    help=f"default: {','.join(IMPLS)}; with --precision bf16 "
+                         f"{','.join(BF16_IMPLS)}")
+    ap.add_argument("--precision", choices=("f32", "bf16"), default=PRECISION,
+                    help="bf16: jitgrad precision='bf16' against PyTorch bf16 autocast")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--markdown", action="store_true",
                     help="measure quiet and loaded; rewrite docs/performance.md and the README")
@@ -503,11 +530,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", nargs=2, metavar=("IMPL", "CONFIG"), help=argparse.SUPPRESS)
     ap.add_argument("--with-profile", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    PRECISION = a.precision
 
     if a.worker:
         impl, cfg = a.worker
         fn = {"jitgrad": worker_jitgrad, "numpy": worker_numpy, "torch": worker_torch,
-              "jax": worker_jax}[impl]
+              "jax": worker_jax,
+              "jitgrad-f32": lambda c: worker_jitgrad(c, precision="f32")}[impl]
         res = fn(cfg, profile=True) if impl == "jitgrad" and a.with_profile else fn(cfg)
         res["load1"] = os.getloadavg()[0]  # the machine is shared: record how busy it was
         print(json.dumps(res))
@@ -524,13 +553,20 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(res, f, indent=1)
         return 0
 
-    global WORKER_THREADS
     WORKER_THREADS = a.threads
+    if PRECISION == "bf16":
+        PEER = BF16_PEER
+    a.impls = a.impls or ",".join(BF16_IMPLS if PRECISION == "bf16" else IMPLS)
     configs = [c for c in a.configs.split(",") if c]
     for c in configs:
         if c not in C.CONFIGS:
             ap.error(f"unknown config {c!r}; choose from {', '.join(C.CONFIGS)}")
     impls = [i for i in a.impls.split(",") if i]
+    if PRECISION == "bf16" and a.markdown:
+        ap.error("--markdown regenerates the float32 tables; run --precision bf16 without it")
+    if PRECISION == "bf16" and any(i not in BF16_IMPLS for i in impls):
+        ap.error(f"--precision bf16 compares {', '.join(BF16_IMPLS)} (numpy and JAX have no "
+                 f"bfloat16 autocast)")
     skipped = [i for i in impls if not available(i)]
     impls = [i for i in impls if i not in skipped]
     if skipped:
@@ -543,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     if "jitgrad" in impls:  # warm the cache; its first-result time is the new-program time
         for cfg in configs:
             r = run_worker("jitgrad", cfg)
+            if "jitgrad-f32" in impls:
+                run_worker("jitgrad-f32", cfg)
             if "first_s" in r:
                 new_compile[cfg] = r["first_s"]
             print(f"warm-up jitgrad {cfg}: "

@@ -41,11 +41,14 @@ from gradcheck import assert_grads_close, numeric_grad, numeric_hvp, vdot
 from scipy import special
 
 import jitgrad as jg
+from jitgrad.compiler import bf16_provider
 from jitgrad.frontend import tree
 from jitgrad.frontend.core import registry
 from jitgrad.frontend.ir import validate
+from jitgrad.frontend.ops import bf16_gemm as BF16
 from jitgrad.frontend.ops import linalg as L
 from jitgrad.frontend.ops import nn as NN
+from jitgrad.frontend.ops import precision as PREC
 from jitgrad.frontend.ops import random as R
 from jitgrad.frontend.ops import shape as S
 from jitgrad.frontend.trace import signature_of, trace_flat
@@ -181,6 +184,8 @@ class Op:
     # Expected gradients of sum(out * w) for rows finite differences cannot judge
     # (stop_gradient): (args, weights) -> one gradient per float argument.
     expected_grad: Callable[..., list[np.ndarray]] | None = None
+    # an optional library the Numba lowering calls (MKL's bfloat16 GEMM): skipped without it
+    requires: Callable[[], bool] | None = None
 
     @property
     def id(self) -> str:
@@ -298,6 +303,41 @@ add("stop_gradient", "of-self", lambda x: x * jg.stop_gradient(x * x), lambda x:
 add("stop_gradient", "two-args", lambda x, y: jg.stop_gradient(x) * y + x,
     lambda x, y: x * y + x, mk(normal(3, 4), normal(4)),
     expected_grad=lambda args, ws: [ws[0], np.sum(ws[0] * args[0], axis=0)], order2=False)
+
+# round_bf16 (mixed precision): float32 in, bfloat16 values out; the cotangent passes
+# through, as torch.autocast's casts do (finite differences of a step function cannot judge)
+add("round_bf16", "via-float32", lambda x: PREC.round_bf16_p.bind(x.astype(np.float32)
+                                                                   ).astype(x.dtype),
+    lambda x: PREC.round_to_bf16(x.astype(np.float32)).astype(x.dtype), mk(normal(3, 4)),
+    expected_grad=lambda args, ws: [ws[0].astype(np.float32).astype(np.float64)],
+    order2=False)
+
+
+# bfloat16 storage and GEMM: the forms code generation gives a precision="bf16" product
+# (integer bit patterns: no gradient flows through them; finite differences would see the
+# rounding's steps)
+def _no_grads(args, ws):
+    return [np.zeros_like(a) for a in args]
+
+
+def _bf16(x):
+    return PREC.to_bf16_p.bind(x.astype(np.float32))
+
+
+add("to_bf16", "bits", lambda x: _bf16(x).astype(x.dtype),
+    lambda x: PREC.bf16_bits(x.astype(np.float32)).astype(x.dtype), mk(normal(3, 4)),
+    kind="nograd", expected_grad=_no_grads)
+for _ta, _tb in ((False, False), (True, False), (False, True)):
+    add("matmul_bf16", f"{'aT' if _ta else 'a'}-{'bT' if _tb else 'b'}",
+        lambda a, b, ta=_ta, tb=_tb: BF16.matmul_bf16_p.bind(_bf16(a), _bf16(b), ta=ta, tb=tb
+                                                             ).astype(a.dtype),
+        lambda a, b, ta=_ta, tb=_tb: ((PREC.round_to_bf16(a.astype(np.float32)).T if ta else
+                                       PREC.round_to_bf16(a.astype(np.float32)))
+                                      @ (PREC.round_to_bf16(b.astype(np.float32)).T if tb else
+                                         PREC.round_to_bf16(b.astype(np.float32)))
+                                      ).astype(a.dtype),
+        mk(normal(4, 3) if _ta else normal(3, 4), normal(5, 4) if _tb else normal(4, 5)),
+        kind="nograd", expected_grad=_no_grads, requires=bf16_provider.available)
 
 
 
@@ -764,8 +804,14 @@ def _rows(ops: list[Op]) -> list[Any]:
             for op in ops]
 
 
+def _skip_without(op: Op, backend: str) -> None:
+    if backend == "numba" and op.requires is not None and not op.requires():
+        pytest.skip(f"{op.id} needs MKL's bfloat16 GEMM and a CPU with bfloat16 instructions")
+
+
 @pytest.mark.parametrize("op", _rows(OPS))
 def test_op(op: Op, backend: str) -> None:
+    _skip_without(op, backend)
     args = _args(op)
     want = op.ref(*args)
 
@@ -844,6 +890,7 @@ def _check_undefined(op: Op, args: tuple) -> None:
 
 @pytest.mark.parametrize("op", _rows([op for op in OPS if op.f32]))
 def test_float32_stays_float32(op: Op, backend: str) -> None:
+    _skip_without(op, backend)
     args = _args(op, np.float32)
     want = op.ref(*_args(op))
     outs = _outs(jg.jit(op.fn)(*args))

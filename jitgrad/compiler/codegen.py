@@ -23,6 +23,7 @@ from ..frontend.ir import Instr, Program, Var, dtype_short, numpy_name
 from . import kernels
 from .fusion import Group, fuse
 from .memory import Plan
+from .passes import dce
 
 # ---------------------------------------------------------------- prepare
 
@@ -41,7 +42,8 @@ def prepare(prog: Program) -> Program:
             ins.prim.prepare(ins, instrs)
         else:
             instrs.append(ins)
-    return Program(prog.inputs, instrs, prog.outputs, prog.consts)
+    # A rewrite may leave values unread (a rounding stored as bfloat16 instead): dropped.
+    return dce(Program(prog.inputs, instrs, prog.outputs, prog.consts))
 
 
 # ---------------------------------------------------------------- steps

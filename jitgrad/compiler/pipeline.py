@@ -2,6 +2,7 @@
 
     trace (trace.trace_flat; grad is a transformation traced like any code)
       → passes (passes.optimize)
+      → precision policy (precision.apply: bfloat16 GEMM operands with precision="bf16")
       → recomputation (remat.apply, judged with the real planner)
       → plan (backend.plan_program: prepare → fuse → lower → memory plan)
       → executable (backend.NumbaExecutable renders and loads the glue; or the interpreter)
@@ -22,6 +23,7 @@ from ..errors import JitgradError
 from ..frontend import tree
 from ..frontend.ir import Program
 from ..frontend.trace import Signature, trace_flat
+from . import precision as precision_mod
 from . import remat as remat_mod
 from .executable import Executable
 from .memory import Plan
@@ -85,24 +87,26 @@ class _Planner:
 def build(fn: Any, in_tree: tree.TreeDef, sigs: Sequence[Signature], *,
           backend: str | None, remat: Any = None, memory_budget: Any = None,
           donate: dict[int, int] | None = None, pinned: Sequence[int] | None = None,
-          check_finite: bool = False) -> Compiled:
+          check_finite: bool = False, precision: str | None = None) -> Compiled:
     """Every stage for fn at these argument signatures. backend None plans for the Numba
     backend without compiling (what `jitgrad show` prints)."""
     prog, out_tree = trace(fn, in_tree, sigs)
     return build_program(prog, in_tree, sigs, out_tree, backend=backend, remat=remat,
                          memory_budget=memory_budget, donate=donate, pinned=pinned,
-                         check_finite=check_finite)
+                         check_finite=check_finite, precision=precision)
 
 
 def build_program(prog: Program, in_tree: tree.TreeDef, sigs: Sequence[Signature],
                   out_tree: tree.TreeDef, *, backend: str | None, remat: Any = None,
                   memory_budget: Any = None, donate: dict[int, int] | None = None,
-                  pinned: Sequence[int] | None = None, check_finite: bool = False) -> Compiled:
+                  pinned: Sequence[int] | None = None, check_finite: bool = False,
+                  precision: str | None = None) -> Compiled:
     """`build` from a traced program on."""
     if backend is not None and backend not in BACKENDS:
         raise JitgradError(f"unknown backend {backend!r}: use 'numba' or 'interpret'")
     planner = _Planner(donate, pinned)
-    prog, report = remat_mod.apply(optimize(prog), remat, memory_budget, planner.plan)
+    prog = precision_mod.apply(optimize(prog), precision_mod.check_precision(precision))
+    prog, report = remat_mod.apply(prog, remat, memory_budget, planner.plan)
     planned = planner(prog).with_remat(report) if backend != "interpret" else None
     executable: Executable | None = None
     if backend == "numba":

@@ -17,6 +17,7 @@ from ..compiler import pipeline
 from ..compiler import remat as remat_mod
 from ..compiler.passes import dce
 from ..compiler.pipeline import Compiled
+from ..compiler.precision import check_precision
 from ..errors import JitgradError, NonFiniteError, UndefinedGradientError
 from . import tree
 from .autodiff import grad_program
@@ -111,7 +112,7 @@ class CompiledFunction:
                  static_argnames: Any = None, remat: Any = None, memory_budget: Any = None,
                  backend: str | None = None, check_finite: bool = False,
                  donate: dict[int, int] | None = None, pinned: Sequence[int] | None = None,
-                 arg_names: Sequence[str] = ()):
+                 arg_names: Sequence[str] = (), precision: str | None = None):
         """donate maps result leaf -> argument leaf whose array receives it (train_step);
         pinned lists result leaves the Numba backend lays out contiguously at the start of
         its arena and returns as views of it (distributed training all-reduces them);
@@ -123,6 +124,9 @@ class CompiledFunction:
         self.options = {"check_finite": bool(check_finite) or check_finite_from_env()}
         remat_mod.check_policy(remat, memory_budget)
         self.remat, self.memory_budget = remat, memory_budget
+        self.precision = check_precision(precision)
+        if self.precision is not None:
+            self.options["precision"] = self.precision
         if donate:
             self.options["donate"] = dict(donate)
         if pinned:
@@ -175,6 +179,13 @@ class CompiledFunction:
         if _trace_stack():
             # inside another trace (even with constant arguments, as fn may close over
             # traced values): inline, as jax.jit does
+            if self.precision is not None:
+                # The policy is a pass over one whole compiled program (forward and
+                # backward GEMMs alike): inlined, it would silently be lost.
+                raise JitgradError(f"a function jitted with precision={self.precision!r} "
+                                   f"was called inside another traced function; give "
+                                   f"precision= to the outermost jit (or train_step) "
+                                   f"instead (at {user_frame_loc()})")
             return self.fn(*args, **kwargs)
         static_key = roots = None
         if kwargs or self.static:
@@ -221,7 +232,7 @@ class CompiledFunction:
 def jit(fn: Callable[..., Any], *, static_argnums: int | Sequence[int] | None = None,
         static_argnames: str | Sequence[str] | None = None, remat: str | None = None,
         memory_budget: int | None = None, backend: str | None = None,
-        check_finite: bool = False) -> CompiledFunction:
+        check_finite: bool = False, precision: str | None = None) -> CompiledFunction:
     """Compile fn: traced once per input signature, run natively (backend="numba").
 
     static_argnums / static_argnames: arguments passed to fn as the Python values they
@@ -233,10 +244,16 @@ def jit(fn: Callable[..., Any], *, static_argnums: int | Sequence[int] | None = 
     backward recomputes each from the arguments (on a chain all at once, so the peak
     stays where it was); memory_budget=BYTES stores what fits an arena of that many
     bytes with the least recomputation (see jitgrad.compiler.remat).
+
+    precision="bf16" is mixed precision as torch.autocast(dtype=bfloat16) makes it: the
+    float32 operands of every GEMM, forward and backward, are rounded to bfloat16 (an
+    explicit `round_bf16` step of the program) and multiplied with float32 accumulation
+    and results; everything else stays float32 (see jitgrad.compiler.precision).
+    None or "f32" (the default): float32 throughout.
     """
     return CompiledFunction(fn, static_argnums=static_argnums, static_argnames=static_argnames,
                             remat=remat, memory_budget=memory_budget, backend=backend,
-                            check_finite=check_finite)
+                            check_finite=check_finite, precision=precision)
 
 
 _checkpoint_regions = itertools.count()

@@ -54,18 +54,22 @@ class Primitive:
       gradient);
     - `def_prepare`: a rewrite into the form the kernels take (reductions over
       contiguous axes); `index_inputs`: inputs the kernels read as int64;
+    - `gemm_operands`: inputs a mixed-precision policy rounds (a GEMM's operands,
+      compiler/precision.py);
     - `def_simplify`: an algebraic simplification (`passes.simplify`);
     - `def_cost`: the work of one instruction, for recomputation (default: elements);
     - `def_label`: how `jitgrad show`'s graph prints its parameters.
     """
 
     def __init__(self, name: str, family: str, *, n_outputs: int | None = 1, grad: str = "rule",
-                 index_inputs: tuple[int, ...] = (), absorbs_accumulation: bool = False):
+                 index_inputs: tuple[int, ...] = (), absorbs_accumulation: bool = False,
+                 gemm_operands: tuple[int, ...] = ()):
         self.name = name
         self.family = family
         self.n_outputs = n_outputs
         self.grad = grad
         self.index_inputs = index_inputs
+        self.gemm_operands = gemm_operands
         self.absorbs_accumulation = absorbs_accumulation
         self.sums_in_producer = False
         self.impl: Callable[..., Any] | None = None

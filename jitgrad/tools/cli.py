@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import JitgradError
 from ..training import recipe
 from ..training.optim import OPTIMIZERS
-from ..training.recipe import DTYPES, OPTIMIZER_DEFAULTS, SCHEDULES, TrainConfig
+from ..training.recipe import DTYPES, OPTIMIZER_DEFAULTS, PRECISIONS, SCHEDULES, TrainConfig
 from .options import (
     format_bytes,
     output_path,
@@ -128,6 +128,10 @@ def _add_train(sub: Any) -> None:
     a("--schedule", choices=SCHEDULES, help=f"learning-rate schedule (default: {d.schedule}; "
       "step divides the rate by 10 after each third of training)")
     a("--dtype", choices=DTYPES, help=f"default: {d.dtype}")
+    a("--precision", choices=PRECISIONS,
+      help=f"bf16: mixed precision, GEMM operands rounded to bfloat16 with float32 "
+           f"accumulation, float32 master weights (as torch.autocast; bfloat16 GEMMs on "
+           f"CPUs with AMX/AVX512_BF16 and the mkl extra) (default: {d.precision})")
     a("--remat", nargs="?", const="sqrt", metavar="POLICY",
       help="recompute activations in the backward pass instead of storing them "
            "(policy, default sqrt)")

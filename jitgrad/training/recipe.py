@@ -46,6 +46,7 @@ def _defaults(name: str) -> dict[str, float]:
 OPTIMIZER_DEFAULTS = {name: _defaults(name) for name in optim.OPTIMIZERS}
 SCHEDULES = ("constant", "step", "cosine")
 DTYPES = ("float32", "float64")
+PRECISIONS = ("f32", "bf16")  # jitgrad.compiler.precision: bf16 rounds the GEMM operands
 
 
 @dataclasses.dataclass
@@ -64,6 +65,7 @@ class TrainConfig:
     weight_decay: float | None = None
     schedule: str = "cosine"
     dtype: str = "float32"
+    precision: str = "f32"
     seed: int = 0
     remat: str | None = None
     memory_budget: int | None = None
@@ -91,6 +93,11 @@ class TrainConfig:
              f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
             (cfg.schedule in SCHEDULES, f"unknown schedule {cfg.schedule!r}"),
             (cfg.dtype in DTYPES, f"unknown dtype {cfg.dtype!r}"),
+            (cfg.precision in PRECISIONS, f"unknown precision {cfg.precision!r}: use "
+             f"{' or '.join(PRECISIONS)}"),
+            (cfg.precision == "f32" or cfg.dtype == "float32",
+             f"--precision {cfg.precision} rounds float32 GEMM operands: it needs "
+             f"--dtype float32, not {cfg.dtype}"),
             (all(h >= 1 for h in cfg.hidden), f"hidden sizes must be positive, got {cfg.hidden}"),
             (cfg.memory_budget is None or cfg.memory_budget > 0,
              "--memory-budget must be positive"),
@@ -311,6 +318,8 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
     params = nn.mlp_init(sizes, np.random.default_rng(cfg.seed), dtype)
     opt = make_optimizer(cfg, total_steps)
     jit_options: dict[str, Any] = {}
+    if cfg.precision != "f32":
+        jit_options["precision"] = cfg.precision
     if cfg.remat is not None:
         jit_options["remat"] = cfg.remat
     if cfg.memory_budget is not None:
@@ -328,7 +337,8 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
         checkpoint_io.restore_step(step, resume_data[2], source)
         if comm is not None:
             step.broadcast()  # every rank continues from rank 0's copy
-    forward = jit(_mlp_logits)
+    # evaluated under the policy it was trained with, as an autocast model is served
+    forward = jit(_mlp_logits, precision=jit_options.get("precision"))
 
     def evaluate_test() -> tuple[float, float]:
         if comm is None or n_ranks == 1:

@@ -2,6 +2,7 @@
 
 from ..core import registry
 from . import (
+           bf16_gemm,
            contract,
            diagonal,
            elementwise,
@@ -9,11 +10,12 @@ from . import (
            linalg,
            maths,
            nn,
+           precision,
            random,
            reduce,
            shape,
            sort,
 )
 
-__all__ = ["registry", "contract", "diagonal", "elementwise", "layout", "linalg", "maths", "nn",
-           "random", "reduce", "shape", "sort"]
+__all__ = ["registry", "bf16_gemm", "contract", "diagonal", "elementwise", "layout", "linalg",
+           "maths", "nn", "precision", "random", "reduce", "shape", "sort"]

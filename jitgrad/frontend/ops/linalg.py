@@ -23,11 +23,11 @@ from ..core import Tracer, primitive
 from . import elementwise as E
 from . import shape as S
 
-matmul_p = primitive("matmul", "linalg")
+matmul_p = primitive("matmul", "linalg", gemm_operands=(0, 1))
 # op(A) @ op(B) summed over the batch dimensions that `batch` (the result's batch shape)
 # lacks or has as 1: the gradient of an operand broadcast along a batch, computed by GEMM
 # accumulating over it, never materialised per batch and then summed.
-matmul_sum_p = primitive("matmul_sum", "linalg")
+matmul_sum_p = primitive("matmul_sum", "linalg", gemm_operands=(0, 1))
 PRODUCTS = (matmul_p, matmul_sum_p)
 
 
