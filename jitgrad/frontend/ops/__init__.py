@@ -3,6 +3,7 @@
 from ..core import registry
 from . import (
            contract,
+           conv,
            diagonal,
            elementwise,
            layout,
@@ -15,5 +16,5 @@ from . import (
            sort,
 )
 
-__all__ = ["registry", "contract", "diagonal", "elementwise", "layout", "linalg", "maths", "nn",
+__all__ = ["registry", "contract", "conv", "diagonal", "elementwise", "layout", "linalg", "maths", "nn",
            "random", "reduce", "shape", "sort"]
