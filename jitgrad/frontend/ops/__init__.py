@@ -10,11 +10,12 @@ from . import (
            linalg,
            maths,
            nn,
+           pool,
            random,
            reduce,
            shape,
            sort,
 )
 
-__all__ = ["registry", "contract", "conv", "diagonal", "elementwise", "layout", "linalg", "maths", "nn",
-           "random", "reduce", "shape", "sort"]
+__all__ = ["registry", "contract", "conv", "diagonal", "elementwise", "layout", "linalg", "maths",
+           "nn", "pool", "random", "reduce", "shape", "sort"]
