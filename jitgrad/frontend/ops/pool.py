@@ -40,11 +40,12 @@ def _pool_shape(x, kernel, stride, padding) -> tuple[int, ...]:
     return n, c, oh, ow
 
 
-def _windows(x: np.ndarray, kernel, stride, padding, fill: float) -> np.ndarray:
+def _windows(x: np.ndarray, kernel, stride, padding, fill: Any) -> np.ndarray:
     """(N, C, KH·KW, OH, OW): the padded input under every window."""
     ph, pw = padding
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
-    oh, ow = _pool_shape((x.shape, x.dtype), kernel, stride, padding)[2:]
+    oh = out_size(x.shape[2], ph, ph, kernel[0], stride[0], 1)
+    ow = out_size(x.shape[3], pw, pw, kernel[1], stride[1], 1)
     sn, sc, sh, sw = xp.strides
     win = np.lib.stride_tricks.as_strided(
         xp, x.shape[:2] + tuple(kernel) + (oh, ow),
@@ -69,12 +70,16 @@ def _max_pool_shape(x, *, kernel, stride, padding):
 @max_pool2d_p.def_impl
 def _max_pool_impl(x, *, kernel, stride, padding):
     win = _windows(x, kernel, stride, padding, -np.inf)
-    at = np.argmax(win, axis=2)
-    values = np.take_along_axis(win, at[:, :, None], axis=2)[:, :, 0]
+    real = _windows(np.ones((1, 1) + x.shape[2:], bool), kernel, stride, padding, False)
+    best = np.where(real, win, -np.inf).max(axis=2)
+    # the first real position holding the maximum (or the first NaN): never the padding,
+    # even where the maximum is -inf
+    hit = real & ((win == best[:, :, None]) | (np.isnan(win) & np.isnan(best[:, :, None])))
+    at = np.argmax(hit, axis=2)
     oh, ow = at.shape[2:]
     ih = (np.arange(oh) * stride[0] - padding[0])[:, None] + at // kernel[1]
     iw = (np.arange(ow) * stride[1] - padding[1])[None, :] + at % kernel[1]
-    return values, (ih * x.shape[3] + iw).astype(np.int64)
+    return best, (ih * x.shape[3] + iw).astype(np.int64)
 
 
 @max_pool2d_p.def_vjp
@@ -212,7 +217,7 @@ def max_pool_forward(x, y, idx, d):
                         if iw < 0 or iw >= w:
                             continue
                         v = plane[ih * w + iw]
-                        if pos < 0 or v > best or v != v:  # NaN wins, as in torch
+                        if pos < 0 or v > best or (v != v and best == best):  # the first NaN wins
                             best, pos = v, ih * w + iw
                 vals[oh * ow_ + ow] = best
                 at[oh * ow_ + ow] = pos
