@@ -309,28 +309,67 @@ def strided_gemm(like, pa, lda, pb, ldb, pc, ldc, m, n, k, ta, tb, beta):
     return _xxgemm(like, tb, ta, n, m, k, pb, ldb, pa, lda, pc, ldc, beta)
 
 
-@njit(cache=True, parallel=True)
-def im2col(x, col, n0, nb, d):
-    """col[(i, oh, ow), (c, kh, kw)] = padded x[n0 + i, c, oh·s + kh·dil, ow·s + kw·dil]."""
+# Below this many elements moved, a loop runs on one thread: on a busy machine a parallel
+# region costs more than it saves for small images, and its threads, spinning after it,
+# slow the BLAS call that follows (NUMBA_NOTES.md: threads need one owner).
+PARALLEL_MIN = 1 << 16
+
+
+@njit(inline="always")
+def _im2col_rows(x, col, n0, t, d):
+    """The OW rows of col for image n0 + t // OH, output row t % OH."""
     _, c_in, h, w = x.shape
     kh_, kw_, oh_, ow_ = d[5], d[6], d[7], d[8]
     sh, sw, pt, pl, dh, dw = d[9], d[10], d[11], d[13], d[15], d[16]
-    for t in prange(nb * oh_):
-        i, oh = t // oh_, t % oh_
-        for ow in range(ow_):
-            row = col[t * ow_ + ow]
-            for c in range(c_in):
-                for kh in range(kh_):
-                    ih = oh * sh - pt + kh * dh
-                    base = (c * kh_ + kh) * kw_
-                    if ih < 0 or ih >= h:
-                        for kw in range(kw_):
-                            row[base + kw] = 0
-                        continue
+    i, oh = t // oh_, t % oh_
+    for ow in range(ow_):
+        row = col[t * ow_ + ow]
+        for c in range(c_in):
+            for kh in range(kh_):
+                ih = oh * sh - pt + kh * dh
+                base = (c * kh_ + kh) * kw_
+                if ih < 0 or ih >= h:
                     for kw in range(kw_):
-                        iw = ow * sw - pl + kw * dw
-                        row[base + kw] = x[n0 + i, c, ih, iw] if 0 <= iw < w else 0
+                        row[base + kw] = 0
+                    continue
+                for kw in range(kw_):
+                    iw = ow * sw - pl + kw * dw
+                    row[base + kw] = x[n0 + i, c, ih, iw] if 0 <= iw < w else 0
+
+
+@njit(cache=True, parallel=True)
+def im2col(x, col, n0, nb, d):
+    """col[(i, oh, ow), (c, kh, kw)] = padded x[n0 + i, c, oh·s + kh·dil, ow·s + kw·dil]."""
+    n = nb * d[7]
+    if nb * col.shape[0] // max(d[18], 1) * col.shape[1] < PARALLEL_MIN:
+        for t in range(n):
+            _im2col_rows(x, col, n0, t, d)
+    else:
+        for t in prange(n):
+            _im2col_rows(x, col, n0, t, d)
     return 0
+
+
+@njit(inline="always")
+def _col2im_plane(gcol, gx, n0, t, d):
+    _, c_in, h, w = gx.shape
+    kh_, kw_, oh_, ow_ = d[5], d[6], d[7], d[8]
+    sh, sw, pt, pl, dh, dw = d[9], d[10], d[11], d[13], d[15], d[16]
+    i, c = t // c_in, t % c_in
+    plane = gx[n0 + i, c]
+    plane[:] = 0
+    for oh in range(oh_):
+        for kh in range(kh_):
+            ih = oh * sh - pt + kh * dh
+            if ih < 0 or ih >= h:
+                continue
+            for ow in range(ow_):
+                row = gcol[(i * oh_ + oh) * ow_ + ow]
+                base = (c * kh_ + kh) * kw_
+                for kw in range(kw_):
+                    iw = ow * sw - pl + kw * dw
+                    if 0 <= iw < w:
+                        plane[ih, iw] += row[base + kw]
 
 
 @njit(cache=True, parallel=True)
@@ -338,57 +377,64 @@ def col2im(gcol, gx, n0, nb, d):
     """gx[n0 + i] = the sum of gcol's entries over the taps reading each input element
     (im2col's adjoint); one (image, channel) plane per iteration: no two threads write
     the same element."""
-    _, c_in, h, w = gx.shape
-    kh_, kw_, oh_, ow_ = d[5], d[6], d[7], d[8]
-    sh, sw, pt, pl, dh, dw = d[9], d[10], d[11], d[13], d[15], d[16]
-    for t in prange(nb * c_in):
-        i, c = t // c_in, t % c_in
-        plane = gx[n0 + i, c]
-        plane[:] = 0
-        for oh in range(oh_):
-            for kh in range(kh_):
-                ih = oh * sh - pt + kh * dh
-                if ih < 0 or ih >= h:
-                    continue
-                for ow in range(ow_):
-                    row = gcol[(i * oh_ + oh) * ow_ + ow]
-                    base = (c * kh_ + kh) * kw_
-                    for kw in range(kw_):
-                        iw = ow * sw - pl + kw * dw
-                        if 0 <= iw < w:
-                            plane[ih, iw] += row[base + kw]
+    n = nb * gx.shape[1]
+    if nb * gcol.shape[0] // max(d[18], 1) * gcol.shape[1] < PARALLEL_MIN:
+        for t in range(n):
+            _col2im_plane(gcol, gx, n0, t, d)
+    else:
+        for t in prange(n):
+            _col2im_plane(gcol, gx, n0, t, d)
     return 0
+
+
+@njit(inline="always")
+def _epilogue_plane(yt, y, b, n0, t, has_bias, relu, zero):
+    _, o_, oh_, ow_ = y.shape
+    p_ = oh_ * ow_
+    i, o = t // o_, t % o_
+    plane = y[n0 + i, o].reshape(p_)
+    for p in range(p_):
+        v = yt[i * p_ + p, o]
+        if has_bias:
+            v += b[o]
+        if relu and v < zero:  # NaN passes, as numpy's maximum lets it
+            v = zero
+        plane[p] = v
 
 
 @njit(cache=True, parallel=True)
 def rows_to_nchw(yt, y, b, n0, nb, has_bias, relu, zero):
     """y[n0 + i, o, p] = yt[i·P + p, o] (+ b[o], relu): the GEMM's (rows, O) product laid
     out as NCHW, bias and activation applied while the product is in cache."""
-    _, o_, oh_, ow_ = y.shape
-    p_ = oh_ * ow_
-    for t in prange(nb * o_):
-        i, o = t // o_, t % o_
-        plane = y[n0 + i, o].reshape(p_)
-        for p in range(p_):
-            v = yt[i * p_ + p, o]
-            if has_bias:
-                v += b[o]
-            if relu and v < zero:  # NaN passes, as numpy's maximum lets it
-                v = zero
-            plane[p] = v
+    n = nb * y.shape[1]
+    if n * y.shape[2] * y.shape[3] < PARALLEL_MIN:
+        for t in range(n):
+            _epilogue_plane(yt, y, b, n0, t, has_bias, relu, zero)
+    else:
+        for t in prange(n):
+            _epilogue_plane(yt, y, b, n0, t, has_bias, relu, zero)
     return 0
+
+
+@njit(inline="always")
+def _rows_of_image(g, gt, n0, i):
+    _, o_, oh_, ow_ = g.shape
+    p_ = oh_ * ow_
+    for o in range(o_):
+        plane = g[n0 + i, o].reshape(p_)
+        for p in range(p_):
+            gt[i * p_ + p, o] = plane[p]
 
 
 @njit(cache=True, parallel=True)
 def nchw_to_rows(g, gt, n0, nb):
     """gt[i·P + p, o] = g[n0 + i, o, p]: a gradient as GEMM's (rows, O) operand."""
-    _, o_, oh_, ow_ = g.shape
-    p_ = oh_ * ow_
-    for i in prange(nb):
-        for o in range(o_):
-            plane = g[n0 + i, o].reshape(p_)
-            for p in range(p_):
-                gt[i * p_ + p, o] = plane[p]
+    if nb * g[0].size < PARALLEL_MIN:
+        for i in range(nb):
+            _rows_of_image(g, gt, n0, i)
+    else:
+        for i in prange(nb):
+            _rows_of_image(g, gt, n0, i)
     return 0
 
 
