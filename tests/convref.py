@@ -62,7 +62,7 @@ def np_avg_pool2d(x, kernel, stride=None, padding=0):
 
 
 def _conv_taps(g_shape, w, xshape, stride, padding, dilation, groups):
-    (sh, sw), (dh, dw), (ph, pw) = _pair(stride), _pair(dilation), _pair(padding)
+    (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
     o, cg, kh, kw = w.shape
     og = o // groups
     for gr in range(groups):

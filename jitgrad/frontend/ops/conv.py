@@ -29,7 +29,7 @@ from numba import prange
 from ...compiler.cache import njit
 from ...compiler.kernels import FLOATS, Kernel
 from ...errors import JitgradError
-from ..core import Tracer, primitive
+from ..core import Tracer, primitive, with_user_loc
 from ..ir import Var
 from . import elementwise as E
 from . import reduce as R
@@ -258,29 +258,32 @@ def conv2d(x: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any 
         y = conv2d(S.reshape(x, (1, *x.shape)), weight, bias, stride, padding, dilation,
                    groups)
         return S.reshape(y, y.shape[1:])
-    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
-        raise JitgradError(f"conv2d: groups must be a positive int, got {groups!r}")
-    stride = pair(stride, "conv2d: stride", 1)
-    dilation = pair(dilation, "conv2d: dilation", 1)
-    if weight.ndim != 4:
-        raise JitgradError(f"conv2d: weight must be 4-d (out_channels, in_channels / groups, "
-                           f"kH, kW), got shape {weight.shape}")
-    if isinstance(padding, str):
-        if padding == "valid":
-            pads = (0, 0, 0, 0)
-        elif padding == "same":
-            if stride != (1, 1):
-                raise JitgradError("conv2d: padding='same' is not supported for strided "
-                                   "convolutions (as in torch)")
-            # torch puts the odd element of an even total at the end
-            th, tw = (d * (k - 1) for d, k in zip(dilation, weight.shape[2:], strict=True))
-            pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+    try:  # argument errors name the caller's line, as shape errors do
+        if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+            raise JitgradError(f"conv2d: groups must be a positive int, got {groups!r}")
+        stride = pair(stride, "conv2d: stride", 1)
+        dilation = pair(dilation, "conv2d: dilation", 1)
+        if weight.ndim != 4:
+            raise JitgradError(f"conv2d: weight must be 4-d (out_channels, in_channels / groups, "
+                               f"kH, kW), got shape {weight.shape}")
+        if isinstance(padding, str):
+            if padding == "valid":
+                pads = (0, 0, 0, 0)
+            elif padding == "same":
+                if stride != (1, 1):
+                    raise JitgradError("conv2d: padding='same' is not supported for strided "
+                                       "convolutions (as in torch)")
+                # torch puts the odd element of an even total at the end
+                th, tw = (d * (k - 1) for d, k in zip(dilation, weight.shape[2:], strict=True))
+                pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+            else:
+                raise JitgradError(f"conv2d: padding must be an int, a pair, 'valid' or 'same', "
+                                   f"got {padding!r}")
         else:
-            raise JitgradError(f"conv2d: padding must be an int, a pair, 'valid' or 'same', "
-                               f"got {padding!r}")
-    else:
-        ph, pw = pair(padding, "conv2d: padding", 0)
-        pads = (ph, ph, pw, pw)
+            ph, pw = pair(padding, "conv2d: padding", 0)
+            pads = (ph, ph, pw, pw)
+    except JitgradError as e:
+        raise with_user_loc(e) from None
     args = (x, weight) if bias is None else (x, weight, bias)
     return conv2d_p.bind(*args, stride=stride, padding=pads, dilation=dilation,
                          groups=int(groups), relu=False)

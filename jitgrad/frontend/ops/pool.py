@@ -19,7 +19,7 @@ from numba import prange
 from ...compiler.cache import njit
 from ...compiler.kernels import FLOATS, Kernel
 from ...errors import JitgradError
-from ..core import Tracer, primitive
+from ..core import Tracer, primitive, with_user_loc
 from . import shape as S
 from .conv import out_size, pair
 
@@ -163,12 +163,16 @@ def _avg_pool_grad_vjp(cts, outs, ins, *, hw, kernel, stride, padding):
 
 def _pool_args(name: str, x: Any, kernel_size: Any, stride: Any, padding: Any):
     x = x if isinstance(x, Tracer) else np.asarray(x)
-    kernel = pair(kernel_size, f"{name}: kernel_size", 1)
-    stride = kernel if stride is None or stride == () else pair(stride, f"{name}: stride", 1)
-    padding = pair(padding, f"{name}: padding", 0)
-    if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
-        raise JitgradError(f"{name}: padding {padding} should be at most half of the kernel "
-                           f"size {kernel} (as in torch)")
+    try:  # argument errors name the caller's line, as shape errors do
+        kernel = pair(kernel_size, f"{name}: kernel_size", 1)
+        stride = kernel if stride is None or stride == () else pair(stride, f"{name}: stride",
+                                                                     1)
+        padding = pair(padding, f"{name}: padding", 0)
+        if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
+            raise JitgradError(f"{name}: padding {padding} should be at most half of the "
+                               f"kernel size {kernel} (as in torch)")
+    except JitgradError as e:
+        raise with_user_loc(e) from None
     return x, {"kernel": kernel, "stride": stride, "padding": padding}
 
 
