@@ -21,7 +21,7 @@ from ...compiler.kernels import FLOATS, Kernel
 from ...errors import JitgradError
 from ..core import Tracer, primitive, with_user_loc
 from . import shape as S
-from .conv import out_size, pair
+from .conv import PARALLEL_MIN, out_size, pair
 
 # ---------------------------------------------------------------- geometry
 
@@ -200,41 +200,59 @@ def avg_pool2d(x: Any, kernel_size: Any, stride: Any = None, padding: Any = 0) -
 
 
 # ---------------------------------------------------------------- compiling
-# d = [N, C, H, W, OH, OW, KH, KW, stride h, stride w, pad h, pad w]
+# d = [N, C, H, W, OH, OW, KH, KW, stride h, stride w, pad h, pad w]. Each kernel is one
+# function per (image, channel) plane, run over the planes serially for small inputs and
+# in parallel above conv.PARALLEL_MIN elements.
+
+
+@njit(inline="always")
+def _max_plane(plane, vals, at, d):
+    h, w, oh_, ow_, kh_, kw_, sh, sw, ph, pw = d[2], d[3], d[4], d[5], d[6], d[7], d[8], \
+        d[9], d[10], d[11]
+    for oh in range(oh_):
+        for ow in range(ow_):
+            best, pos = plane[0], -1
+            for kh in range(kh_):
+                ih = oh * sh - ph + kh
+                if ih < 0 or ih >= h:
+                    continue
+                for kw in range(kw_):
+                    iw = ow * sw - pw + kw
+                    if iw < 0 or iw >= w:
+                        continue
+                    v = plane[ih * w + iw]
+                    if pos < 0 or v > best or (v != v and best == best):  # the first NaN wins
+                        best, pos = v, ih * w + iw
+            vals[oh * ow_ + ow] = best
+            at[oh * ow_ + ow] = pos
 
 
 @njit(cache=True, parallel=True)
 def max_pool_forward(x, y, idx, d):
-    h, w, oh_, ow_, kh_, kw_, sh, sw, ph, pw = d[2], d[3], d[4], d[5], d[6], d[7], d[8], \
-        d[9], d[10], d[11]
-    for t in prange(d[0] * d[1]):
-        plane, vals, at = x[t], y[t], idx[t]
-        for oh in range(oh_):
-            for ow in range(ow_):
-                best, pos = plane[0], -1
-                for kh in range(kh_):
-                    ih = oh * sh - ph + kh
-                    if ih < 0 or ih >= h:
-                        continue
-                    for kw in range(kw_):
-                        iw = ow * sw - pw + kw
-                        if iw < 0 or iw >= w:
-                            continue
-                        v = plane[ih * w + iw]
-                        if pos < 0 or v > best or (v != v and best == best):  # the first NaN wins
-                            best, pos = v, ih * w + iw
-                vals[oh * ow_ + ow] = best
-                at[oh * ow_ + ow] = pos
+    if x.size * d[6] < PARALLEL_MIN:
+        for t in range(x.shape[0]):
+            _max_plane(x[t], y[t], idx[t], d)
+    else:
+        for t in prange(x.shape[0]):
+            _max_plane(x[t], y[t], idx[t], d)
     return 0
+
+
+@njit(inline="always")
+def _scatter_plane(dst, src, at):
+    dst[:] = 0
+    for o in range(src.size):
+        dst[at[o]] += src[o]
 
 
 @njit(cache=True, parallel=True)
 def _scatter_planes(g, idx, gx):
-    for t in prange(g.shape[0]):
-        dst, src, at = gx[t], g[t], idx[t]
-        dst[:] = 0
-        for o in range(src.size):
-            dst[at[o]] += src[o]
+    if gx.size < PARALLEL_MIN:
+        for t in range(g.shape[0]):
+            _scatter_plane(gx[t], g[t], idx[t])
+    else:
+        for t in prange(g.shape[0]):
+            _scatter_plane(gx[t], g[t], idx[t])
 
 
 @njit(cache=True)
@@ -250,43 +268,59 @@ def max_pool_backward(g, idx, gx, d):
     return 0
 
 
-@njit(cache=True, parallel=True)
-def avg_pool_forward(x, y, d, scale):
+@njit(inline="always")
+def _avg_plane(plane, vals, d, scale):
     h, w, oh_, ow_, kh_, kw_, sh, sw, ph, pw = d[2], d[3], d[4], d[5], d[6], d[7], d[8], \
         d[9], d[10], d[11]
-    for t in prange(d[0] * d[1]):
-        plane, vals = x[t], y[t]
-        for oh in range(oh_):
-            for ow in range(ow_):
-                s = scale * 0
-                for kh in range(kh_):
-                    ih = oh * sh - ph + kh
-                    if 0 <= ih < h:
-                        for kw in range(kw_):
-                            iw = ow * sw - pw + kw
-                            if 0 <= iw < w:
-                                s += plane[ih * w + iw]
-                vals[oh * ow_ + ow] = s * scale
+    for oh in range(oh_):
+        for ow in range(ow_):
+            s = scale * 0
+            for kh in range(kh_):
+                ih = oh * sh - ph + kh
+                if 0 <= ih < h:
+                    for kw in range(kw_):
+                        iw = ow * sw - pw + kw
+                        if 0 <= iw < w:
+                            s += plane[ih * w + iw]
+            vals[oh * ow_ + ow] = s * scale
+
+
+@njit(cache=True, parallel=True)
+def avg_pool_forward(x, y, d, scale):
+    if x.size * d[6] < PARALLEL_MIN:
+        for t in range(x.shape[0]):
+            _avg_plane(x[t], y[t], d, scale)
+    else:
+        for t in prange(x.shape[0]):
+            _avg_plane(x[t], y[t], d, scale)
     return 0
+
+
+@njit(inline="always")
+def _avg_back_plane(dst, src, d, scale):
+    h, w, oh_, ow_, kh_, kw_, sh, sw, ph, pw = d[2], d[3], d[4], d[5], d[6], d[7], d[8], \
+        d[9], d[10], d[11]
+    dst[:] = 0
+    for oh in range(oh_):
+        for ow in range(ow_):
+            v = src[oh * ow_ + ow] * scale
+            for kh in range(kh_):
+                ih = oh * sh - ph + kh
+                if 0 <= ih < h:
+                    for kw in range(kw_):
+                        iw = ow * sw - pw + kw
+                        if 0 <= iw < w:
+                            dst[ih * w + iw] += v
 
 
 @njit(cache=True, parallel=True)
 def avg_pool_backward(g, gx, d, scale):
-    h, w, oh_, ow_, kh_, kw_, sh, sw, ph, pw = d[2], d[3], d[4], d[5], d[6], d[7], d[8], \
-        d[9], d[10], d[11]
-    for t in prange(d[0] * d[1]):
-        dst, src = gx[t], g[t]
-        dst[:] = 0
-        for oh in range(oh_):
-            for ow in range(ow_):
-                v = src[oh * ow_ + ow] * scale
-                for kh in range(kh_):
-                    ih = oh * sh - ph + kh
-                    if 0 <= ih < h:
-                        for kw in range(kw_):
-                            iw = ow * sw - pw + kw
-                            if 0 <= iw < w:
-                                dst[ih * w + iw] += v
+    if gx.size * d[6] < PARALLEL_MIN:
+        for t in range(g.shape[0]):
+            _avg_back_plane(gx[t], g[t], d, scale)
+    else:
+        for t in prange(g.shape[0]):
+            _avg_back_plane(gx[t], g[t], d, scale)
     return 0
 
 
