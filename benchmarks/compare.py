@@ -1,7 +1,8 @@
-"""Side-by-side MLP training-step benchmark: jitgrad vs hand-written numpy, PyTorch, JAX.
+"""Side-by-side training-step benchmark: jitgrad vs hand-written numpy, PyTorch, JAX.
 
-    python benchmarks/compare.py [--configs tiny,small,medium,deep,large] [--rounds 3]
-                                 [--impls jitgrad,numpy,torch,jax] [--markdown] [--json FILE]
+    python benchmarks/compare.py [--configs tiny,small,medium,deep,large,lenet5,widecnn]
+                                 [--rounds 3] [--impls jitgrad,numpy,torch,torch_compile,jax]
+                                 [--markdown] [--json FILE]
     python benchmarks/compare.py --profile medium      # jitgrad per-kernel profile of one step
 
 Each implementation × config runs in its own fresh process (`--worker IMPL CONFIG`, which
@@ -16,6 +17,11 @@ median of several timing repeats), ratio to numpy and to JAX (the peer to beat),
 (6·B·Σ in·out per step), and for jitgrad the time to first result in a fresh process
 (cache hit: a warm-up process runs first), the native call alone (no Python wrapper), and
 the GEMM floor: the step's matmuls alone through jitgrad's own gemm kernel.
+
+The conv-net configs (lenet5, widecnn: _cnn.py) run jitgrad, PyTorch eager (oneDNN
+convolutions), torch.compile and JAX jit (numpy has no conv step here; torch.compile only
+runs the conv nets); their GFLOP/s count the convolutions' GEMM work and their GEMM floor
+is the step's im2col GEMMs alone through the convolutions' GEMM helper.
 """
 
 from __future__ import annotations
@@ -33,9 +39,20 @@ T_START = time.perf_counter()
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import _cnn  # noqa: E402
 import _common as C  # noqa: E402
 
-IMPLS = ("jitgrad", "numpy", "torch", "jax")
+IMPLS = ("jitgrad", "numpy", "torch", "torch_compile", "jax")
+CONFIGS = [*C.CONFIGS, *_cnn.CNN_CONFIGS]
+
+
+def applicable(impl: str, config: str) -> bool:
+    cnn = config in _cnn.CNN_CONFIGS
+    return not ((impl == "numpy" and cnn) or (impl == "torch_compile" and not cnn))
+
+
+def step_flops(config: str) -> int:
+    return _cnn.step_flops(config) if config in _cnn.CNN_CONFIGS else C.step_flops(config)
 PEER = "jax"
 
 
@@ -70,7 +87,23 @@ def worker_numpy(config: str) -> dict:
     return {"loss0": float(loss0), "first_s": first, "us": measure_calls(lambda: step(x, y))}
 
 
+def worker_cnn_torch(config: str, compiled: bool) -> dict:
+    import torch
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", C.THREADS)))
+    step = _cnn.torch_step(config, compiled)
+    loss0 = step()
+    first = time.perf_counter() - T_START
+    return {"loss0": float(loss0), "first_s": first, "us": measure_calls(step),
+            "version": torch.__version__}
+
+
+def worker_torch_compile(config: str) -> dict:
+    return worker_cnn_torch(config, True)
+
+
 def worker_torch(config: str) -> dict:
+    if config in _cnn.CNN_CONFIGS:
+        return worker_cnn_torch(config, False)
     import torch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", C.THREADS)))
     params = [torch.tensor(p, requires_grad=True) for p in C.make_params(config)]
@@ -101,6 +134,13 @@ def worker_torch(config: str) -> dict:
 def worker_jax(config: str) -> dict:
     import warnings
     warnings.filterwarnings("ignore", message=".*donat.*")
+    if config in _cnn.CNN_CONFIGS:
+        import jax
+        step = _cnn.jax_step(config)
+        loss0 = step()
+        first = time.perf_counter() - T_START
+        return {"loss0": float(loss0), "first_s": first, "us": measure_calls(step),
+                "version": jax.__version__}
     import jax
     import jax.numpy as jnp
     n = len(C.layer_dims(config))
@@ -167,7 +207,8 @@ def gemm_floor_fn(config: str, dtype="float32"):
 def worker_jitgrad(config: str, profile: bool = False) -> dict:
     """jitgrad's train_step; plus the bare native call, the GEMM floor (and a profile)."""
     import jitgrad  # noqa: F401  (timed: part of the time to first result)
-    step, params, x, y = C.make_jitgrad_step(config)
+    cnn = config in _cnn.CNN_CONFIGS
+    step, params, x, y = (_cnn.jitgrad_step if cnn else C.make_jitgrad_step)(config)
     loss0 = step(x, y)
     first = time.perf_counter() - T_START
     C.pin_threads()
@@ -182,7 +223,7 @@ def worker_jitgrad(config: str, profile: bool = False) -> dict:
             out["profile"] = profile_steps(ex)
     except Exception as e:  # internals moved: keep the headline numbers
         out["native_error"] = repr(e)
-    floor, keep2 = gemm_floor_fn(config)
+    floor, keep2 = (_cnn.gemm_floor_fn if cnn else gemm_floor_fn)(config)
     out["gemm_floor_us"] = measure_calls(floor)
     return out
 
@@ -252,7 +293,8 @@ def machine() -> dict:
 
 
 def available(impl: str) -> bool:
-    mod = {"jitgrad": "jitgrad", "numpy": "numpy", "torch": "torch", "jax": "jax"}[impl]
+    mod = {"jitgrad": "jitgrad", "numpy": "numpy", "torch": "torch", "torch_compile": "torch",
+           "jax": "jax"}[impl]
     import importlib.util
     return importlib.util.find_spec(mod) is not None
 
@@ -276,11 +318,12 @@ def summarize(results: dict, configs: list[str], impls: list[str]) -> list[dict]
     rows = []
     for cfg in configs:
         med = {}
-        for impl in impls:
+        impls_here = [i for i in impls if applicable(i, cfg)]
+        for impl in impls_here:
             rs = [r for r in results[(impl, cfg)] if "us" in r]
             if rs:
                 med[impl] = statistics.median(statistics.median(r["us"]) for r in rs)
-        for impl in impls:
+        for impl in impls_here:
             rs = [r for r in results[(impl, cfg)] if "us" in r]
             if not rs:
                 err = next((r.get("error") for r in results[(impl, cfg)]), None)
@@ -291,7 +334,7 @@ def summarize(results: dict, configs: list[str], impls: list[str]) -> list[dict]
                    "rounds": [statistics.median(r["us"]) for r in rs],
                    "vs_numpy": us / med["numpy"] if "numpy" in med else None,
                    "vs_peer": us / med[PEER] if PEER in med else None,
-                   "gflops": C.step_flops(cfg) / us / 1e3,
+                   "gflops": step_flops(cfg) / us / 1e3,
                    "first_s": statistics.median(r["first_s"] for r in rs),
                    "loss0": rs[0]["loss0"],
                    "load1": statistics.median(r.get("load1", 0.0) for r in rs)}
@@ -386,7 +429,7 @@ def print_profile(config: str, res: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=",".join(C.CONFIGS))
+    ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--markdown", action="store_true")
@@ -401,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         impl, cfg = a.worker
         fn = {"jitgrad": worker_jitgrad, "numpy": worker_numpy, "torch": worker_torch,
-              "jax": worker_jax}[impl]
+              "torch_compile": worker_torch_compile, "jax": worker_jax}[impl]
         res = fn(cfg, profile=True) if impl == "jitgrad" and a.with_profile else fn(cfg)
         res["load1"] = os.getloadavg()[0]  # the machine is shared: record how busy it was
         print(json.dumps(res))
@@ -422,8 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     WORKER_THREADS = a.threads
     configs = [c for c in a.configs.split(",") if c]
     for c in configs:
-        if c not in C.CONFIGS:
-            ap.error(f"unknown config {c!r}; choose from {', '.join(C.CONFIGS)}")
+        if c not in CONFIGS:
+            ap.error(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
     impls = [i for i in a.impls.split(",") if i]
     skipped = [i for i in impls if not available(i)]
     impls = [i for i in impls if i not in skipped]
@@ -445,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(a.rounds):
         for cfg in configs:
             order = impls[rnd % len(impls):] + impls[:rnd % len(impls)]  # rotate who goes first
-            for impl in order:
+            for impl in (i for i in order if applicable(i, cfg)):
                 r = run_worker(impl, cfg)
                 results[(impl, cfg)].append(r)
                 print(f"round {rnd + 1} {cfg:6} {impl:7} "

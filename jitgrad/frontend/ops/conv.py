@@ -315,7 +315,7 @@ def strided_gemm(like, pa, lda, pb, ldb, pc, ldc, m, n, k, ta, tb, beta):
 # Below this many elements moved, a loop runs on one thread: on a busy machine a parallel
 # region costs more than it saves for small images, and its threads, spinning after it,
 # slow the BLAS call that follows (NUMBA_NOTES.md: threads need one owner).
-PARALLEL_MIN = 1 << 16
+PARALLEL_MIN = 1 << 22
 
 
 @njit(inline="always")
