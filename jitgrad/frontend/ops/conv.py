@@ -360,7 +360,9 @@ def _col2im_plane(gcol, gx, n0, t, d):
     sh, sw, pt, pl, dh, dw = d[9], d[10], d[11], d[13], d[15], d[16]
     i, c = t // c_in, t % c_in
     plane = gx[n0 + i, c]
-    plane[:] = 0
+    for ih in range(h):  # a loop, not plane[:] = 0: that would be a parallel region of its own
+        for iw in range(w):
+            plane[ih, iw] = 0
     for oh in range(oh_):
         for kh in range(kh_):
             ih = oh * sh - pt + kh * dh

@@ -240,7 +240,8 @@ def max_pool_forward(x, y, idx, d):
 
 @njit(inline="always")
 def _scatter_plane(dst, src, at):
-    dst[:] = 0
+    for i in range(dst.size):  # a loop, not dst[:] = 0: that is a parallel region of its own
+        dst[i] = 0
     for o in range(src.size):
         dst[at[o]] += src[o]
 
@@ -300,7 +301,8 @@ def avg_pool_forward(x, y, d, scale):
 def _avg_back_plane(dst, src, d, scale):
     h, w, oh_, ow_, kh_, kw_, sh, sw, ph, pw = d[2], d[3], d[4], d[5], d[6], d[7], d[8], \
         d[9], d[10], d[11]
-    dst[:] = 0
+    for i in range(dst.size):  # a loop, not dst[:] = 0: that is a parallel region of its own
+        dst[i] = 0
     for oh in range(oh_):
         for ow in range(ow_):
             v = src[oh * ow_ + ow] * scale
