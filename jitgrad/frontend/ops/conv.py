@@ -10,9 +10,9 @@ The three are linear in each argument, and each is the others' adjoint:
 <conv(x, w), g> = <x, input_grad(g, w)> = <w, weight_grad(x, g)>, which gives every VJP.
 
 Compiled, a convolution is GEMM over im2col: a chunk of images is unrolled into a
-(rows = images·OH·OW, cols = C·KH·KW) matrix in arena scratch (the planner sizes it and
-frees it after the call), multiplied by the weight per group through BLAS, and the product,
-laid out (rows, O), is transposed into NCHW by an epilogue that adds the bias and applies
+channel-major (C·KH·KW, images·OH·OW) matrix in arena scratch (the planner sizes it and
+frees it after the call), the weight of each group multiplies it through BLAS, and the
+(O, images·OH·OW) product is copied into NCHW by an epilogue that adds the bias and applies
 relu while it is in cache. The gradients use the same unrolling: the input gradient is
 GEMM then col2im (a scatter-add per (image, channel) plane, so threads never share an
 output), the weight gradient GEMM accumulating over the chunks (beta = 1).
@@ -304,57 +304,79 @@ def chunk_images(n: int, c: int, k: tuple[int, int], out: tuple[int, int]) -> in
 @njit(cache=True)
 def strided_gemm(like, pa, lda, pb, ldb, pc, ldc, m, n, k, ta, tb, beta):
     """Row-major C (m×n, row stride ldc) = op(A)·op(B) + beta·C, A and B at addresses with
-    row strides lda and ldb: every GEMM of the convolutions goes through here (a column
-    block of a matrix is a group's operand)."""
+    row strides lda and ldb: every GEMM of the convolutions goes through here (a row block
+    of a matrix is a group's operand)."""
     if m == 0 or n == 0:
         return 0
     # row-major C = op(A)·op(B) is column-major C^T = op(B)^T·op(A)^T
     return _xxgemm(like, tb, ta, n, m, k, pb, ldb, pa, lda, pc, ldc, beta)
 
 
-# Below this many elements moved, a loop runs on one thread: on a busy machine a parallel
-# region costs more than it saves for small images, and its threads, spinning after it,
-# slow the BLAS call that follows (NUMBA_NOTES.md: threads need one owner).
+# The unrolled chunk is channel-major: col[(c, kh, kw), (i, oh, ow)] (K rows of nb·P
+# columns), so each tap's row is a shifted copy of input rows, the forward product
+# W·col is (O, nb·P) and lands in NCHW by contiguous copies, and the loops below run along
+# output columns (contiguous) rather than along the few taps of a kernel.
+# Below this many elements moved, a loop runs on one thread: interleaving Numba's parallel
+# regions with BLAS's threads made a step 10-100x slower on this 2-core machine (the two
+# pools' spinning threads take each other's cores; NUMBA_NOTES.md: threads need one owner),
+# while these loops move memory the GEMMs then reuse.
 PARALLEL_MIN = 1 << 22
 
 
 @njit(inline="always")
-def _im2col_rows(x, col, n0, t, d):
-    """The OW rows of col for image n0 + t // OH, output row t % OH."""
-    _, c_in, h, w = x.shape
+def _valid(lo_pad, k_off, stride, size, n_out):
+    """[first, last) outputs whose input index o·stride - lo_pad + k_off is in [0, size)."""
+    start = lo_pad - k_off
+    first = 0 if start <= 0 else (start + stride - 1) // stride
+    last = (size - 1 + lo_pad - k_off) // stride + 1 if size - 1 + lo_pad - k_off >= 0 else 0
+    return min(first, n_out), max(min(last, n_out), min(first, n_out))
+
+
+@njit(inline="always")
+def _im2col_tap(x, col, n0, t, nb, d):
+    """Row (c, kh, kw) of col for image n0 + t % nb."""
     kh_, kw_, oh_, ow_ = d[5], d[6], d[7], d[8]
     sh, sw, pt, pl, dh, dw = d[9], d[10], d[11], d[13], d[15], d[16]
-    i, oh = t // oh_, t % oh_
-    for ow in range(ow_):
-        row = col[t * ow_ + ow]
-        for c in range(c_in):
-            for kh in range(kh_):
-                ih = oh * sh - pt + kh * dh
-                base = (c * kh_ + kh) * kw_
-                if ih < 0 or ih >= h:
-                    for kw in range(kw_):
-                        row[base + kw] = 0
-                    continue
-                for kw in range(kw_):
-                    iw = ow * sw - pl + kw * dw
-                    row[base + kw] = x[n0 + i, c, ih, iw] if 0 <= iw < w else 0
+    h, w = x.shape[2], x.shape[3]
+    k, i = t // nb, t % nb
+    c, kh, kw = k // (kh_ * kw_), (k // kw_) % kh_, k % kw_
+    row = col[k]
+    base = i * oh_ * ow_
+    lo, hi = _valid(pl, kw * dw, sw, w, ow_)
+    for oh in range(oh_):
+        ih = oh * sh - pt + kh * dh
+        seg = base + oh * ow_
+        if ih < 0 or ih >= h:
+            for ow in range(ow_):
+                row[seg + ow] = 0
+            continue
+        src = x[n0 + i, c, ih]
+        for ow in range(lo):
+            row[seg + ow] = 0
+        off = kw * dw - pl
+        for ow in range(lo, hi):
+            row[seg + ow] = src[ow * sw + off]
+        for ow in range(hi, ow_):
+            row[seg + ow] = 0
 
 
 @njit(cache=True, parallel=True)
 def im2col(x, col, n0, nb, d):
-    """col[(i, oh, ow), (c, kh, kw)] = padded x[n0 + i, c, oh·s + kh·dil, ow·s + kw·dil]."""
-    n = nb * d[7]
-    if nb * col.shape[0] // max(d[18], 1) * col.shape[1] < PARALLEL_MIN:
+    """col[(c, kh, kw), (i, oh, ow)] = padded x[n0 + i, c, oh·s + kh·dil, ow·s + kw·dil]."""
+    n = col.shape[0] * nb
+    if n * d[7] * d[8] < PARALLEL_MIN:
         for t in range(n):
-            _im2col_rows(x, col, n0, t, d)
+            _im2col_tap(x, col, n0, t, nb, d)
     else:
         for t in prange(n):
-            _im2col_rows(x, col, n0, t, d)
+            _im2col_tap(x, col, n0, t, nb, d)
     return 0
 
 
 @njit(inline="always")
 def _col2im_plane(gcol, gx, n0, t, d):
+    """gx[n0 + i, c] from the rows (c, ·, ·) of gcol: each (image, channel) plane is one
+    iteration's own."""
     _, c_in, h, w = gx.shape
     kh_, kw_, oh_, ow_ = d[5], d[6], d[7], d[8]
     sh, sw, pt, pl, dh, dw = d[9], d[10], d[11], d[13], d[15], d[16]
@@ -363,27 +385,28 @@ def _col2im_plane(gcol, gx, n0, t, d):
     for ih in range(h):  # a loop, not plane[:] = 0: that would be a parallel region of its own
         for iw in range(w):
             plane[ih, iw] = 0
-    for oh in range(oh_):
-        for kh in range(kh_):
-            ih = oh * sh - pt + kh * dh
-            if ih < 0 or ih >= h:
-                continue
-            for ow in range(ow_):
-                row = gcol[(i * oh_ + oh) * ow_ + ow]
-                base = (c * kh_ + kh) * kw_
-                for kw in range(kw_):
-                    iw = ow * sw - pl + kw * dw
-                    if 0 <= iw < w:
-                        plane[ih, iw] += row[base + kw]
+    base = i * oh_ * ow_
+    for kh in range(kh_):
+        for kw in range(kw_):
+            row = gcol[(c * kh_ + kh) * kw_ + kw]
+            lo, hi = _valid(pl, kw * dw, sw, w, ow_)
+            off = kw * dw - pl
+            for oh in range(oh_):
+                ih = oh * sh - pt + kh * dh
+                if ih < 0 or ih >= h:
+                    continue
+                dst = plane[ih]
+                seg = base + oh * ow_
+                for ow in range(lo, hi):
+                    dst[ow * sw + off] += row[seg + ow]
 
 
 @njit(cache=True, parallel=True)
 def col2im(gcol, gx, n0, nb, d):
     """gx[n0 + i] = the sum of gcol's entries over the taps reading each input element
-    (im2col's adjoint); one (image, channel) plane per iteration: no two threads write
-    the same element."""
+    (im2col's adjoint)."""
     n = nb * gx.shape[1]
-    if nb * gcol.shape[0] // max(d[18], 1) * gcol.shape[1] < PARALLEL_MIN:
+    if gcol.size < PARALLEL_MIN:
         for t in range(n):
             _col2im_plane(gcol, gx, n0, t, d)
     else:
@@ -393,121 +416,127 @@ def col2im(gcol, gx, n0, nb, d):
 
 
 @njit(inline="always")
-def _epilogue_plane(yt, y, b, n0, t, has_bias, relu, zero):
-    _, o_, oh_, ow_ = y.shape
-    p_ = oh_ * ow_
-    i, o = t // o_, t % o_
+def _epilogue_plane(yt, y, b, n0, t, nb, has_bias, relu, zero):
+    o, i = t // nb, t % nb
+    p_ = y.shape[2] * y.shape[3]
     plane = y[n0 + i, o].reshape(p_)
+    src = yt[o]
+    bias = b[o] if has_bias else zero
+    base = i * p_
     for p in range(p_):
-        v = yt[i * p_ + p, o]
-        if has_bias:
-            v += b[o]
+        v = src[base + p] + bias
         if relu and v < zero:  # NaN passes, as numpy's maximum lets it
             v = zero
         plane[p] = v
 
 
 @njit(cache=True, parallel=True)
-def rows_to_nchw(yt, y, b, n0, nb, has_bias, relu, zero):
-    """y[n0 + i, o, p] = yt[i·P + p, o] (+ b[o], relu): the GEMM's (rows, O) product laid
+def product_to_nchw(yt, y, b, n0, nb, has_bias, relu, zero):
+    """y[n0 + i, o] = yt[o, i·P:(i+1)·P] (+ b[o], relu): the GEMM's (O, nb·P) product laid
     out as NCHW, bias and activation applied while the product is in cache."""
     n = nb * y.shape[1]
     if n * y.shape[2] * y.shape[3] < PARALLEL_MIN:
         for t in range(n):
-            _epilogue_plane(yt, y, b, n0, t, has_bias, relu, zero)
+            _epilogue_plane(yt, y, b, n0, t, nb, has_bias, relu, zero)
     else:
         for t in prange(n):
-            _epilogue_plane(yt, y, b, n0, t, has_bias, relu, zero)
+            _epilogue_plane(yt, y, b, n0, t, nb, has_bias, relu, zero)
     return 0
 
 
 @njit(inline="always")
-def _rows_of_image(g, gt, n0, i):
-    _, o_, oh_, ow_ = g.shape
-    p_ = oh_ * ow_
-    for o in range(o_):
-        plane = g[n0 + i, o].reshape(p_)
-        for p in range(p_):
-            gt[i * p_ + p, o] = plane[p]
+def _gather_plane(g, gt, n0, t, nb):
+    o, i = t // nb, t % nb
+    p_ = g.shape[2] * g.shape[3]
+    plane = g[n0 + i, o].reshape(p_)
+    dst = gt[o]
+    for p in range(p_):
+        dst[i * p_ + p] = plane[p]
 
 
 @njit(cache=True, parallel=True)
-def nchw_to_rows(g, gt, n0, nb):
-    """gt[i·P + p, o] = g[n0 + i, o, p]: a gradient as GEMM's (rows, O) operand."""
-    if nb * g[0].size < PARALLEL_MIN:
-        for i in range(nb):
-            _rows_of_image(g, gt, n0, i)
+def nchw_to_product(g, gt, n0, nb):
+    """gt[o, i·P:(i+1)·P] = g[n0 + i, o]: a gradient as GEMM's (O, nb·P) operand."""
+    n = nb * g.shape[1]
+    if n * g.shape[2] * g.shape[3] < PARALLEL_MIN:
+        for t in range(n):
+            _gather_plane(g, gt, n0, t, nb)
     else:
-        for i in prange(nb):
-            _rows_of_image(g, gt, n0, i)
+        for t in prange(n):
+            _gather_plane(g, gt, n0, t, nb)
     return 0
 
 
 @njit(cache=True)
 def conv_forward(x, w, b, y, col, yt, d, has_bias, relu, zero):
-    """y = conv(x, w) (+ b, relu) by chunks of images: im2col, one GEMM per group, epilogue.
-    d: the geometry (see _meta)."""
+    """y = conv(x, w) (+ b, relu) by chunks of images: im2col, one GEMM per group
+    (W_g · col_g), epilogue. d: the geometry (see _meta)."""
     n_, c_ = x.shape[0], x.shape[1]
     o_, groups, chunk = w.shape[0], d[17], d[18]
     cg, og = c_ // groups, o_ // groups
     kk = d[5] * d[6]
     p_ = d[7] * d[8]
+    ld = chunk * p_
     size = x.itemsize
     for n0 in range(0, n_, chunk):
         nb = min(chunk, n_ - n0)
         im2col(x, col, n0, nb, d)
         for g in range(groups):
-            strided_gemm(y, col.ctypes.data + g * cg * kk * size, c_ * kk,
-                         w.ctypes.data + g * og * cg * kk * size, cg * kk,
-                         yt.ctypes.data + g * og * size, o_, nb * p_, og, cg * kk,
-                         False, True, 0.0)
-        rows_to_nchw(yt, y, b, n0, nb, has_bias, relu, zero)
+            strided_gemm(y, w.ctypes.data + g * og * cg * kk * size, cg * kk,
+                         col.ctypes.data + g * cg * kk * ld * size, ld,
+                         yt.ctypes.data + g * og * ld * size, ld, og, nb * p_, cg * kk,
+                         False, False, 0.0)
+        product_to_nchw(yt, y, b, n0, nb, has_bias, relu, zero)
     return 0
 
 
 @njit(cache=True)
 def conv_input_grad(g, w, gx, gt, gcol, d):
-    """gx = col2im(g·w) by chunks: the gradient as rows, one GEMM per group, col2im."""
+    """gx = col2im(W_gᵀ · g_g) by chunks: the gradient as (O, rows), one GEMM per group,
+    col2im."""
     n_, c_ = gx.shape[0], gx.shape[1]
     o_, groups, chunk = w.shape[0], d[17], d[18]
     cg, og = c_ // groups, o_ // groups
     kk = d[5] * d[6]
     p_ = d[7] * d[8]
+    ld = chunk * p_
     size = g.itemsize
     for n0 in range(0, n_, chunk):
         nb = min(chunk, n_ - n0)
-        nchw_to_rows(g, gt, n0, nb)
+        nchw_to_product(g, gt, n0, nb)
         for grp in range(groups):
-            strided_gemm(g, gt.ctypes.data + grp * og * size, o_,
-                         w.ctypes.data + grp * og * cg * kk * size, cg * kk,
-                         gcol.ctypes.data + grp * cg * kk * size, c_ * kk,
-                         nb * p_, cg * kk, og, False, False, 0.0)
+            strided_gemm(g, w.ctypes.data + grp * og * cg * kk * size, cg * kk,
+                         gt.ctypes.data + grp * og * ld * size, ld,
+                         gcol.ctypes.data + grp * cg * kk * ld * size, ld,
+                         cg * kk, nb * p_, og, True, False, 0.0)
         col2im(gcol, gx, n0, nb, d)
     return 0
 
 
 @njit(cache=True)
 def conv_weight_grad(x, g, gw, col, gt, d):
-    """gw = Σ over chunks of gᵀ·im2col(x), one GEMM per group accumulating (beta = 1) after
+    """gw = Σ over chunks of g_g · col_gᵀ, one GEMM per group accumulating (beta = 1) after
     the first chunk."""
     n_, c_ = x.shape[0], x.shape[1]
     o_, groups, chunk = gw.shape[0], d[17], d[18]
     cg, og = c_ // groups, o_ // groups
     kk = d[5] * d[6]
     p_ = d[7] * d[8]
+    ld = chunk * p_
     size = x.itemsize
     if n_ == 0 or p_ == 0:
-        gw[:] = 0
+        for i in range(gw.shape[0]):
+            gw[i] = 0
         return 0
     for n0 in range(0, n_, chunk):
         nb = min(chunk, n_ - n0)
         im2col(x, col, n0, nb, d)
-        nchw_to_rows(g, gt, n0, nb)
+        nchw_to_product(g, gt, n0, nb)
         for grp in range(groups):
-            strided_gemm(x, gt.ctypes.data + grp * og * size, o_,
-                         col.ctypes.data + grp * cg * kk * size, c_ * kk,
+            strided_gemm(x, gt.ctypes.data + grp * og * ld * size, ld,
+                         col.ctypes.data + grp * cg * kk * ld * size, ld,
                          gw.ctypes.data + grp * og * cg * kk * size, cg * kk,
-                         og, cg * kk, nb * p_, True, False, 0.0 if n0 == 0 else 1.0)
+                         og, cg * kk, nb * p_, False, True, 0.0 if n0 == 0 else 1.0)
     return 0
 
 
@@ -516,21 +545,21 @@ _VIEWS = (
     "x4 = (d[0], d[1], d[2], d[3])\n"
     "w4 = (d[4], d[1] // d[17], d[5], d[6])\n"
     "y4 = (d[0], d[4], d[7], d[8])\n"
-    "rows = d[18] * d[7] * d[8]\n"
+    "cols = d[18] * d[7] * d[8]\n"
     "kc = d[1] * d[5] * d[6]\n")
 CONV_FORWARD = Kernel("conv2d", "px pw pb py pcol pyt pmeta nmeta has_bias relu", _VIEWS + (
     "return K.conv_forward(carray(_vp(px), x4, {dt}), carray(_vp(pw), w4, {dt}), "
     "carray(_vp(pb), d[4] if has_bias else 0, {dt}), carray(_vp(py), y4, {dt}), "
-    "carray(_vp(pcol), (rows, kc), {dt}), carray(_vp(pyt), (rows, d[4]), {dt}), d, "
+    "carray(_vp(pcol), (kc, cols), {dt}), carray(_vp(pyt), (d[4], cols), {dt}), d, "
     "has_bias, relu, {dt}(0))"), FLOATS, uses_blas=True)
 CONV_INPUT_GRAD = Kernel("conv2d_input_grad", "pg pw pgx pgt pgcol pmeta nmeta", _VIEWS + (
     "return K.conv_input_grad(carray(_vp(pg), y4, {dt}), carray(_vp(pw), w4, {dt}), "
-    "carray(_vp(pgx), x4, {dt}), carray(_vp(pgt), (rows, d[4]), {dt}), "
-    "carray(_vp(pgcol), (rows, kc), {dt}), d)"), FLOATS, uses_blas=True)
+    "carray(_vp(pgx), x4, {dt}), carray(_vp(pgt), (d[4], cols), {dt}), "
+    "carray(_vp(pgcol), (kc, cols), {dt}), d)"), FLOATS, uses_blas=True)
 CONV_WEIGHT_GRAD = Kernel("conv2d_weight_grad", "px pg pgw pcol pgt pmeta nmeta", _VIEWS + (
     "return K.conv_weight_grad(carray(_vp(px), x4, {dt}), carray(_vp(pg), y4, {dt}), "
-    "carray(_vp(pgw), w4, {dt}), carray(_vp(pcol), (rows, kc), {dt}), "
-    "carray(_vp(pgt), (rows, d[4]), {dt}), d)"), FLOATS, uses_blas=True)
+    "carray(_vp(pgw), w4, {dt}), carray(_vp(pcol), (kc, cols), {dt}), "
+    "carray(_vp(pgt), (d[4], cols), {dt}), d)"), FLOATS, uses_blas=True)
 
 
 def _meta(low, xshape, wshape, out, kw) -> tuple[Any, int, int]:
@@ -544,10 +573,11 @@ def _meta(low, xshape, wshape, out, kw) -> tuple[Any, int, int]:
 
 
 def _scratch(dtype, xshape, wshape, out, chunk) -> tuple[Var, Var]:
-    """The unrolled chunk (rows, C·KH·KW) and the product as rows (rows, O): arena scratch."""
-    rows = chunk * out[0] * out[1]
-    return (Var((rows, xshape[1] * wshape[2] * wshape[3]), dtype),
-            Var((rows, wshape[0]), dtype))
+    """The unrolled chunk (C·KH·KW, chunk·OH·OW) and the product (O, chunk·OH·OW): arena
+    scratch."""
+    cols = chunk * out[0] * out[1]
+    return (Var((xshape[1] * wshape[2] * wshape[3], cols), dtype),
+            Var((wshape[0], cols), dtype))
 
 
 @conv2d_p.def_lowering
