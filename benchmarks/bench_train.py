@@ -1,7 +1,8 @@
 """asv: the full SGD training step (forward, softmax-xent + L2, backward, update) of the five
-MLP configs, float32 and float64, and float32 under bfloat16 mixed precision. Compilation
-(or the cache load) happens in setup."""
+MLP configs, float32 and float64, float32 under bfloat16 mixed precision, and the two conv
+nets. Compilation (or the cache load) happens in setup."""
 
+from . import _cnn
 from . import _common as C
 
 
@@ -67,4 +68,21 @@ class NumpyTrainStep:
         self.step(self.x, self.y)
 
     def time_numpy_train_step(self, config, dtype):
+        self.step(self.x, self.y)
+
+
+class ConvNetTrainStep:
+    """The conv-net SGD step (issue 20): LeNet-5 on 1x28x28 at batch 64, and 3x3 convs of 32
+    and 64 channels on 1x28x28 at batch 128 (_cnn.py), float32 and float64."""
+
+    params = (list(_cnn.CNN_CONFIGS), ["float32", "float64"])
+    param_names = ["config", "dtype"]
+    timeout = 600
+
+    def setup(self, config, dtype):
+        C.pin_threads()
+        self.step, self.p, self.x, self.y = _cnn.jitgrad_step(config, dtype)
+        self.step(self.x, self.y)  # trace + compile (or load from the cache): not timed
+
+    def time_conv_train_step(self, config, dtype):
         self.step(self.x, self.y)

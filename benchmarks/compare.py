@@ -1,7 +1,8 @@
-"""Side-by-side MLP training-step benchmark: jitgrad vs hand-written numpy, PyTorch, JAX.
+"""Side-by-side training-step benchmark: jitgrad vs hand-written numpy, PyTorch, JAX.
 
-    python benchmarks/compare.py [--configs tiny,small,medium,deep,large] [--rounds 3]
-                                 [--impls jitgrad,numpy,torch,jax] [--loaded] [--json FILE]
+    python benchmarks/compare.py [--configs tiny,small,medium,deep,large,lenet5,widecnn]
+                                 [--rounds 3] [--impls jitgrad,numpy,torch,torch_compile,jax]
+                                 [--precision f32|bf16] [--loaded] [--json FILE]
     python benchmarks/compare.py --markdown   # quiet + loaded -> docs/performance.md, README
     python benchmarks/compare.py --profile medium      # jitgrad per-kernel profile of one step
     python benchmarks/compare.py --precision bf16 --impls jitgrad,torch   # mixed precision
@@ -28,6 +29,11 @@ With --precision bf16 every step is mixed precision: jitgrad's `precision="bf16"
 PyTorch under `torch.autocast("cpu", dtype=torch.bfloat16)` (numpy and JAX have no such
 policy and are skipped); the ratio column is then to PyTorch, and to jitgrad's float32
 step measured in the same rounds ("÷ f32").
+
+The conv-net configs (lenet5, widecnn: _cnn.py) run jitgrad, PyTorch eager (oneDNN
+convolutions), torch.compile and JAX jit (numpy has no conv step here; torch.compile only
+runs the conv nets); their GFLOP/s count the convolutions' GEMM work and their GEMM floor
+is the step's im2col GEMMs alone through the convolutions' GEMM helper.
 """
 
 from __future__ import annotations
@@ -46,9 +52,22 @@ T_START = time.perf_counter()
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import _cnn  # noqa: E402
 import _common as C  # noqa: E402
 
-IMPLS = ("jitgrad", "numpy", "torch", "jax")
+IMPLS = ("jitgrad", "numpy", "torch", "torch_compile", "jax")
+CONFIGS = [*C.CONFIGS, *_cnn.CNN_CONFIGS]
+
+
+def applicable(impl: str, config: str) -> bool:
+    cnn = config in _cnn.CNN_CONFIGS
+    return not ((impl == "numpy" and cnn) or (impl == "torch_compile" and not cnn))
+
+
+def step_flops(config: str) -> int:
+    return _cnn.step_flops(config) if config in _cnn.CNN_CONFIGS else C.step_flops(config)
+
+
 PEER = "jax"
 # Mixed precision: PyTorch's autocast is the peer; jitgrad's float32 step runs beside it.
 BF16_IMPLS = ("jitgrad", "torch", "jitgrad-f32")
@@ -87,7 +106,23 @@ def worker_numpy(config: str) -> dict:
     return {"loss0": float(loss0), "first_s": first, "us": measure_calls(lambda: step(x, y))}
 
 
+def worker_cnn_torch(config: str, compiled: bool) -> dict:
+    import torch
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", C.THREADS)))
+    step = _cnn.torch_step(config, compiled)
+    loss0 = step()
+    first = time.perf_counter() - T_START
+    return {"loss0": float(loss0), "first_s": first, "us": measure_calls(step),
+            "version": torch.__version__}
+
+
+def worker_torch_compile(config: str) -> dict:
+    return worker_cnn_torch(config, True)
+
+
 def worker_torch(config: str) -> dict:
+    if config in _cnn.CNN_CONFIGS:
+        return worker_cnn_torch(config, False)
     import torch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", C.THREADS)))
     params = [torch.tensor(p, requires_grad=True) for p in C.make_params(config)]
@@ -121,6 +156,13 @@ def worker_torch(config: str) -> dict:
 def worker_jax(config: str) -> dict:
     import warnings
     warnings.filterwarnings("ignore", message=".*donat.*")
+    if config in _cnn.CNN_CONFIGS:
+        import jax
+        step = _cnn.jax_step(config)
+        loss0 = step()
+        first = time.perf_counter() - T_START
+        return {"loss0": float(loss0), "first_s": first, "us": measure_calls(step),
+                "version": jax.__version__}
     import jax
     import jax.numpy as jnp
     n = len(C.layer_dims(config))
@@ -189,7 +231,9 @@ def worker_jitgrad(config: str, profile: bool = False, precision: str | None = N
     import jitgrad  # noqa: F401  (timed: part of the time to first result)
     if precision is None:
         precision = PRECISION
-    step, params, x, y = C.make_jitgrad_step(config, precision=precision)
+    cnn = config in _cnn.CNN_CONFIGS
+    step, params, x, y = (_cnn.jitgrad_step if cnn else C.make_jitgrad_step)(
+        config, precision=precision)
     loss0 = step(x, y)
     first = time.perf_counter() - T_START
     C.pin_threads()
@@ -205,7 +249,7 @@ def worker_jitgrad(config: str, profile: bool = False, precision: str | None = N
     except Exception as e:  # internals moved: keep the headline numbers
         out["native_error"] = repr(e)
     if precision == "f32":  # the float32 GEMM floor
-        floor, keep2 = gemm_floor_fn(config)
+        floor, keep2 = (_cnn.gemm_floor_fn if cnn else gemm_floor_fn)(config)
         out["gemm_floor_us"] = measure_calls(floor)
     return out
 
@@ -276,6 +320,7 @@ def machine() -> dict:
 
 def available(impl: str) -> bool:
     mod = {"jitgrad": "jitgrad", "jitgrad-f32": "jitgrad", "numpy": "numpy", "torch": "torch",
+           "torch_compile": "torch",
            "jax": "jax"}[impl]
     import importlib.util
     return importlib.util.find_spec(mod) is not None
@@ -301,11 +346,12 @@ def summarize(results: dict, configs: list[str], impls: list[str]) -> list[dict]
     rows = []
     for cfg in configs:
         med = {}
-        for impl in impls:
+        impls_here = [i for i in impls if applicable(i, cfg)]
+        for impl in impls_here:
             rs = [r for r in results[(impl, cfg)] if "us" in r]
             if rs:
                 med[impl] = statistics.median(statistics.median(r["us"]) for r in rs)
-        for impl in impls:
+        for impl in impls_here:
             rs = [r for r in results[(impl, cfg)] if "us" in r]
             if not rs:
                 err = next((r.get("error") for r in results[(impl, cfg)]), None)
@@ -317,7 +363,7 @@ def summarize(results: dict, configs: list[str], impls: list[str]) -> list[dict]
                    "vs_numpy": us / med["numpy"] if "numpy" in med else None,
                    "vs_peer": us / med[PEER] if PEER in med else None,
                    "vs_f32": us / med["jitgrad-f32"] if "jitgrad-f32" in med else None,
-                   "gflops": C.step_flops(cfg) / us / 1e3,
+                   "gflops": step_flops(cfg) / us / 1e3,
                    "first_s": statistics.median(r["first_s"] for r in rs),
                    "loss0": rs[0]["loss0"],
                    "load1": statistics.median(r.get("load1", 0.0) for r in rs)}
@@ -412,7 +458,7 @@ def measure_rounds(configs: list[str], impls: list[str], rounds: int) -> dict:
     for rnd in range(rounds):
         for cfg in configs:
             order = impls[rnd % len(impls):] + impls[:rnd % len(impls)]  # rotate who goes first
-            for impl in order:
+            for impl in (i for i in order if applicable(i, cfg)):
                 r = run_worker(impl, cfg)
                 results[(impl, cfg)].append(r)
                 print(f"round {rnd + 1} {cfg:6} {impl:7} "
@@ -453,7 +499,8 @@ def markdown_table(rows: list[dict], info: dict, new_compile: dict) -> str:
 
 
 def readme_table(quiet: list[dict], loaded: list[dict], configs: list[str]) -> str:
-    names = {"jitgrad": "jitgrad", "numpy": "numpy", "torch": "PyTorch eager", "jax": "JAX jit"}
+    names = {"jitgrad": "jitgrad", "numpy": "numpy", "torch": "PyTorch eager",
+             "torch_compile": "torch.compile", "jax": "JAX jit"}
     impls = [i for i in IMPLS if any(r["impl"] == i for r in quiet)]
 
     def us(rows, cfg, impl):
@@ -462,7 +509,7 @@ def readme_table(quiet: list[dict], loaded: list[dict], configs: list[str]) -> s
     out = ["| config | " + " | ".join(names[i] for i in impls) + " | jitgrad ÷ JAX | "
            "loaded: jitgrad | loaded: JAX |",
            "|---|" + "---:|" * (len(impls) + 3)]
-    for cfg in configs:
+    for cfg in (c for c in configs if c in C.CONFIGS):  # the MLPs; the conv nets: their doc
         widths, batch = C.CONFIGS[cfg]
         j, x = us(quiet, cfg, "jitgrad"), us(quiet, cfg, PEER)
         cells = [fmt(us(quiet, cfg, i), ",.0f") for i in impls]
@@ -512,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     global WORKER_THREADS, PRECISION, PEER
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=",".join(C.CONFIGS))
+    ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--impls", default=None,
                     help=f"default: {','.join(IMPLS)}; with --precision bf16 "
                          f"{','.join(BF16_IMPLS)}")
@@ -535,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         impl, cfg = a.worker
         fn = {"jitgrad": worker_jitgrad, "numpy": worker_numpy, "torch": worker_torch,
-              "jax": worker_jax,
+              "torch_compile": worker_torch_compile, "jax": worker_jax,
               "jitgrad-f32": lambda c: worker_jitgrad(c, precision="f32")}[impl]
         res = fn(cfg, profile=True) if impl == "jitgrad" and a.with_profile else fn(cfg)
         res["load1"] = os.getloadavg()[0]  # the machine is shared: record how busy it was
@@ -559,8 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     a.impls = a.impls or ",".join(BF16_IMPLS if PRECISION == "bf16" else IMPLS)
     configs = [c for c in a.configs.split(",") if c]
     for c in configs:
-        if c not in C.CONFIGS:
-            ap.error(f"unknown config {c!r}; choose from {', '.join(C.CONFIGS)}")
+        if c not in CONFIGS:
+            ap.error(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
     impls = [i for i in a.impls.split(",") if i]
     if PRECISION == "bf16" and a.markdown:
         ap.error("--markdown regenerates the float32 tables; run --precision bf16 without it")

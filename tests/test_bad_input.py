@@ -225,7 +225,7 @@ def test_a_model_too_big_for_memory_is_one_line(capsys, monkeypatch):
     def too_big(*args, **kw):
         raise MemoryError("Unable to allocate 47.7 GiB for an array with shape (64, 100000000)")
 
-    monkeypatch.setattr(recipe.nn, "mlp_init", too_big)
+    monkeypatch.setattr(jg.nn, "mlp_init", too_big)  # models.MODELS["mlp"] calls it
     code, _, err = run(capsys, "train", "--hidden", "100000000", "--epochs", "1")
     assert_one_line_error(code, err, "out of memory", "47.7 GiB")
 

@@ -37,6 +37,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from convref import (
+    np_avg_pool2d,
+    np_avg_pool2d_grad,
+    np_conv2d,
+    np_conv2d_input_grad,
+    np_conv2d_weight_grad,
+    np_max_pool2d,
+    np_max_pool2d_grad,
+)
 from gradcheck import assert_grads_close, numeric_grad, numeric_hvp, vdot
 from scipy import special
 
@@ -46,8 +55,10 @@ from jitgrad.frontend import tree
 from jitgrad.frontend.core import registry
 from jitgrad.frontend.ir import validate
 from jitgrad.frontend.ops import bf16_gemm as BF16
+from jitgrad.frontend.ops import conv as CV
 from jitgrad.frontend.ops import linalg as L
 from jitgrad.frontend.ops import nn as NN
+from jitgrad.frontend.ops import pool as PL
 from jitgrad.frontend.ops import precision as PREC
 from jitgrad.frontend.ops import random as R
 from jitgrad.frontend.ops import shape as S
@@ -698,6 +709,45 @@ for _axis, _shape in [(-1, (3, 4)), (0, (5, 2)), (None, (2, 3))]:
     add("argsort", f"axis{_axis}", lambda x, a=_axis: jg.argsort(x, axis=a),
         lambda x, a=_axis: np.argsort(x, axis=a, kind="stable"), mk(distinct(*_shape)),
         kind="nograd")
+
+
+# ---------------------------------------------------------------- convolution and pooling
+# (issue 20) One or two rows per primitive here; the stride/padding/dilation/groups grid,
+# torch parity and the conv net are in test_conv.py.
+
+CONV_GEOM = {"stride": (2, 1), "padding": (1, 1, 0, 0), "dilation": (1, 2), "groups": 2}
+CONV_KW = {"stride": (2, 1), "padding": (1, 0), "dilation": (1, 2), "groups": 2}
+POOL_POS = np.array([[[[0, 7], [9, 15]], [[5, 5], [12, 3]]]])  # into 4x4 planes, one repeated
+add("conv2d", "bias-stride2-pad1", lambda x, w, b: jg.nn.conv2d(x, w, b, stride=2, padding=1),
+    lambda x, w, b: np_conv2d(x, w, b, 2, 1), mk(normal(2, 3, 5, 5), normal(4, 3, 3, 3),
+                                                 normal(4)))
+add("conv2d", "groups-dilation", lambda x, w: jg.nn.conv2d(x, w, None, **CONV_KW),
+    lambda x, w: np_conv2d(x, w, None, **CONV_KW), mk(normal(1, 4, 6, 5), normal(4, 2, 3, 2)))
+add("conv2d", "relu-epilogue", lambda x, w, b: jg.relu(jg.nn.conv2d(x, w, b, padding=1)),
+    lambda x, w, b: np.maximum(np_conv2d(x, w, b, 1, 1), 0.0),
+    mk(normal(1, 2, 4, 4), normal(3, 2, 3, 3), normal(3)))
+add("conv2d_input_grad", "direct",
+    lambda g, w: CV.conv2d_input_grad_p.bind(g, w, hw=(6, 5), **CONV_GEOM),
+    lambda g, w: np_conv2d_input_grad(g, w, (1, 4, 6, 5), **CONV_KW),
+    mk(normal(1, 4, 3, 3), normal(4, 2, 3, 2)))
+add("conv2d_weight_grad", "direct",
+    lambda x, g: CV.conv2d_weight_grad_p.bind(x, g, k=(3, 2), **CONV_GEOM),
+    lambda x, g: np_conv2d_weight_grad(x, g, (3, 2), **CONV_KW),
+    mk(normal(1, 4, 6, 5), normal(1, 4, 3, 3)))
+add("max_pool2d", "3x3-stride2-pad1", lambda x: jg.nn.max_pool2d(x, 3, 2, 1),
+    lambda x: np_max_pool2d(x, 3, 2, 1), mk(distinct(2, 2, 7, 6)))
+add("max_pool2d", "2x2", lambda x: jg.nn.max_pool2d(x, 2), lambda x: np_max_pool2d(x, 2),
+    mk(distinct(1, 3, 4, 6)))
+add("max_pool2d_grad", "direct",
+    lambda g: PL.max_pool2d_grad_p.bind(g, POOL_POS, hw=(4, 4)),
+    lambda g: np_max_pool2d_grad(g, POOL_POS, (4, 4)), mk(normal(1, 2, 2, 2)))
+add("avg_pool2d", "3x2-stride-pad", lambda x: jg.nn.avg_pool2d(x, (3, 2), (1, 2), (1, 1)),
+    lambda x: np_avg_pool2d(x, (3, 2), (1, 2), (1, 1)), mk(normal(2, 2, 5, 6)))
+add("avg_pool2d_grad", "direct",
+    lambda g: PL.avg_pool2d_grad_p.bind(g, hw=(5, 6), kernel=(3, 2), stride=(1, 2),
+                                        padding=(1, 1)),
+    lambda g: np_avg_pool2d_grad(g, (1, 2, 5, 6), (3, 2), (1, 2), (1, 1)),
+    mk(normal(1, 2, 5, 4)))
 
 
 # ---------------------------------------------------------------- helpers

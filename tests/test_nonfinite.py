@@ -249,6 +249,44 @@ def _mlp(x, y, W0, b0, W1, b1):
 VECMATH_UNARY = ("sin", "cos", "tan", "arcsin", "arccos", "arctan", "sinh", "cosh", "arcsinh",
                  "arccosh", "arctanh", "exp2", "expm1", "log2", "log10", "log1p", "erf")
 
+def _conv_cases() -> dict[str, Case]:
+    geom = {"stride": (2, 1), "padding": (1, 0, 1, 1), "dilation": (1, 2), "groups": 1}
+    xs, ws, gs = (2, 2, 5, 5), (3, 2, 3, 2), (2, 3, 2, 5)
+
+    def conv(x, w, *b, relu=False):
+        return P["conv2d"].bind(x, w, *b, relu=relu, **geom)
+
+    def summed(name: str, fn, *shapes, keep=None) -> Case:
+        return Case(fn, floats(*shapes, keep=keep), magnitude=lambda *a: fn(*_abs_args(*a)))
+
+    # The gradients' references sum products with numpy's einsum, the kernels with BLAS,
+    # whose fused multiply-add keeps an overflowing product (huge · huge) exact before
+    # adding an infinity: -inf there, NaN in numpy. Huge values are left out for them.
+    def not_huge(v: float) -> bool:
+        return not np.isfinite(v) or abs(v) < 1e30
+
+    pool = {"kernel": (3, 2), "stride": (2, 2), "padding": (1, 1)}
+    return {
+        "conv2d": summed("conv2d", conv, xs, ws),
+        "conv2d/bias-relu": Case(lambda x, w, b: conv(x, w, b, relu=True),
+                                 floats(xs, ws, (3,)), zero_signs=False,
+                                 magnitude=lambda x, w, b: conv(*_abs_args(x, w, b))),
+        "conv2d_input_grad": summed("conv2d_input_grad", lambda g, w: P[
+            "conv2d_input_grad"].bind(g, w, hw=xs[2:], **geom), gs, ws, keep=not_huge),
+        "conv2d_weight_grad": summed("conv2d_weight_grad", lambda x, g: P[
+            "conv2d_weight_grad"].bind(x, g, k=ws[2:], **geom), xs, gs, keep=not_huge),
+        "max_pool2d": ordered(lambda x: P["max_pool2d"].bind(x, **pool), floats(xs)),
+        "max_pool2d_grad": Case(
+            lambda g, i: P["max_pool2d_grad"].bind(g, i, hw=(4, 4)),
+            lambda dt: st.tuples(special_arrays((1, 2, 2, 3), dt),
+                                 int_arrays((1, 2, 2, 3), 0, 16)),
+            magnitude=lambda g, i: P["max_pool2d_grad"].impl(np.abs(g), i, hw=(4, 4))),
+        "avg_pool2d": summed("avg_pool2d", lambda x: P["avg_pool2d"].bind(x, **pool), xs),
+        "avg_pool2d_grad": summed("avg_pool2d_grad", lambda g: P["avg_pool2d_grad"].bind(
+            g, hw=xs[2:], **pool), (2, 2, 3, 3)),
+    }
+
+
 CASES: dict[str, Case] = {
     # elementwise
     **{n: unary(n) for n in ("neg", "exp", "log", "tanh", "sigmoid", "sqrt", "abs", "relu",
@@ -358,6 +396,8 @@ CASES: dict[str, Case] = {
                        lambda dt: st.tuples(bools(W), special_arrays(W, dt),
                                             special_arrays(W, dt))),
     "sum/wide": summing("sum", axes=(1,), keepdims=False, shape=W),
+    # convolution and pooling (issue 20): BLAS over im2col, fused bias + relu epilogue
+    **_conv_cases(),
     "max_argmax/wide": ordered(lambda x: P["max_argmax"].bind(x, axis=1), floats(W)),
     "logsumexp/wide": ordered(lambda x: P["logsumexp"].bind(x, axes=(1,), keepdims=False),
                               floats(W)),

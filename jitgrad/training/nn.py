@@ -1,13 +1,17 @@
-"""Small functional building blocks for neural networks: initialisers, layers, losses.
+"""Small functional building blocks for neural networks: initialisers, layers, losses,
+and two model families (MLPs, small convolutional networks).
 
 Parameters are plain pytrees of numpy arrays (an MLP is ``{"W0", "b0", "W1", ...}``),
 layers are functions of ``(params, x)``, and everything here works both on numpy
 arrays and inside ``jg.jit`` / ``jg.grad`` / ``jg.train_step``. Weight matrices
-are laid out ``[fan_in, fan_out]`` so a layer is ``x @ W + b``.
+are laid out ``[fan_in, fan_out]`` so a layer is ``x @ W + b``; convolution weights are
+PyTorch's ``[out_channels, in_channels / groups, kH, kW]`` (``conv2d`` is
+``torch.nn.functional.conv2d``'s, as are the poolings).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,13 +21,17 @@ from numpy.typing import DTypeLike
 from ..errors import JitgradError
 from ..frontend import random
 from ..frontend.core import Tracer
+from ..frontend.ops.conv import conv2d
 from ..frontend.ops.elementwise import relu, tanh, where
 from ..frontend.ops.nn import softmax_cross_entropy
+from ..frontend.ops.pool import avg_pool2d, max_pool2d
 from ..frontend.ops.reduce import sum as _sum
+from ..frontend.ops.shape import reshape
 
 __all__ = [
-    "ACTIVATIONS", "accuracy", "dropout", "glorot_uniform", "he_normal", "linear", "mlp_apply",
-    "mlp_init", "mlp_loss", "num_layers",
+    "ACTIVATIONS", "CNN_MODELS", "ConvNet", "DIGITS_CNN", "LENET5", "WIDE_CNN", "accuracy",
+    "avg_pool2d", "conv2d", "conv_init", "dropout", "glorot_uniform", "he_normal",
+    "kaiming_uniform", "linear", "max_pool2d", "mlp_apply", "mlp_init", "mlp_loss", "num_layers",
 ]
 
 ACTIVATIONS = {f.__name__: f for f in (relu, tanh)}
@@ -173,3 +181,135 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     if len(labels) == 0:
         return float("nan")
     return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+# ---------------------------------------------------------------- convolutional networks
+
+def _conv_fan_in(shape: Sequence[int]) -> int:
+    """fan_in of a torch-layout weight [out, in, kH, kW] (or [out, in]): in · kH · kW."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or min(shape) < 1:
+        raise JitgradError(f"initialisers need a weight shape [out, in, ...] with positive "
+                           f"sizes, got {shape}")
+    return int(np.prod(shape[1:]))
+
+
+def kaiming_uniform(rng: np.random.Generator | int | None, shape: Sequence[int],
+                    dtype: DTypeLike = np.float32, fan_in: int | None = None) -> np.ndarray:
+    """PyTorch's default initialisation of ``nn.Conv2d`` and ``nn.Linear`` weights
+    (``kaiming_uniform_(w, a=sqrt(5))``): U(-b, b) with b = 1 / sqrt(fan_in), fan_in
+    = in · kH · kW of a weight [out, in, kH, kW] unless given."""
+    fan_in = _conv_fan_in(shape) if fan_in is None else int(fan_in)
+    bound = 1.0 / np.sqrt(fan_in)
+    return _rng(rng).uniform(-bound, bound, size=tuple(shape)).astype(_float(dtype))
+
+
+def conv_init(rng: np.random.Generator | int | None, out_channels: int, in_channels: int,
+              kernel_size: int | tuple[int, int], groups: int = 1,
+              dtype: DTypeLike = np.float32, init: str = "kaiming_uniform"
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(weight [out, in / groups, kH, kW], bias [out]) of a convolution.
+
+    init="kaiming_uniform": ``torch.nn.Conv2d``'s defaults, weight and bias both U(-b, b),
+    b = 1 / sqrt(fan_in); init="he": weight N(0, 2 / fan_in) (He et al. 2015, for ReLU
+    networks: ``kaiming_normal_(w, nonlinearity="relu")``), bias zero."""
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    if in_channels % groups or out_channels % groups:
+        raise JitgradError(f"in_channels {in_channels} and out_channels {out_channels} must "
+                           f"be divisible by groups={groups}")
+    shape = (out_channels, in_channels // groups, kh, kw)
+    rng, dt = _rng(rng), _float(dtype)
+    fan_in = _conv_fan_in(shape)
+    if init == "kaiming_uniform":
+        w = kaiming_uniform(rng, shape, dt)
+        return w, kaiming_uniform(rng, (out_channels,), dt, fan_in=fan_in)
+    if init == "he":
+        w = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(dt)
+        return w, np.zeros(out_channels, dt)
+    raise JitgradError(f"unknown conv init {init!r}: use 'kaiming_uniform' or 'he'")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvNet:
+    """Conv blocks (conv → relu → 2×2 max-pool), then linear layers with relu between.
+
+    convs: (out_channels, kernel, padding) per block; hidden: the widths of the linear
+    layers before the classifier. Parameters: ``conv{i}_w`` [out, in, k, k], ``conv{i}_b``,
+    ``fc{i}_W`` [fan_in, fan_out], ``fc{i}_b``; all PyTorch's default initialisation
+    (``init="he"``: He normal weights, zero biases). Inputs are NCHW, or rows of
+    in_channels · side² features (a flattened square image, as the digits are)."""
+
+    name: str
+    convs: tuple[tuple[int, int, int], ...]
+    hidden: tuple[int, ...] = ()
+    in_channels: int = 1
+
+    def feature_shape(self, side: int) -> tuple[int, int, int]:
+        """(channels, height, width) after the conv blocks of a side × side input."""
+        c, h = self.in_channels, side
+        for out, k, pad in self.convs:
+            h = (h + 2 * pad - k + 1) // 2
+            if h < 1:
+                raise JitgradError(f"{self.name} needs a larger input than {side}x{side}: its "
+                                   f"conv blocks reduce it to nothing")
+            c = out
+        return c, h, h
+
+    def side(self, n_features: int) -> int:
+        side = int(round(np.sqrt(n_features / self.in_channels)))
+        if side * side * self.in_channels != n_features:
+            raise JitgradError(f"{self.name} takes square images of {self.in_channels} "
+                               f"channel(s): {n_features} features are not C·side²")
+        return side
+
+    def init(self, side: int, n_classes: int, rng: np.random.Generator | int | None = 0,
+             dtype: DTypeLike = np.float32, init: str = "kaiming_uniform"
+             ) -> dict[str, np.ndarray]:
+        rng = _rng(rng)
+        params: dict[str, np.ndarray] = {}
+        c = self.in_channels
+        for i, (out, k, _) in enumerate(self.convs):
+            params[f"conv{i}_w"], params[f"conv{i}_b"] = conv_init(rng, out, c, k, 1, dtype,
+                                                                   init)
+            c = out
+        width = int(np.prod(self.feature_shape(side)))
+        for i, out in enumerate((*self.hidden, n_classes)):
+            w, b = conv_init(rng, out, width, 1, 1, dtype, init)  # a linear layer is a 1x1 conv
+            params[f"fc{i}_W"], params[f"fc{i}_b"] = np.ascontiguousarray(w[:, :, 0, 0].T), b
+            width = out
+        return params
+
+    def apply(self, params: dict[str, Any], x: Any, *, dropout_rate: float = 0.0,
+              key: Any = None) -> Any:
+        """Logits; with ``dropout_rate`` (and a key), dropout before each linear layer."""
+        if dropout_rate and key is None:
+            raise JitgradError(f"{self.name} with dropout_rate needs a key (jg.random.key)")
+        if len(x.shape) == 2:
+            side = self.side(x.shape[1])
+            x = reshape(x, (x.shape[0], self.in_channels, side, side))
+        for i, (_, _, pad) in enumerate(self.convs):
+            x = relu(conv2d(x, params[f"conv{i}_w"], params[f"conv{i}_b"], padding=pad))
+            x = max_pool2d(x, 2)
+        x = reshape(x, (x.shape[0], -1))
+        n_fc = len(self.hidden) + 1
+        for i in range(n_fc):
+            if dropout_rate:
+                x = dropout(random.fold_in(key, i), x, dropout_rate)
+            x = linear(params[f"fc{i}_W"], params[f"fc{i}_b"], x)
+            if i < n_fc - 1:
+                x = relu(x)
+        return x
+
+    def loss(self, params: dict[str, Any], x: Any, y: Any, *, dropout_rate: float = 0.0,
+             key: Any = None) -> Any:
+        """Mean softmax cross-entropy of the logits on (x, y)."""
+        return softmax_cross_entropy(self.apply(params, x, dropout_rate=dropout_rate, key=key),
+                                     y)
+
+
+# The digits conv net (8×8 inputs; any square input works), LeNet-5 (28×28, relu and
+# max-pooling), and the wider net of the benchmarks (3×3 convs of 32 and 64 channels).
+DIGITS_CNN = ConvNet("cnn", ((16, 3, 1), (32, 3, 1)))
+LENET5 = ConvNet("lenet5", ((6, 5, 2), (16, 5, 0)), (120, 84))
+WIDE_CNN = ConvNet("wide_cnn", ((32, 3, 1), (64, 3, 1)))
+CNN_MODELS = {m.name: m for m in (DIGITS_CNN, LENET5, WIDE_CNN)}

@@ -1,4 +1,5 @@
-"""The training recipe behind ``jitgrad train``: an MLP classifier trained with one
+"""The training recipe behind ``jitgrad train``: a classifier (an MLP, or a conv net:
+models.MODELS) trained with one
 compiled program per step (forward, backward and optimizer update), evaluated after
 every epoch, checkpointed atomically, optionally data-parallel over MPI ranks.
 
@@ -26,8 +27,9 @@ from ..errors import JitgradError
 from ..frontend import random
 from ..frontend.api import jit
 from ..tools.options import format_bytes
-from . import checkpoint_io, nn, optim
+from . import checkpoint_io, optim
 from .data import Dataset, batches_per_epoch, check_labels, load_dataset, minibatches
+from .models import MODELS
 from .train import TrainStep, train_step
 
 # ------------------------------------------------------------------------------ config
@@ -55,8 +57,9 @@ class TrainConfig:
     optimizer's default (OPTIMIZER_DEFAULTS)."""
 
     data: str | None = None
+    model: str = "mlp"
     hidden: tuple[int, ...] = (512,)
-    epochs: int = 40
+    epochs: int | None = None  # None: the model's (models.MODELS)
     batch_size: int = 32
     lr: float | None = None
     optimizer: str = "sgd"
@@ -73,14 +76,18 @@ class TrainConfig:
     dropout: float = 0.0
 
     def resolved(self) -> TrainConfig:
-        """A copy with optimizer-dependent defaults filled in and every field validated."""
+        """A copy with model- and optimizer-dependent defaults filled in and every field
+        validated."""
         if self.optimizer not in OPTIMIZER_DEFAULTS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: use one of "
                              f"{', '.join(OPTIMIZER_DEFAULTS)}")
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}: use one of {', '.join(MODELS)}")
         d = OPTIMIZER_DEFAULTS[self.optimizer]
         cfg = dataclasses.replace(
             self, hidden=tuple(int(h) for h in self.hidden),
-            lr=d["lr"] if self.lr is None else float(self.lr),
+            epochs=MODELS[self.model].epochs if self.epochs is None else self.epochs,
+            lr=default_lr(self) if self.lr is None else float(self.lr),
             weight_decay=d["weight_decay"] if self.weight_decay is None
             else float(self.weight_decay))
         checks = [
@@ -147,6 +154,13 @@ def _json_fits(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+def default_lr(cfg: TrainConfig) -> float:
+    """The learning rate without --lr: the model's tuned one, else the optimizer's."""
+    model = MODELS.get(cfg.model)
+    tuned = model.lr if model is not None else {}
+    return tuned.get(cfg.optimizer, OPTIMIZER_DEFAULTS[cfg.optimizer]["lr"])
+
+
 def scale_default_lr(cfg: TrainConfig, n_ranks: int) -> TrainConfig:
     """Without an explicit --lr, scale the default learning rate to a global batch N
     times larger: linearly for SGD (Goyal et al. 2017, "Accurate, Large Minibatch SGD"),
@@ -158,7 +172,7 @@ def scale_default_lr(cfg: TrainConfig, n_ranks: int) -> TrainConfig:
     if n_ranks <= 1 or cfg.lr is not None or cfg.optimizer not in OPTIMIZER_DEFAULTS:
         return cfg
     factor = n_ranks if cfg.optimizer == "sgd" else math.sqrt(n_ranks)
-    return dataclasses.replace(cfg, lr=OPTIMIZER_DEFAULTS[cfg.optimizer]["lr"] * factor)
+    return dataclasses.replace(cfg, lr=default_lr(cfg) * factor)
 
 
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> optim.Optimizer:
@@ -224,14 +238,6 @@ def check_dataset(ds: Dataset, batch_size: int) -> None:
                          f"({len(ds.x_train)} examples)")
 
 
-def _mlp_loss(params: dict[str, Any], x: Any, y: Any) -> Any:
-    return nn.mlp_loss(params, x, y)
-
-
-def _mlp_logits(params: dict[str, Any], x: Any) -> Any:
-    return nn.mlp_apply(params, x)
-
-
 def evaluate(forward: Callable[..., Any], params: Any, x: np.ndarray, y: np.ndarray,
              batch_size: int) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``forward(params, x)`` logits over (x, y).
@@ -283,7 +289,8 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
                  on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
                  resume_data: tuple[Any, Any, dict[str, Any]] | None = None,
                  comm: Any = None) -> TrainResult:
-    """Train an MLP as ``cfg`` says; print per-epoch lines to ``out`` (None: silent).
+    """Train ``cfg.model`` (models.MODELS) as ``cfg`` says; print per-epoch lines to
+    ``out`` (None: silent).
 
     With an MPI communicator ``comm``, training is data-parallel over its ranks
     (jitgrad.distributed): ``cfg.batch_size`` is per rank, each rank reads its own
@@ -314,8 +321,10 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
     steps_per_epoch = batches_per_epoch(len(ds.x_train), global_batch)
     total_steps = steps_per_epoch * cfg.epochs
 
-    sizes = [ds.n_features, *cfg.hidden, ds.n_classes]
-    params = nn.mlp_init(sizes, np.random.default_rng(cfg.seed), dtype)
+    model = MODELS[cfg.model]
+    sizes = model.sizes(ds.n_features, ds.n_classes, cfg.hidden)
+    params = model.init(ds.n_features, ds.n_classes, cfg.hidden,
+                        np.random.default_rng(cfg.seed), dtype)
     opt = make_optimizer(cfg, total_steps)
     jit_options: dict[str, Any] = {}
     if cfg.precision != "f32":
@@ -326,9 +335,9 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
         jit_options["memory_budget"] = cfg.memory_budget
     if comm is not None:
         jit_options["comm"] = comm
-    loss_fn: Callable[..., Any] = _mlp_loss
+    loss_fn: Callable[..., Any] = model.loss
     if cfg.dropout:  # a key per step (fold_in(key, t)): saved, so a resume is exact
-        loss_fn = functools.partial(nn.mlp_loss, dropout_rate=cfg.dropout)
+        loss_fn = functools.partial(model.loss, dropout_rate=cfg.dropout)
         jit_options["key"] = random.key(cfg.seed)
     step = train_step(loss_fn, params, opt, **jit_options)
     if resume_data is not None:
@@ -338,7 +347,7 @@ def run_training(cfg: TrainConfig, *, resume: str | os.PathLike[str] | None = No
         if comm is not None:
             step.broadcast()  # every rank continues from rank 0's copy
     # evaluated under the policy it was trained with, as an autocast model is served
-    forward = jit(_mlp_logits, precision=jit_options.get("precision"))
+    forward = jit(model.logits, precision=jit_options.get("precision"))
 
     def evaluate_test() -> tuple[float, float]:
         if comm is None or n_ranks == 1:

@@ -4,12 +4,14 @@ from ..core import registry
 from . import (
            bf16_gemm,
            contract,
+           conv,
            diagonal,
            elementwise,
            layout,
            linalg,
            maths,
            nn,
+           pool,
            precision,
            random,
            reduce,
@@ -17,5 +19,5 @@ from . import (
            sort,
 )
 
-__all__ = ["registry", "bf16_gemm", "contract", "diagonal", "elementwise", "layout", "linalg",
-           "maths", "nn", "precision", "random", "reduce", "shape", "sort"]
+__all__ = ["registry", "bf16_gemm", "contract", "conv", "diagonal", "elementwise", "layout",
+           "linalg", "maths", "nn", "pool", "precision", "random", "reduce", "shape", "sort"]

@@ -1,0 +1,660 @@
+"""2-d convolution (NCHW activations, OIHW weights, as torch.nn.functional.conv2d) and its
+two gradients, each a primitive with its own VJP, so second derivatives are convolutions too.
+
+- `conv2d(x, w[, b])`: y = x ⋆ w (+ b per output channel; relu optionally applied in the
+  same pass, see `_absorb_relu`);
+- `conv2d_input_grad(g, w)`: the adjoint in x (a transposed convolution);
+- `conv2d_weight_grad(x, g)`: the adjoint in w.
+
+The three are linear in each argument, and each is the others' adjoint:
+<conv(x, w), g> = <x, input_grad(g, w)> = <w, weight_grad(x, g)>, which gives every VJP.
+
+Compiled, a convolution is GEMM over im2col: a chunk of images is unrolled into a
+channel-major (C·KH·KW, images·OH·OW) matrix in arena scratch (the planner sizes it and
+frees it after the call), the weight of each group multiplies it through BLAS, and the
+(O, images·OH·OW) product is copied into NCHW by an epilogue that adds the bias and applies
+relu while it is in cache. The gradients use the same unrolling: the input gradient is
+GEMM then col2im (a scatter-add per (image, channel) plane, so threads never share an
+output), the weight gradient GEMM accumulating over the chunks (beta = 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+from numba import prange
+
+from ...compiler.cache import njit
+from ...compiler.kernels import FLOATS, Kernel
+from ...errors import JitgradError
+from ..core import Tracer, primitive, with_user_loc
+from ..ir import Var
+from . import elementwise as E
+from . import reduce as R
+from . import shape as S
+from .linalg import _xxgemm
+
+# ---------------------------------------------------------------- geometry
+
+
+def pair(value: Any, what: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum, as a pair (torch's `_pair`)."""
+    vals = (value, value) if isinstance(value, (int, np.integer)) else tuple(value) \
+        if isinstance(value, (tuple, list)) else None
+    if vals is None or len(vals) != 2 or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in vals):
+        raise JitgradError(f"{what} must be an int or a pair of ints, got {value!r}")
+    if min(vals) < minimum:
+        raise JitgradError(f"{what} must be >= {minimum}, got {value!r}")
+    return int(vals[0]), int(vals[1])
+
+
+def out_size(size: int, pad_lo: int, pad_hi: int, kernel: int, stride: int,
+             dilation: int) -> int:
+    """Output length along one axis; < 1 when the (dilated) kernel exceeds the padded input."""
+    return (size + pad_lo + pad_hi - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _check_float(name: str, aval) -> None:
+    if aval[1] not in (np.float32, np.float64):
+        raise JitgradError(f"{name} must be float32 or float64, got {aval[1]}")
+
+
+def _check_4d(name: str, shape: tuple[int, ...], layout: str) -> None:
+    if len(shape) != 4:
+        raise JitgradError(f"{name} must be 4-d ({layout}), got shape {shape}")
+
+
+def _geometry(xshape, wshape, stride, padding, dilation, groups) -> tuple[int, int]:
+    """(OH, OW) of a convolution, after checking channels, groups and sizes."""
+    n, c, h, w = xshape
+    o, cg, kh, kw = wshape
+    if c % groups or cg * groups != c:
+        raise JitgradError(f"input has {c} channels but the weight {wshape} with groups="
+                           f"{groups} expects {cg * groups} (weight.shape[1] * groups)")
+    if o % groups:
+        raise JitgradError(f"the weight's {o} output channels are not divisible by groups="
+                           f"{groups}")
+    if min(kh, kw) < 1:
+        raise JitgradError(f"the weight {wshape} has an empty kernel")
+    pt, pb, pl, pr = padding
+    oh = out_size(h, pt, pb, kh, stride[0], dilation[0])
+    ow = out_size(w, pl, pr, kw, stride[1], dilation[1])
+    if oh < 1 or ow < 1:
+        eff = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+        raise JitgradError(f"the kernel {eff[0]}x{eff[1]} (dilated) is larger than the padded "
+                           f"input {h + pt + pb}x{w + pl + pr}")
+    return oh, ow
+
+
+# ---------------------------------------------------------------- numpy references
+
+def _padded(x: np.ndarray, padding) -> np.ndarray:
+    pt, pb, pl, pr = padding
+    return np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+
+
+def _windows(xp: np.ndarray, k, stride, dilation, out) -> np.ndarray:
+    """View (N, C, KH, KW, OH, OW) of a padded input: the input of every output at every
+    kernel tap."""
+    sn, sc, sh, sw = xp.strides
+    shape = xp.shape[:2] + tuple(k) + tuple(out)
+    strides = (sn, sc, sh * dilation[0], sw * dilation[1], sh * stride[0], sw * stride[1])
+    return np.lib.stride_tricks.as_strided(xp, shape, strides, writeable=False)
+
+
+def _by_group(a: np.ndarray, groups: int) -> np.ndarray:
+    return a.reshape(a.shape[0], groups, a.shape[1] // groups, *a.shape[2:])
+
+
+def _conv_ref(x, w, stride, padding, dilation, groups):
+    out = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
+    win = _by_group(_windows(_padded(x, padding), w.shape[2:], stride, dilation, out), groups)
+    wg = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])
+    y = np.einsum("ngcklij,gockl->ngoij", win, wg, optimize=True)
+    return y.reshape(x.shape[0], w.shape[0], *out)
+
+
+def _input_grad_ref(g, w, hw, stride, padding, dilation, groups):
+    n, o, oh, ow = g.shape
+    pt, pb, pl, pr = padding
+    c = w.shape[1] * groups
+    gp = np.zeros((n, c, hw[0] + pt + pb, hw[1] + pl + pr), g.dtype)
+    gg = _by_group(g, groups)
+    wg = w.reshape(groups, o // groups, *w.shape[1:])
+    for kh in range(w.shape[2]):
+        for kw in range(w.shape[3]):
+            part = np.einsum("ngoij,goc->ngcij", gg, wg[:, :, :, kh, kw]).reshape(n, c, oh, ow)
+            h0, w0 = kh * dilation[0], kw * dilation[1]
+            gp[:, :, h0:h0 + stride[0] * (oh - 1) + 1:stride[0],
+               w0:w0 + stride[1] * (ow - 1) + 1:stride[1]] += part
+    return gp[:, :, pt:pt + hw[0], pl:pl + hw[1]]
+
+
+def _weight_grad_ref(x, g, k, stride, padding, dilation, groups):
+    out = g.shape[2:]
+    win = _by_group(_windows(_padded(x, padding), k, stride, dilation, out), groups)
+    gw = np.einsum("ngcklij,ngoij->gockl", win, _by_group(g, groups), optimize=True)
+    return gw.reshape(g.shape[1], x.shape[1] // groups, *k)
+
+
+# ---------------------------------------------------------------- primitives
+
+conv2d_p = primitive("conv2d", "conv")
+conv2d_input_grad_p = primitive("conv2d_input_grad", "conv")
+conv2d_weight_grad_p = primitive("conv2d_weight_grad", "conv")
+CONVS = (conv2d_p, conv2d_input_grad_p, conv2d_weight_grad_p)
+
+
+def _check_pair(a, b, names: str) -> None:
+    for name, aval in zip(names.split(), (a, b), strict=True):
+        _check_float(name, aval)
+    if a[1] != b[1]:
+        raise JitgradError(f"{names.split()[0]} is {a[1]} but {names.split()[1]} is {b[1]}")
+
+
+@conv2d_p.def_shape
+def _conv_shape(x, w, *bias, stride, padding, dilation, groups, relu):
+    _check_4d("input", x[0], "N, C, H, W")
+    _check_4d("weight", w[0], "out_channels, in_channels / groups, kH, kW")
+    _check_pair(x, w, "input weight")
+    out = _geometry(x[0], w[0], stride, padding, dilation, groups)
+    if bias:
+        (bshape, bdtype), = bias
+        if bshape != w[0][:1]:
+            raise JitgradError(f"bias must have shape ({w[0][0]},) (one per output channel), "
+                               f"got {bshape}")
+        if bdtype != x[1]:
+            raise JitgradError(f"bias is {bdtype} but input is {x[1]}")
+    return (x[0][0], w[0][0], *out), x[1]
+
+
+@conv2d_input_grad_p.def_shape
+def _input_grad_shape(g, w, *, hw, stride, padding, dilation, groups):
+    _check_pair(g, w, "gradient weight")
+    n, o, oh, ow = g[0]
+    c = w[0][1] * groups
+    if (oh, ow) != _geometry((n, c, *hw), w[0], stride, padding, dilation, groups) \
+            or o != w[0][0]:
+        raise JitgradError(f"gradient {g[0]} does not match a convolution of a {hw} input "
+                           f"with weight {w[0]}")
+    return (n, c, *hw), g[1]
+
+
+@conv2d_weight_grad_p.def_shape
+def _weight_grad_shape(x, g, *, k, stride, padding, dilation, groups):
+    _check_pair(x, g, "input gradient")
+    n, c = x[0][:2]
+    o = g[0][1]
+    wshape = (o, c // groups, *k)
+    if g[0] != (n, o, *_geometry(x[0], wshape, stride, padding, dilation, groups)):
+        raise JitgradError(f"gradient {g[0]} does not match a convolution of {x[0]} with a "
+                           f"{wshape} weight")
+    return wshape, x[1]
+
+
+def _geom(kw: dict[str, Any]) -> dict[str, Any]:
+    return {k: kw[k] for k in ("stride", "padding", "dilation", "groups")}
+
+
+@conv2d_p.def_impl
+def _conv_impl(x, w, *bias, relu, **geom):
+    y = _conv_ref(x, w, **geom)
+    if bias:
+        y = y + bias[0][None, :, None, None]
+    return np.maximum(y, 0) if relu else y
+
+
+conv2d_input_grad_p.def_impl(lambda g, w, *, hw, **geom: _input_grad_ref(g, w, hw, **geom))
+conv2d_weight_grad_p.def_impl(lambda x, g, *, k, **geom: _weight_grad_ref(x, g, k, **geom))
+
+
+def _input_grad(g, w, hw, geom):
+    return conv2d_input_grad_p.bind(g, w, hw=tuple(hw), **geom)
+
+
+def _weight_grad(x, g, k, geom):
+    return conv2d_weight_grad_p.bind(x, g, k=tuple(k), **geom)
+
+
+def _conv(x, w, geom):
+    return conv2d_p.bind(x, w, relu=False, **geom)
+
+
+@conv2d_p.def_vjp
+def _conv_vjp(cts, outs, ins, *, relu, **geom):
+    x, w = ins[:2]
+    g = E.where(outs[0] > 0, cts[0], 0.0) if relu else cts[0]
+    grads = [_input_grad(g, w, x.shape[2:], geom), _weight_grad(x, g, w.shape[2:], geom)]
+    if len(ins) == 3:
+        grads.append(R.sum(g, axis=(0, 2, 3)))
+    return grads
+
+
+@conv2d_input_grad_p.def_vjp
+def _input_grad_vjp(cts, outs, ins, *, hw, **geom):
+    g, w = ins
+    return [_conv(cts[0], w, geom), _weight_grad(cts[0], g, w.shape[2:], geom)]
+
+
+@conv2d_weight_grad_p.def_vjp
+def _weight_grad_vjp(cts, outs, ins, *, k, **geom):
+    x, g = ins
+    return [_input_grad(g, cts[0], x.shape[2:], geom), _conv(x, cts[0], geom)]
+
+
+# ---------------------------------------------------------------- the user's function
+
+def conv2d(x: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+           dilation: Any = 1, groups: int = 1) -> Any:
+    """torch.nn.functional.conv2d: x (N, C, H, W) or (C, H, W), weight (O, C / groups, kH,
+    kW), bias (O,) or None; stride, padding, dilation an int or a pair; padding also
+    "valid" (0) or "same" (output as large as the input; stride 1 only, as in torch)."""
+    x = x if isinstance(x, Tracer) else np.asarray(x)
+    weight = weight if isinstance(weight, Tracer) else np.asarray(weight)
+    if x.ndim == 3:  # unbatched, as torch allows
+        y = conv2d(S.reshape(x, (1, *x.shape)), weight, bias, stride, padding, dilation,
+                   groups)
+        return S.reshape(y, y.shape[1:])
+    try:  # argument errors name the caller's line, as shape errors do
+        if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+            raise JitgradError(f"conv2d: groups must be a positive int, got {groups!r}")
+        stride = pair(stride, "conv2d: stride", 1)
+        dilation = pair(dilation, "conv2d: dilation", 1)
+        if weight.ndim != 4:
+            raise JitgradError(f"conv2d: weight must be 4-d (out_channels, in_channels / groups, "
+                               f"kH, kW), got shape {weight.shape}")
+        if isinstance(padding, str):
+            if padding == "valid":
+                pads = (0, 0, 0, 0)
+            elif padding == "same":
+                if stride != (1, 1):
+                    raise JitgradError("conv2d: padding='same' is not supported for strided "
+                                       "convolutions (as in torch)")
+                # torch puts the odd element of an even total at the end
+                th, tw = (d * (k - 1) for d, k in zip(dilation, weight.shape[2:], strict=True))
+                pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+            else:
+                raise JitgradError(f"conv2d: padding must be an int, a pair, 'valid' or 'same', "
+                                   f"got {padding!r}")
+        else:
+            ph, pw = pair(padding, "conv2d: padding", 0)
+            pads = (ph, ph, pw, pw)
+    except JitgradError as e:
+        raise with_user_loc(e) from None
+    args = (x, weight) if bias is None else (x, weight, bias)
+    return conv2d_p.bind(*args, stride=stride, padding=pads, dilation=dilation,
+                         groups=int(groups), relu=False)
+
+
+# ---------------------------------------------------------------- compiling
+
+# Images per im2col chunk: the unrolled matrix stays about this many elements, so it is
+# reused from cache by GEMM and the arena does not hold a whole batch's unrolling.
+CHUNK_ELEMENTS = 1 << 19
+
+
+def chunk_images(n: int, c: int, k: tuple[int, int], out: tuple[int, int]) -> int:
+    per_image = out[0] * out[1] * c * k[0] * k[1]
+    return max(1, min(n, CHUNK_ELEMENTS // max(per_image, 1)))
+
+
+@njit(cache=True)
+def strided_gemm(like, pa, lda, pb, ldb, pc, ldc, m, n, k, ta, tb, beta):
+    """Row-major C (m×n, row stride ldc) = op(A)·op(B) + beta·C, A and B at addresses with
+    row strides lda and ldb: every GEMM of the convolutions goes through here (a row block
+    of a matrix is a group's operand)."""
+    if m == 0 or n == 0:
+        return 0
+    # row-major C = op(A)·op(B) is column-major C^T = op(B)^T·op(A)^T
+    return _xxgemm(like, tb, ta, n, m, k, pb, ldb, pa, lda, pc, ldc, beta)
+
+
+# The unrolled chunk is channel-major: col[(c, kh, kw), (i, oh, ow)] (K rows of nb·P
+# columns), so each tap's row is a shifted copy of input rows, the forward product
+# W·col is (O, nb·P) and lands in NCHW by contiguous copies, and the loops below run along
+# output columns (contiguous) rather than along the few taps of a kernel.
+# Below this many elements moved, a loop runs on one thread: interleaving Numba's parallel
+# regions with BLAS's threads made a step 10-100x slower on this 2-core machine (the two
+# pools' spinning threads take each other's cores; NUMBA_NOTES.md: threads need one owner),
+# while these loops move memory the GEMMs then reuse.
+PARALLEL_MIN = 1 << 22
+
+
+@njit(inline="always")
+def _valid(lo_pad, k_off, stride, size, n_out):
+    """[first, last) outputs whose input index o·stride - lo_pad + k_off is in [0, size)."""
+    start = lo_pad - k_off
+    first = 0 if start <= 0 else (start + stride - 1) // stride
+    last = (size - 1 + lo_pad - k_off) // stride + 1 if size - 1 + lo_pad - k_off >= 0 else 0
+    return min(first, n_out), max(min(last, n_out), min(first, n_out))
+
+
+@njit(inline="always")
+def _im2col_tap(x, col, n0, t, nb, d):
+    """Row (c, kh, kw) of col for image n0 + t % nb."""
+    kh_, kw_, oh_, ow_ = d[5], d[6], d[7], d[8]
+    sh, sw, pt, pl, dh, dw = d[9], d[10], d[11], d[13], d[15], d[16]
+    h, w = x.shape[2], x.shape[3]
+    k, i = t // nb, t % nb
+    c, kh, kw = k // (kh_ * kw_), (k // kw_) % kh_, k % kw_
+    row = col[k]
+    base = i * oh_ * ow_
+    lo, hi = _valid(pl, kw * dw, sw, w, ow_)
+    for oh in range(oh_):
+        ih = oh * sh - pt + kh * dh
+        seg = base + oh * ow_
+        if ih < 0 or ih >= h:
+            for ow in range(ow_):
+                row[seg + ow] = 0
+            continue
+        src = x[n0 + i, c, ih]
+        for ow in range(lo):
+            row[seg + ow] = 0
+        off = kw * dw - pl
+        for ow in range(lo, hi):
+            row[seg + ow] = src[ow * sw + off]
+        for ow in range(hi, ow_):
+            row[seg + ow] = 0
+
+
+@njit(cache=True, parallel=True)
+def im2col(x, col, n0, nb, d):
+    """col[(c, kh, kw), (i, oh, ow)] = padded x[n0 + i, c, oh·s + kh·dil, ow·s + kw·dil]."""
+    n = col.shape[0] * nb
+    if n * d[7] * d[8] < PARALLEL_MIN:
+        for t in range(n):
+            _im2col_tap(x, col, n0, t, nb, d)
+    else:
+        for t in prange(n):
+            _im2col_tap(x, col, n0, t, nb, d)
+    return 0
+
+
+@njit(inline="always")
+def _col2im_plane(gcol, gx, n0, t, d):
+    """gx[n0 + i, c] from the rows (c, ·, ·) of gcol: each (image, channel) plane is one
+    iteration's own."""
+    _, c_in, h, w = gx.shape
+    kh_, kw_, oh_, ow_ = d[5], d[6], d[7], d[8]
+    sh, sw, pt, pl, dh, dw = d[9], d[10], d[11], d[13], d[15], d[16]
+    i, c = t // c_in, t % c_in
+    plane = gx[n0 + i, c]
+    for ih in range(h):  # a loop, not plane[:] = 0: that would be a parallel region of its own
+        for iw in range(w):
+            plane[ih, iw] = 0
+    base = i * oh_ * ow_
+    for kh in range(kh_):
+        for kw in range(kw_):
+            row = gcol[(c * kh_ + kh) * kw_ + kw]
+            lo, hi = _valid(pl, kw * dw, sw, w, ow_)
+            off = kw * dw - pl
+            for oh in range(oh_):
+                ih = oh * sh - pt + kh * dh
+                if ih < 0 or ih >= h:
+                    continue
+                dst = plane[ih]
+                seg = base + oh * ow_
+                for ow in range(lo, hi):
+                    dst[ow * sw + off] += row[seg + ow]
+
+
+@njit(cache=True, parallel=True)
+def col2im(gcol, gx, n0, nb, d):
+    """gx[n0 + i] = the sum of gcol's entries over the taps reading each input element
+    (im2col's adjoint)."""
+    n = nb * gx.shape[1]
+    if gcol.size < PARALLEL_MIN:
+        for t in range(n):
+            _col2im_plane(gcol, gx, n0, t, d)
+    else:
+        for t in prange(n):
+            _col2im_plane(gcol, gx, n0, t, d)
+    return 0
+
+
+@njit(inline="always")
+def _epilogue_plane(yt, y, b, n0, t, nb, has_bias, relu, zero):
+    o, i = t // nb, t % nb
+    p_ = y.shape[2] * y.shape[3]
+    plane = y[n0 + i, o].reshape(p_)
+    src = yt[o]
+    bias = b[o] if has_bias else zero
+    base = i * p_
+    for p in range(p_):
+        v = src[base + p] + bias
+        if relu and v < zero:  # NaN passes, as numpy's maximum lets it
+            v = zero
+        plane[p] = v
+
+
+@njit(cache=True, parallel=True)
+def product_to_nchw(yt, y, b, n0, nb, has_bias, relu, zero):
+    """y[n0 + i, o] = yt[o, i·P:(i+1)·P] (+ b[o], relu): the GEMM's (O, nb·P) product laid
+    out as NCHW, bias and activation applied while the product is in cache."""
+    n = nb * y.shape[1]
+    if n * y.shape[2] * y.shape[3] < PARALLEL_MIN:
+        for t in range(n):
+            _epilogue_plane(yt, y, b, n0, t, nb, has_bias, relu, zero)
+    else:
+        for t in prange(n):
+            _epilogue_plane(yt, y, b, n0, t, nb, has_bias, relu, zero)
+    return 0
+
+
+@njit(inline="always")
+def _gather_plane(g, gt, n0, t, nb):
+    o, i = t // nb, t % nb
+    p_ = g.shape[2] * g.shape[3]
+    plane = g[n0 + i, o].reshape(p_)
+    dst = gt[o]
+    for p in range(p_):
+        dst[i * p_ + p] = plane[p]
+
+
+@njit(cache=True, parallel=True)
+def nchw_to_product(g, gt, n0, nb):
+    """gt[o, i·P:(i+1)·P] = g[n0 + i, o]: a gradient as GEMM's (O, nb·P) operand."""
+    n = nb * g.shape[1]
+    if n * g.shape[2] * g.shape[3] < PARALLEL_MIN:
+        for t in range(n):
+            _gather_plane(g, gt, n0, t, nb)
+    else:
+        for t in prange(n):
+            _gather_plane(g, gt, n0, t, nb)
+    return 0
+
+
+@njit(cache=True)
+def conv_forward(x, w, b, y, col, yt, d, has_bias, relu, zero):
+    """y = conv(x, w) (+ b, relu) by chunks of images: im2col, one GEMM per group
+    (W_g · col_g), epilogue. d: the geometry (see _meta)."""
+    n_, c_ = x.shape[0], x.shape[1]
+    o_, groups, chunk = w.shape[0], d[17], d[18]
+    cg, og = c_ // groups, o_ // groups
+    kk = d[5] * d[6]
+    p_ = d[7] * d[8]
+    ld = chunk * p_
+    size = x.itemsize
+    for n0 in range(0, n_, chunk):
+        nb = min(chunk, n_ - n0)
+        im2col(x, col, n0, nb, d)
+        for g in range(groups):
+            strided_gemm(y, w.ctypes.data + g * og * cg * kk * size, cg * kk,
+                         col.ctypes.data + g * cg * kk * ld * size, ld,
+                         yt.ctypes.data + g * og * ld * size, ld, og, nb * p_, cg * kk,
+                         False, False, 0.0)
+        product_to_nchw(yt, y, b, n0, nb, has_bias, relu, zero)
+    return 0
+
+
+@njit(cache=True)
+def conv_input_grad(g, w, gx, gt, gcol, d):
+    """gx = col2im(W_gᵀ · g_g) by chunks: the gradient as (O, rows), one GEMM per group,
+    col2im."""
+    n_, c_ = gx.shape[0], gx.shape[1]
+    o_, groups, chunk = w.shape[0], d[17], d[18]
+    cg, og = c_ // groups, o_ // groups
+    kk = d[5] * d[6]
+    p_ = d[7] * d[8]
+    ld = chunk * p_
+    size = g.itemsize
+    for n0 in range(0, n_, chunk):
+        nb = min(chunk, n_ - n0)
+        nchw_to_product(g, gt, n0, nb)
+        for grp in range(groups):
+            strided_gemm(g, w.ctypes.data + grp * og * cg * kk * size, cg * kk,
+                         gt.ctypes.data + grp * og * ld * size, ld,
+                         gcol.ctypes.data + grp * cg * kk * ld * size, ld,
+                         cg * kk, nb * p_, og, True, False, 0.0)
+        col2im(gcol, gx, n0, nb, d)
+    return 0
+
+
+@njit(cache=True)
+def conv_weight_grad(x, g, gw, col, gt, d):
+    """gw = Σ over chunks of g_g · col_gᵀ, one GEMM per group accumulating (beta = 1) after
+    the first chunk."""
+    n_, c_ = x.shape[0], x.shape[1]
+    o_, groups, chunk = gw.shape[0], d[17], d[18]
+    cg, og = c_ // groups, o_ // groups
+    kk = d[5] * d[6]
+    p_ = d[7] * d[8]
+    ld = chunk * p_
+    size = x.itemsize
+    if n_ == 0 or p_ == 0:
+        for i in range(gw.shape[0]):
+            gw[i] = 0
+        return 0
+    for n0 in range(0, n_, chunk):
+        nb = min(chunk, n_ - n0)
+        im2col(x, col, n0, nb, d)
+        nchw_to_product(g, gt, n0, nb)
+        for grp in range(groups):
+            strided_gemm(x, gt.ctypes.data + grp * og * ld * size, ld,
+                         col.ctypes.data + grp * cg * kk * ld * size, ld,
+                         gw.ctypes.data + grp * og * cg * kk * size, cg * kk,
+                         og, cg * kk, nb * p_, False, True, 0.0 if n0 == 0 else 1.0)
+    return 0
+
+
+_VIEWS = (
+    "d = carray(_vp(pmeta), nmeta, np.int64)\n"
+    "x4 = (d[0], d[1], d[2], d[3])\n"
+    "w4 = (d[4], d[1] // d[17], d[5], d[6])\n"
+    "y4 = (d[0], d[4], d[7], d[8])\n"
+    "cols = d[18] * d[7] * d[8]\n"
+    "kc = d[1] * d[5] * d[6]\n")
+CONV_FORWARD = Kernel("conv2d", "px pw pb py pcol pyt pmeta nmeta has_bias relu", _VIEWS + (
+    "return K.conv_forward(carray(_vp(px), x4, {dt}), carray(_vp(pw), w4, {dt}), "
+    "carray(_vp(pb), d[4] if has_bias else 0, {dt}), carray(_vp(py), y4, {dt}), "
+    "carray(_vp(pcol), (kc, cols), {dt}), carray(_vp(pyt), (d[4], cols), {dt}), d, "
+    "has_bias, relu, {dt}(0))"), FLOATS, uses_blas=True)
+CONV_INPUT_GRAD = Kernel("conv2d_input_grad", "pg pw pgx pgt pgcol pmeta nmeta", _VIEWS + (
+    "return K.conv_input_grad(carray(_vp(pg), y4, {dt}), carray(_vp(pw), w4, {dt}), "
+    "carray(_vp(pgx), x4, {dt}), carray(_vp(pgt), (d[4], cols), {dt}), "
+    "carray(_vp(pgcol), (kc, cols), {dt}), d)"), FLOATS, uses_blas=True)
+CONV_WEIGHT_GRAD = Kernel("conv2d_weight_grad", "px pg pgw pcol pgt pmeta nmeta", _VIEWS + (
+    "return K.conv_weight_grad(carray(_vp(px), x4, {dt}), carray(_vp(pg), y4, {dt}), "
+    "carray(_vp(pgw), w4, {dt}), carray(_vp(pcol), (kc, cols), {dt}), "
+    "carray(_vp(pgt), (d[4], cols), {dt}), d)"), FLOATS, uses_blas=True)
+
+
+def _meta(low, xshape, wshape, out, kw) -> tuple[Any, int, int]:
+    """The geometry block every convolution kernel reads: N C H W O KH KW OH OW, stride,
+    padding (top bottom left right), dilation, groups, images per chunk; and that chunk."""
+    n, c = xshape[:2]
+    chunk = chunk_images(n, c, wshape[2:], out)
+    addr, length = low.meta_block([*xshape, wshape[0], *wshape[2:], *out, *kw["stride"],
+                                   *kw["padding"], *kw["dilation"], kw["groups"], chunk])
+    return addr, length, chunk
+
+
+def _scratch(dtype, xshape, wshape, out, chunk) -> tuple[Var, Var]:
+    """The unrolled chunk (C·KH·KW, chunk·OH·OW) and the product (O, chunk·OH·OW): arena
+    scratch."""
+    cols = chunk * out[0] * out[1]
+    return (Var((xshape[1] * wshape[2] * wshape[3], cols), dtype),
+            Var((wshape[0], cols), dtype))
+
+
+@conv2d_p.def_lowering
+def _lower_conv(low, ins) -> None:
+    x, w = ins.inputs[:2]
+    b = ins.inputs[2] if len(ins.inputs) == 3 else None
+    y = ins.outputs[0]
+    meta, nmeta, chunk = _meta(low, x.shape, w.shape, y.shape[2:], ins.kw)
+    col, yt = _scratch(x.dtype, x.shape, w.shape, y.shape[2:], chunk)
+    low.call(CONV_FORWARD, x.dtype, [x, w, 0 if b is None else b, y, col, yt, meta, nmeta,
+                                     int(b is not None), int(ins.kw["relu"])],
+             [y, col, yt], list(ins.inputs), ins)
+
+
+@conv2d_input_grad_p.def_lowering
+def _lower_input_grad(low, ins) -> None:
+    g, w = ins.inputs
+    gx = ins.outputs[0]
+    meta, nmeta, chunk = _meta(low, gx.shape, w.shape, g.shape[2:], ins.kw)
+    gcol, gt = _scratch(g.dtype, gx.shape, w.shape, g.shape[2:], chunk)
+    low.call(CONV_INPUT_GRAD, g.dtype, [g, w, gx, gt, gcol, meta, nmeta], [gx, gt, gcol],
+             [g, w], ins)
+
+
+@conv2d_weight_grad_p.def_lowering
+def _lower_weight_grad(low, ins) -> None:
+    x, g = ins.inputs
+    gw = ins.outputs[0]
+    meta, nmeta, chunk = _meta(low, x.shape, gw.shape, g.shape[2:], ins.kw)
+    col, gt = _scratch(x.dtype, x.shape, gw.shape, g.shape[2:], chunk)
+    low.call(CONV_WEIGHT_GRAD, x.dtype, [x, g, gw, col, gt, meta, nmeta], [gw, col, gt],
+             [x, g], ins)
+
+
+def _conv_flops(ins) -> int:
+    """2·N·O·OH·OW·(C/groups)·KH·KW: the GEMM work, the same for the three."""
+    kw = ins.kw
+    if ins.prim is conv2d_p:
+        (n, _, oh, ow), (o, cg, kh, kwid) = ins.outputs[0].shape, ins.inputs[1].shape
+    elif ins.prim is conv2d_input_grad_p:
+        (n, o, oh, ow), (_, cg, kh, kwid) = ins.inputs[0].shape, ins.inputs[1].shape
+    else:
+        (n, o, oh, ow), (kh, kwid) = ins.inputs[1].shape, kw["k"]
+        cg = ins.inputs[0].shape[1] // kw["groups"]
+    return 2 * n * o * oh * ow * cg * kh * kwid
+
+
+def _conv_label(ins) -> str:
+    kw = ins.kw
+    parts = []
+    if kw["stride"] != (1, 1):
+        parts.append(f"stride {kw['stride'][0]},{kw['stride'][1]}")
+    if any(kw["padding"]):
+        parts.append("pad " + ",".join(map(str, kw["padding"])))
+    if kw["dilation"] != (1, 1):
+        parts.append(f"dilation {kw['dilation'][0]},{kw['dilation'][1]}")
+    if kw["groups"] != 1:
+        parts.append(f"groups {kw['groups']}")
+    if kw.get("relu"):
+        parts.append("+relu")
+    if ins.prim is conv2d_p and len(ins.inputs) == 3:
+        parts.append("+bias")
+    return " " + " ".join(parts) if parts else ""
+
+
+for _p in CONVS:
+    _p.def_cost(_conv_flops)
+    _p.def_label(_conv_label)
+
+
+@E.relu_p.def_simplify
+def _absorb_relu(ins, producer):
+    """relu(conv2d(...)) is the convolution with relu in its epilogue: one pass over the
+    output instead of two. (relu's VJP reads relu's result, which stays the same Var; the
+    convolution without relu is left for DCE unless something else reads it.)"""
+    src = producer.get(ins.inputs[0])
+    if src is None or src.prim is not conv2d_p or src.kw["relu"]:
+        return None
+    params = tuple(sorted(dict(src.kw, relu=True).items()))
+    return dataclasses.replace(ins, prim=conv2d_p, inputs=src.inputs, params=params)
