@@ -67,6 +67,7 @@ from .frontend.ops.maths import (  # the numpy surface (issue 16)
     square,
     tan,
 )
+from .frontend.ops.gelu import gelu
 from .frontend.ops.nn import softmax, softmax_cross_entropy
 from .frontend.ops.reduce import (
     argmax,
@@ -116,4 +117,6 @@ __all__ = [
     "cos", "cosh", "erf", "exp2", "expm1", "fmax", "fmin", "floor_divide", "hypot", "log1p",
     "log2", "log10", "logaddexp", "logaddexp2", "minimum", "remainder", "sin", "sinh",
     "square", "tan", "average", "cumsum", "min", "prod", "std", "var", "argsort", "sort",
+    # transformers (issue 21)
+    "gelu",
 ]

@@ -17,13 +17,17 @@ from numpy.typing import DTypeLike
 from ..errors import JitgradError
 from ..frontend import random
 from ..frontend.core import Tracer
+from ..frontend.ops.attention import masked_softmax, scaled_dot_product_attention
 from ..frontend.ops.elementwise import relu, tanh, where
+from ..frontend.ops.gelu import gelu
 from ..frontend.ops.nn import softmax_cross_entropy
+from ..frontend.ops.norm import layer_norm
 from ..frontend.ops.reduce import sum as _sum
 
 __all__ = [
-    "ACTIVATIONS", "accuracy", "dropout", "glorot_uniform", "he_normal", "linear", "mlp_apply",
-    "mlp_init", "mlp_loss", "num_layers",
+    "ACTIVATIONS", "accuracy", "dropout", "gelu", "glorot_uniform", "he_normal", "layer_norm",
+    "linear", "masked_softmax", "mlp_apply", "mlp_init", "mlp_loss", "num_layers",
+    "scaled_dot_product_attention",
 ]
 
 ACTIVATIONS = {f.__name__: f for f in (relu, tanh)}

@@ -2,18 +2,21 @@
 
 from ..core import registry
 from . import (
+           attention,
            contract,
            diagonal,
            elementwise,
+           gelu,
            layout,
            linalg,
            maths,
            nn,
+           norm,
            random,
            reduce,
            shape,
            sort,
 )
 
-__all__ = ["registry", "contract", "diagonal", "elementwise", "layout", "linalg", "maths", "nn",
-           "random", "reduce", "shape", "sort"]
+__all__ = ["registry", "attention", "contract", "diagonal", "elementwise", "gelu", "layout",
+           "linalg", "maths", "nn", "norm", "random", "reduce", "shape", "sort"]
