@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numba import prange
 
 from ...compiler.cache import njit
 from ...compiler.kernels import FLOATS, ITEM_SIZES, Kernel
@@ -410,15 +411,29 @@ def gather_rows(x, idx, y):
     return 0
 
 
-@njit(cache=True)
+SCATTER_COLUMNS = 16  # a block of columns per task: one 64-byte line of float32
+
+
+@njit(cache=True, parallel=True)
 def scatter_add_rows(g, idx, y):
-    n = y.shape[0]
-    y[:] = 0
-    for r in range(idx.size):
-        k = wrap_index(idx[r], n)
-        if k < 0:
+    """y[idx[r]] += g[r] for every r (an embedding's gradient). Threads split the columns,
+    not the updates: each element is summed over r in order, so the result is the same
+    on any number of threads, bit for bit, and no two threads write one element."""
+    n, width = y.shape
+    for r in range(idx.size):  # all indices checked before any thread starts
+        if wrap_index(idx[r], n) < 0:
             return r + 1
-        y[k, :] += g[r, :]
+    blocks = (width + SCATTER_COLUMNS - 1) // SCATTER_COLUMNS
+    for b in prange(blocks):
+        lo = b * SCATTER_COLUMNS
+        hi = min(lo + SCATTER_COLUMNS, width)
+        for k in range(n):
+            for c in range(lo, hi):
+                y[k, c] = 0
+        for r in range(idx.size):
+            k = wrap_index(idx[r], n)
+            for c in range(lo, hi):
+                y[k, c] += g[r, c]
     return 0
 
 
