@@ -22,12 +22,13 @@ from ..frontend.ops.elementwise import relu, tanh, where
 from ..frontend.ops.gelu import gelu
 from ..frontend.ops.nn import softmax_cross_entropy
 from ..frontend.ops.norm import layer_norm
+from .gpt import GPTConfig, decay_mask, gpt_apply, gpt_init, gpt_loss
 from ..frontend.ops.reduce import sum as _sum
 
 __all__ = [
-    "ACTIVATIONS", "accuracy", "dropout", "gelu", "glorot_uniform", "he_normal", "layer_norm",
-    "linear", "masked_softmax", "mlp_apply", "mlp_init", "mlp_loss", "num_layers",
-    "scaled_dot_product_attention",
+    "ACTIVATIONS", "GPTConfig", "accuracy", "decay_mask", "dropout", "gelu", "glorot_uniform",
+    "gpt_apply", "gpt_init", "gpt_loss", "he_normal", "layer_norm", "linear", "masked_softmax",
+    "mlp_apply", "mlp_init", "mlp_loss", "num_layers", "scaled_dot_product_attention",
 ]
 
 ACTIVATIONS = {f.__name__: f for f in (relu, tanh)}
