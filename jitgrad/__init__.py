@@ -35,6 +35,7 @@ from .frontend.ops.elementwise import (
     tanh,
     where,
 )
+from .frontend.ops.gelu import gelu
 from .frontend.ops.indexing import at
 from .frontend.ops.linalg import matmul
 from .frontend.ops.maths import (  # the numpy surface (issue 16)
@@ -67,7 +68,6 @@ from .frontend.ops.maths import (  # the numpy surface (issue 16)
     square,
     tan,
 )
-from .frontend.ops.gelu import gelu
 from .frontend.ops.nn import softmax, softmax_cross_entropy
 from .frontend.ops.reduce import (
     argmax,

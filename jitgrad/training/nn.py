@@ -22,8 +22,8 @@ from ..frontend.ops.elementwise import relu, tanh, where
 from ..frontend.ops.gelu import gelu
 from ..frontend.ops.nn import softmax_cross_entropy
 from ..frontend.ops.norm import layer_norm
-from .gpt import GPTConfig, decay_mask, gpt_apply, gpt_init, gpt_loss
 from ..frontend.ops.reduce import sum as _sum
+from .gpt import GPTConfig, decay_mask, gpt_apply, gpt_init, gpt_loss
 
 __all__ = [
     "ACTIVATIONS", "GPTConfig", "accuracy", "decay_mask", "dropout", "gelu", "glorot_uniform",

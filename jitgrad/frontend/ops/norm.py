@@ -71,7 +71,7 @@ def _layer_norm_shape(x, w, b, *, eps):
 
 @layer_norm_p.def_vjp
 def _layer_norm_vjp(cts, outs, ins, *, eps):
-    (gy, gmean, grstd), (_, mean, rstd), (x, w, b) = cts, outs, ins
+    (gy, gmean, grstd), (_, mean, rstd), (x, w, _) = cts, outs, ins
     rows, n = x.shape
     dx = dw = db = None
     if gy is not None:
