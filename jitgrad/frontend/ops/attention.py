@@ -23,6 +23,7 @@ from numba import prange
 
 from ...compiler.cache import njit
 from ...compiler.kernels import FLOATS, Kernel
+from ...compiler.threads import PARALLEL_MIN
 from ...errors import JitgradError
 from ..core import Tracer, primitive
 from . import elementwise as E
@@ -30,6 +31,7 @@ from . import linalg as L
 from . import reduce as R
 from . import shape as S
 from .norm import float_bits
+from .vecmath import vm_exp
 
 
 def _valid(shape: tuple[int, ...], causal: bool) -> np.ndarray:
@@ -182,52 +184,68 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, attn_mask: Any = None,
 
 # ---------------------------------------------------------------- compiling
 
+@njit(inline="always", cache=True)
+def _softmax_row(s, mask, p, scale, t, causal, has_mask, r):
+    n = s.shape[1]
+    limit = min(r % t + 1, n) if causal else n
+    mr = r % mask.shape[0]
+    m = -np.inf
+    for j in range(limit):
+        z = scale * s[r, j]
+        if has_mask:
+            z += mask[mr, j]
+        if (z > m or z != z) and m == m:  # NaN wins, as in np.max
+            m = z
+    if m == -np.inf:  # nothing takes part: zeros
+        for j in range(n):
+            p[r, j] = 0
+        return
+    total = 0.0
+    for j in range(limit):
+        z = scale * s[r, j]
+        if has_mask:
+            z += mask[mr, j]
+        e = vm_exp(z - m)
+        p[r, j] = e
+        total += e
+    inv = 1.0 / total
+    for j in range(limit):
+        p[r, j] *= inv
+    for j in range(limit, n):
+        p[r, j] = 0
+
+
 @njit(cache=True, parallel=True)
 def masked_softmax_rows(s, mask, p, scale, t, causal, has_mask):
     """Row r of the (rows, n) scores is row r % t of its T×S matrix (causality) and uses
     row r % len(mask) of the mask (a mask of the scores' trailing dimensions)."""
-    rows, n = s.shape
-    mrows = mask.shape[0]
-    for r in prange(rows):
-        limit = min(r % t + 1, n) if causal else n
-        mr = r % mrows
-        m = -np.inf
-        for j in range(limit):
-            z = scale * s[r, j]
-            if has_mask:
-                z += mask[mr, j]
-            if z > m or z != z:  # NaN wins, as in np.max
-                if m == m:
-                    m = z
-        if m == -np.inf:  # nothing takes part: zeros
-            for j in range(n):
-                p[r, j] = 0
-            continue
-        total = 0.0
-        for j in range(limit):
-            z = scale * s[r, j]
-            if has_mask:
-                z += mask[mr, j]
-            e = np.exp(z - m)
-            p[r, j] = e
-            total += e
-        inv = 1.0 / total
-        for j in range(limit):
-            p[r, j] *= inv
-        for j in range(limit, n):
-            p[r, j] = 0
+    if s.size < PARALLEL_MIN:
+        for r in range(s.shape[0]):
+            _softmax_row(s, mask, p, scale, t, causal, has_mask, r)
+    else:
+        for r in prange(s.shape[0]):
+            _softmax_row(s, mask, p, scale, t, causal, has_mask, r)
     return 0
+
+
+@njit(inline="always", cache=True)
+def _softmax_grad_row(g, p, ds, scale, r):
+    n = p.shape[1]
+    dot = 0.0
+    for j in range(n):
+        dot += np.float64(g[r, j]) * p[r, j]
+    for j in range(n):
+        ds[r, j] = scale * p[r, j] * (g[r, j] - dot)
 
 
 @njit(cache=True, parallel=True)
 def masked_softmax_grad_rows(g, p, ds, scale):
-    rows, n = p.shape
-    for r in prange(rows):
-        dot = 0.0
-        for j in range(n):
-            dot += np.float64(g[r, j]) * p[r, j]
-        for j in range(n):
-            ds[r, j] = scale * p[r, j] * (g[r, j] - dot)
+    if p.size < PARALLEL_MIN:
+        for r in range(p.shape[0]):
+            _softmax_grad_row(g, p, ds, scale, r)
+    else:
+        for r in prange(p.shape[0]):
+            _softmax_grad_row(g, p, ds, scale, r)
     return 0
 
 

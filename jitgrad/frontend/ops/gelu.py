@@ -82,7 +82,7 @@ def _gelu_grad_vjp(cts, outs, ins, *, approximate):
 
 # The scalar helpers take their constants as arguments, literals of the loop's dtype, so a
 # float32 loop stays float32.
-_HELPERS = V.helper("vm_erf") + '''
+_HELPERS = V.helper("vm_erf", "vm_exp") + '''
 
 @njit(inline="always")
 def _gelu_erf(x, half, one, rsqrt2):
@@ -91,7 +91,7 @@ def _gelu_erf(x, half, one, rsqrt2):
 
 @njit(inline="always")
 def _gelu_erf_grad(x, half, one, rsqrt2, rsqrt2pi):
-    return half * (one + vm_erf(x * rsqrt2)) + x * np.exp(-half * x * x) * rsqrt2pi
+    return half * (one + vm_erf(x * rsqrt2)) + x * vm_exp(-half * x * x) * rsqrt2pi
 
 
 @njit(inline="always")

@@ -25,6 +25,7 @@ from numba import prange
 
 from ...compiler.cache import njit
 from ...compiler.kernels import FLOATS, Kernel
+from ...compiler.threads import PARALLEL_MIN
 from ...errors import JitgradError
 from ..core import Tracer, primitive
 from . import elementwise as E
@@ -194,53 +195,80 @@ def layer_norm(x: Any, normalized_shape: int | Sequence[int], weight: Any = None
 # ---------------------------------------------------------------- compiling
 
 # Rows are independent: each thread takes whole rows. Statistics accumulate in float64.
+
+@njit(inline="always", cache=True)
+def _normalise_row(x, w, b, y, mean, rstd, eps, r):
+    n = x.shape[1]
+    s = 0.0
+    for j in range(n):
+        s += x[r, j]
+    mu = s / n
+    ss = 0.0
+    for j in range(n):
+        d = x[r, j] - mu
+        ss += d * d
+    inv = 1.0 / np.sqrt(ss / n + eps)
+    for j in range(n):
+        y[r, j] = (x[r, j] - mu) * inv * w[j] + b[j]
+    mean[r] = mu
+    rstd[r] = inv
+
+
 @njit(cache=True, parallel=True)
 def layer_norm_rows(x, w, b, y, mean, rstd, eps):
-    rows, n = x.shape
-    for r in prange(rows):
-        s = 0.0
-        for j in range(n):
-            s += x[r, j]
-        mu = s / n
-        ss = 0.0
-        for j in range(n):
-            d = x[r, j] - mu
-            ss += d * d
-        inv = 1.0 / np.sqrt(ss / n + eps)
-        for j in range(n):
-            y[r, j] = (x[r, j] - mu) * inv * w[j] + b[j]
-        mean[r] = mu
-        rstd[r] = inv
+    if x.size < PARALLEL_MIN:
+        for r in range(x.shape[0]):
+            _normalise_row(x, w, b, y, mean, rstd, eps, r)
+    else:
+        for r in prange(x.shape[0]):
+            _normalise_row(x, w, b, y, mean, rstd, eps, r)
     return 0
+
+
+@njit(inline="always", cache=True)
+def _row_grad(g, x, w, mean, rstd, dx, r):
+    n = x.shape[1]
+    mu, inv = np.float64(mean[r]), np.float64(rstd[r])
+    a = 0.0
+    c = 0.0
+    for j in range(n):
+        gw = np.float64(g[r, j]) * w[j]
+        a += gw
+        c += gw * (x[r, j] - mu) * inv
+    a /= n
+    c /= n
+    for j in range(n):
+        xh = (x[r, j] - mu) * inv
+        dx[r, j] = inv * (np.float64(g[r, j]) * w[j] - a - xh * c)
+
+
+@njit(inline="always", cache=True)
+def _column_grad(g, x, mean, rstd, dw, db, j):
+    sw = 0.0
+    sb = 0.0
+    for r in range(x.shape[0]):
+        gv = np.float64(g[r, j])
+        sw += gv * (x[r, j] - mean[r]) * rstd[r]
+        sb += gv
+    dw[j] = sw
+    db[j] = sb
 
 
 @njit(cache=True, parallel=True)
 def layer_norm_grad_rows(g, x, w, mean, rstd, dx, dw, db):
-    """dx row by row (threads over rows); dw and db column by column (threads over
-    columns, each summing its rows in order: the same result on any number of threads)."""
+    """dx row by row; dw and db column by column, each summing its rows in order (on
+    threads, the same result as on one)."""
     rows, n = x.shape
-    for r in prange(rows):
-        mu, inv = np.float64(mean[r]), np.float64(rstd[r])
-        a = 0.0
-        c = 0.0
-        for j in range(n):
-            gw = np.float64(g[r, j]) * w[j]
-            a += gw
-            c += gw * (x[r, j] - mu) * inv
-        a /= n
-        c /= n
-        for j in range(n):
-            xh = (x[r, j] - mu) * inv
-            dx[r, j] = inv * (np.float64(g[r, j]) * w[j] - a - xh * c)
-    for j in prange(n):
-        sw = 0.0
-        sb = 0.0
+    if x.size < PARALLEL_MIN:
         for r in range(rows):
-            gv = np.float64(g[r, j])
-            sw += gv * (x[r, j] - mean[r]) * rstd[r]
-            sb += gv
-        dw[j] = sw
-        db[j] = sb
+            _row_grad(g, x, w, mean, rstd, dx, r)
+        for j in range(n):
+            _column_grad(g, x, mean, rstd, dw, db, j)
+    else:
+        for r in prange(rows):
+            _row_grad(g, x, w, mean, rstd, dx, r)
+        for j in prange(n):
+            _column_grad(g, x, mean, rstd, dw, db, j)
     return 0
 
 

@@ -13,6 +13,7 @@ from numba import prange
 
 from ...compiler.cache import njit
 from ...compiler.kernels import FLOATS, ITEM_SIZES, Kernel
+from ...compiler.threads import PARALLEL_MIN
 from ...errors import JitgradError
 from ..core import Tracer, primitive
 
@@ -414,26 +415,34 @@ def gather_rows(x, idx, y):
 SCATTER_COLUMNS = 16  # a block of columns per task: one 64-byte line of float32
 
 
+@njit(inline="always", cache=True)
+def _scatter_columns(g, idx, y, lo, hi):
+    n = y.shape[0]
+    for k in range(n):
+        for c in range(lo, hi):
+            y[k, c] = 0
+    for r in range(idx.size):
+        k = wrap_index(idx[r], n)
+        for c in range(lo, hi):
+            y[k, c] += g[r, c]
+
+
 @njit(cache=True, parallel=True)
 def scatter_add_rows(g, idx, y):
-    """y[idx[r]] += g[r] for every r (an embedding's gradient). Threads split the columns,
-    not the updates: each element is summed over r in order, so the result is the same
-    on any number of threads, bit for bit, and no two threads write one element."""
+    """y[idx[r]] += g[r] for every r (an embedding's gradient). Large ones run on all
+    threads, which split the columns, not the updates: each element is summed over r in
+    order, so the result is the same on any number of threads, bit for bit."""
     n, width = y.shape
-    for r in range(idx.size):  # all indices checked before any thread starts
+    for r in range(idx.size):  # all indices checked before anything is written
         if wrap_index(idx[r], n) < 0:
             return r + 1
+    if g.size < PARALLEL_MIN:
+        _scatter_columns(g, idx, y, 0, width)
+        return 0
     blocks = (width + SCATTER_COLUMNS - 1) // SCATTER_COLUMNS
     for b in prange(blocks):
         lo = b * SCATTER_COLUMNS
-        hi = min(lo + SCATTER_COLUMNS, width)
-        for k in range(n):
-            for c in range(lo, hi):
-                y[k, c] = 0
-        for r in range(idx.size):
-            k = wrap_index(idx[r], n)
-            for c in range(lo, hi):
-                y[k, c] += g[r, c]
+        _scatter_columns(g, idx, y, lo, min(lo + SCATTER_COLUMNS, width))
     return 0
 
 
