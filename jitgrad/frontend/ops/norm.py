@@ -234,7 +234,7 @@ def _row_grad(g, x, w, mean, rstd, dx, r):
     for j in range(n):
         gw = np.float64(g[r, j]) * w[j]
         a += gw
-        c += gw * (x[r, j] - mu) * inv
+        c += gw * ((x[r, j] - mu) * inv)
     a /= n
     c /= n
     for j in range(n):
@@ -248,7 +248,7 @@ def _column_grad(g, x, mean, rstd, dw, db, j):
     sb = 0.0
     for r in range(x.shape[0]):
         gv = np.float64(g[r, j])
-        sw += gv * (x[r, j] - mean[r]) * rstd[r]
+        sw += gv * ((x[r, j] - mean[r]) * rstd[r])  # g·x̂, as the reference groups it
         sb += gv
     dw[j] = sw
     db[j] = sb
