@@ -49,6 +49,8 @@ def _config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None) ->
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.model == "gpt":
+        return _train_gpt(args)
     if not args.distributed:
         return _train(args, None)
     from ..training import distributed
@@ -100,6 +102,55 @@ def _train(args: argparse.Namespace, comm: Any) -> int:
     return EXIT_OK
 
 
+# Flags of the MLP recipe that the GPT recipe has no use for.
+_MLP_ONLY = ("hidden", "epochs", "optimizer", "momentum", "nesterov", "schedule", "remat",
+             "memory_budget", "dropout", "resume", "distributed")
+_GPT_FLAGS = ("data", "block_size", "batch_size", "n_layer", "n_head", "n_embd", "iters", "lr",
+              "min_lr", "warmup", "beta2", "weight_decay", "clip", "eval_interval",
+              "eval_batches", "dtype", "seed")
+
+
+def _train_gpt(args: argparse.Namespace) -> int:
+    """`jitgrad train --model gpt`: jitgrad.training.gpt_recipe."""
+    from ..training import gpt_recipe
+    given = [f for f in _MLP_ONLY if getattr(args, f) not in (None, False)]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} is a flag of the MLP recipe, not of "
+                         f"--model gpt")
+    cfg = gpt_recipe.GPTTrainConfig(**{f: getattr(args, f) for f in _GPT_FLAGS
+                                       if getattr(args, f) is not None})
+    m = gpt_recipe.run(cfg, save=args.save, out=None if args.quiet else sys.stdout,
+                       progress=not args.quiet and sys.stderr.isatty())
+    for line in gpt_recipe.summary_lines(m):
+        print(line)
+    if args.save:
+        print(f"saved {args.save}")
+    if args.json:
+        print(json.dumps({k: v for k, v in m.items()}))
+    return EXIT_OK
+
+
+def _add_gpt_flags(p: Any) -> None:
+    from ..training.gpt_recipe import GPTTrainConfig
+    d = GPTTrainConfig()
+    g = p.add_argument_group("GPT (--model gpt; --data is a UTF-8 text file, default: the "
+                             "bundled tiny Shakespeare; --batch-size default 12, --lr 1e-3, "
+                             "--weight-decay 0.1)").add_argument
+    g("--iters", type=positive_int, metavar="N", help=f"training steps (default: {d.iters})")
+    g("--block-size", type=positive_int, metavar="N", help=f"context (default: {d.block_size})")
+    g("--n-layer", type=positive_int, metavar="N", help=f"default: {d.n_layer}")
+    g("--n-head", type=positive_int, metavar="N", help=f"default: {d.n_head}")
+    g("--n-embd", type=positive_int, metavar="N", help=f"width (default: {d.n_embd})")
+    g("--warmup", type=int, metavar="N", help=f"linear warm-up steps (default: {d.warmup})")
+    g("--min-lr", type=float, help=f"the cosine decay's floor (default: {d.min_lr})")
+    g("--beta2", type=float, help=f"AdamW's beta2 (default: {d.beta2})")
+    g("--clip", type=float, metavar="NORM", help=f"gradient clipping norm (default: {d.clip})")
+    g("--eval-interval", type=positive_int, metavar="N",
+      help=f"steps between evaluations (default: {d.eval_interval})")
+    g("--eval-batches", type=positive_int, metavar="N",
+      help=f"fixed validation batches averaged (default: {d.eval_batches})")
+
+
 def _add_train(sub: Any) -> None:
     d = TrainConfig()
     p = sub.add_parser(
@@ -111,6 +162,8 @@ def _add_train(sub: Any) -> None:
     # Defaults are None so that --resume can tell explicit flags from defaults; the
     # effective defaults (TrainConfig) are shown in the help text.
     a = p.add_argument
+    a("--model", choices=("mlp", "gpt"), default="mlp",
+      help="mlp: a classifier (the flags below); gpt: a character-level GPT (its own group)")
     a("--data", metavar="PATH", help="directory of MNIST-style IDX files, or a .npz/.csv "
       "file (default: bundled digits)")
     a("--hidden", type=parse_hidden, metavar="W1,W2,...",
@@ -147,7 +200,36 @@ def _add_train(sub: Any) -> None:
     a("--json", action="store_true",
       help="print the final metrics as one JSON object on the last line")
     a("--quiet", "-q", action="store_true", help="no progress bar and no per-epoch lines")
+    _add_gpt_flags(p)
     p.set_defaults(run=cmd_train)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from ..training.gpt_recipe import Sampler
+    sampler = Sampler.load(args.checkpoint)
+    generated, rate = sampler.generate(args.prompt, args.tokens, args.temperature, args.top_k,
+                                       args.seed)
+    print(args.prompt + generated)
+    print(f"{args.tokens} tokens at {rate:,.0f} tokens/s", file=sys.stderr)
+    return EXIT_OK
+
+
+def _add_sample(sub: Any) -> None:
+    p = sub.add_parser(
+        "sample", help="generate text from a GPT checkpoint (jitgrad train --model gpt --save)",
+        description="Generate characters from a checkpoint of `jitgrad train --model gpt`, "
+                    "one compiled forward pass of the block size per character.")
+    a = p.add_argument
+    a("checkpoint", metavar="CHECKPOINT")
+    a("--tokens", type=int, default=500, metavar="N", help="characters to generate "
+      "(default: 500)")
+    a("--temperature", type=float, default=0.8, help="default: 0.8")
+    a("--top-k", type=positive_int, default=None, metavar="K",
+      help="sample among the K likeliest characters only (default: all)")
+    a("--seed", type=int, default=0, help="default: 0")
+    a("--prompt", default="\n", metavar="TEXT", help="the text to continue (default: a "
+      "newline)")
+    p.set_defaults(run=cmd_sample)
 
 
 def cmd_memsweep(args: argparse.Namespace) -> int:
@@ -324,7 +406,8 @@ def _add_show(sub: Any) -> None:
 
 
 # One function per subcommand: it adds its parser and sets `run`.
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train, _add_memsweep, _add_show, _add_cache]
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train, _add_sample, _add_memsweep, _add_show,
+                                            _add_cache]
 
 
 def build_parser() -> argparse.ArgumentParser:
