@@ -1,7 +1,11 @@
 """asv: the full SGD training step (forward, softmax-xent + L2, backward, update) of the five
-MLP configs, float32 and float64. Compilation (or the cache load) happens in setup."""
+MLP configs, float32 and float64, and the GPT step (AdamW, clipping) of benchmarks/_gpt.py.
+Compilation (or the cache load) happens in setup."""
+
+import time
 
 from . import _common as C
+from . import _gpt as G
 
 
 class TrainStep:
@@ -50,3 +54,28 @@ class NumpyTrainStep:
 
     def time_numpy_train_step(self, config, dtype):
         self.step(self.x, self.y)
+
+
+class GPTTrainStep:
+    """The GPT training step (forward, cross-entropy, backward, clipping, AdamW) of
+    benchmarks/_gpt.py: nanoGPT's baby GPT and the width-384, 6-layer, block-256 model."""
+
+    params = (list(G.CONFIGS),)
+    param_names = ["config"]
+    timeout = 900
+
+    def setup(self, config):
+        C.pin_threads()
+        self.step, self.p, self.x, self.y = G.jitgrad_step(config)
+        self.step(self.x, self.y)  # trace + compile (or load from the cache): not timed
+
+    def time_gpt_train_step(self, config):
+        self.step(self.x, self.y)
+
+    def track_gpt_tokens_per_s(self, config):
+        t = time.perf_counter()
+        for _ in range(3):
+            self.step(self.x, self.y)
+        return 3 * G.tokens_per_step(config) / (time.perf_counter() - t)
+
+    track_gpt_tokens_per_s.unit = "tokens/s"

@@ -296,3 +296,47 @@ def test_bad_gpt_and_optimizer_settings():
         jg.train_step(lambda q, t, y: G.gpt_loss(q, t, y, 1), p, bad)(
             np.zeros((1, 4), np.int64), np.zeros((1, 4), np.int64))
     assert all((p[k] == before[k]).all() for k in p)
+
+
+# ---------------------------------------------------------------- the command line
+
+TINY = ["--iters", "8", "--warmup", "2", "--eval-interval", "4", "--eval-batches", "2",
+        "--block-size", "8", "--batch-size", "4", "--n-layer", "1", "--n-head", "2",
+        "--n-embd", "16"]
+
+
+def test_train_gpt_and_sample_from_the_command_line(tmp_path, capsys):
+    import json
+
+    from jitgrad.tools import cli
+    ckpt = tmp_path / "gpt.npz"
+    assert cli.main(["train", "--model", "gpt", *TINY, "--save", str(ckpt), "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    m = json.loads(out[-1])
+    assert [h["iter"] for h in m["history"]] == [4, 8]
+    assert m["val_loss"] < np.log(65) and m["dataset"] == "tinyshakespeare"
+    assert any(ln.startswith("iter 8/8") and "val loss" in ln for ln in out)
+    assert m["tokens_per_s"] > 0 and ckpt.exists()
+    assert cli.main(["sample", str(ckpt), "--tokens", "12", "--prompt", "KING:", "--top-k",
+                     "5", "--seed", "3"]) == 0
+    io = capsys.readouterr()
+    assert io.out.startswith("KING:") and len(io.out.rstrip("\n")) >= len("KING:") + 10
+    assert "tokens/s" in io.err
+    # the same seed, the same text; a compiled forward of one shape
+    assert cli.main(["sample", str(ckpt), "--tokens", "12", "--prompt", "KING:", "--top-k",
+                     "5", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == io.out
+
+
+def test_train_gpt_on_a_text_file_and_bad_flags(tmp_path, capsys):
+    from jitgrad.tools import cli
+    data = tmp_path / "tiny.txt"
+    data.write_text("to be or not to be, that is the question\n" * 20, encoding="utf-8")
+    assert cli.main(["train", "--model", "gpt", *TINY, "--data", str(data), "--quiet"]) == 0
+    assert "val loss" in capsys.readouterr().out
+    assert cli.main(["train", "--model", "gpt", *TINY, "--hidden", "32"]) == 2
+    assert "--hidden is a flag of the MLP recipe" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "gpt", "--iters", "50"]) == 2
+    assert "--warmup" in capsys.readouterr().err
+    assert cli.main(["sample", str(data)]) == 2
+    assert "error" in capsys.readouterr().err
