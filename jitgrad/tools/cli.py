@@ -234,20 +234,29 @@ def _add_sample(sub: Any) -> None:
 
 def cmd_memsweep(args: argparse.Namespace) -> int:
     from . import memsweep
-    model = memsweep.Model(args.depth, args.width, args.batch, args.dtype)
-    for name in ("depth", "width", "batch", "rounds", "steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    named = [p for p in args.policies.split(",") if p]
+    for name in ("depth", "width", "batch", "n_head", "block", "rounds", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got "
+                             f"{getattr(args, name)}")
+    if args.model == "gpt":  # --depth and --width are its layers and width
+        sizes = {"n_layer": args.depth, "n_embd": args.width, "n_head": args.n_head,
+                 "block": args.block, "batch": args.batch}
+        model: Any = memsweep.GPTModel(**{k: v for k, v in sizes.items() if v is not None},
+                                       dtype=args.dtype)
+    else:
+        sizes = {"depth": args.depth, "width": args.width, "batch": args.batch}
+        model = memsweep.Model(**{k: v for k, v in sizes.items() if v is not None},
+                               dtype=args.dtype)
+    named = [p for p in (args.policies or ("none,sqrt,blocks" if args.model == "gpt"
+                                           else "none,sqrt")).split(",") if p]
     for p in named:  # before any planning: a typo costs nothing
-        if p not in memsweep.POLICIES:
-            raise ValueError(f"unknown policy {p!r}: use none, sqrt, full (and --budgets)")
+        if p not in memsweep.POLICIES or (p == "blocks" and args.model != "gpt"):
+            raise ValueError(f"unknown policy {p!r}: use none, sqrt, full, blocks (GPT only) "
+                             f"and --budgets")
     budgets = args.budgets if args.budgets is not None else memsweep.default_budgets(
         model, [0.25, 0.5, 0.75])
     policies = named + [str(b) for b in budgets]
-    act = model.activation_bytes
-    title = (f"{model.depth}-layer ReLU MLP, width {model.width}, batch {model.batch}, "
-             f"{model.dtype} (one activation {act / 2**20:.1f} MiB)")
+    title = model.title
     print(title)
     rows = memsweep.table_rows(memsweep.sweep(model, policies, args.rounds, args.steps,
                                               log=None if args.quiet else sys.stderr))
@@ -276,17 +285,22 @@ def cmd_memsweep(args: argparse.Namespace) -> int:
 def _add_memsweep(sub: Any) -> None:
     p = sub.add_parser(
         "memsweep", help="memory vs runtime of a training step under recomputation policies",
-        description="Compile a deep ReLU MLP training step under each recomputation policy "
-                    "(none, sqrt, byte budgets), each in its own process, alternating over "
+        description="Compile a deep ReLU MLP (or GPT) training step under each recomputation "
+                    "policy (none, sqrt, byte budgets; GPT: also blocks, each transformer "
+                    "block checkpointed), each in its own process, alternating over "
                     "rounds, and print planned peak, measured peak, step time and "
                     "recomputation per policy.")
     a = p.add_argument
-    a("--depth", type=int, default=32, help="layers (default: 32)")
-    a("--width", type=int, default=256, help="layer width (default: 256)")
-    a("--batch", type=int, default=1024, help="batch size (default: 1024)")
+    a("--model", choices=("mlp", "gpt"), default="mlp",
+      help="mlp: a deep ReLU chain; gpt: a GPT's AdamW step (default: mlp)")
+    a("--depth", type=int, help="layers (default: MLP 32, GPT 6)")
+    a("--width", type=int, help="layer width (default: MLP 256, GPT 384)")
+    a("--batch", type=int, help="batch size (default: MLP 1024, GPT 8)")
+    a("--n-head", type=int, help="GPT attention heads (default: 6)")
+    a("--block", type=int, help="GPT block size (default: 256)")
     a("--dtype", choices=DTYPES, default="float32")
-    a("--policies", default="none,sqrt",
-      help="comma-separated: none, sqrt, full (default: none,sqrt)")
+    a("--policies", help="comma-separated: none, sqrt, full, blocks (GPT) "
+      "(default: none,sqrt; GPT none,sqrt,blocks)")
     a("--budgets", type=parse_byte_list, metavar="B1,B2,...",
       help="memory budgets, e.g. 40MiB,60MiB (default: three between the sqrt and none plans)")
     a("--rounds", type=int, default=3, help="measured rounds per policy (default: 3)")

@@ -20,6 +20,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from ..errors import JitgradError
+from ..frontend.api import checkpoint
 from ..frontend.ops import shape as S
 from ..frontend.ops.attention import scaled_dot_product_attention
 from ..frontend.ops.gelu import gelu
@@ -147,8 +148,18 @@ def mlp(p: dict[str, Any], i: int, x: Any) -> Any:
     return _linear(p, f"h.{i}.mlp.c_proj", gelu(_linear(p, f"h.{i}.mlp.c_fc", x)))
 
 
-def gpt_apply(params: dict[str, Any], tokens: Any, n_head: int) -> Any:
-    """Logits [B, T, vocab] of the next character after each position of tokens [B, T]."""
+def block(p: dict[str, Any], i: int, x: Any, n_head: int) -> Any:
+    """Pre-LayerNorm block i: x + attention(ln_1(x)), then + mlp(ln_2(x))."""
+    x = x + attention(p, i, _ln(p, f"h.{i}.ln_1", x), n_head)
+    return x + mlp(p, i, _ln(p, f"h.{i}.ln_2", x))
+
+
+def gpt_apply(params: dict[str, Any], tokens: Any, n_head: int,
+              checkpoint_blocks: bool = False) -> Any:
+    """Logits [B, T, vocab] of the next character after each position of tokens [B, T].
+
+    checkpoint_blocks: each block's interior is recomputed in the backward pass
+    (jg.checkpoint), only the residual stream between blocks is stored."""
     wte, wpe = params["wte"], params["wpe"]
     if len(tokens.shape) != 2:
         raise JitgradError(f"GPT tokens must be [batch, time], got shape {list(tokens.shape)}")
@@ -158,15 +169,16 @@ def gpt_apply(params: dict[str, Any], tokens: Any, n_head: int) -> Any:
                            f"{wpe.shape[0]}")
     x = wte[tokens] + wpe[:t]
     n_layer = sum(1 for k in params if k.endswith(".ln_1.w"))
+    run_block = checkpoint(block) if checkpoint_blocks else block
     for i in range(n_layer):
-        x = x + attention(params, i, _ln(params, f"h.{i}.ln_1", x), n_head)
-        x = x + mlp(params, i, _ln(params, f"h.{i}.ln_2", x))
+        x = run_block(params, i, x, n_head)
     x = _ln(params, "ln_f", x)
     return x @ wte.T
 
 
-def gpt_loss(params: dict[str, Any], tokens: Any, targets: Any, n_head: int) -> Any:
+def gpt_loss(params: dict[str, Any], tokens: Any, targets: Any, n_head: int,
+             checkpoint_blocks: bool = False) -> Any:
     """Mean cross-entropy of the next-character predictions (tokens, targets [B, T])."""
-    logits = gpt_apply(params, tokens, n_head)
+    logits = gpt_apply(params, tokens, n_head, checkpoint_blocks)
     b, t, v = logits.shape
     return softmax_cross_entropy(S.reshape(logits, (b * t, v)), S.reshape(targets, (b * t,)))
