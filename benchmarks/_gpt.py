@@ -65,35 +65,41 @@ def jitgrad_step(config: str):
 
 # ---------------------------------------------------------------- PyTorch
 
+def torch_gpt_loss(p, tokens, targets, n_layer: int, n_head: int):
+    """nanoGPT's forward and loss in torch, functionally, on jitgrad's parameter names
+    ([in, out] weights): the benchmarks' PyTorch step and tests/reference's references."""
+    import torch.nn.functional as F
+    c = p["wte"].shape[1]
+    b, t = tokens.shape
+
+    def lin(n, h):
+        return h @ p[f"{n}.w"] + p[f"{n}.b"]
+
+    def ln(n, h):
+        return F.layer_norm(h, (c,), p[f"{n}.w"], p[f"{n}.b"], 1e-5)
+    h = p["wte"][tokens] + p["wpe"][:t]
+    for i in range(n_layer):
+        q, k, v = lin(f"h.{i}.attn.c_attn", ln(f"h.{i}.ln_1", h)).split(c, dim=2)
+        q, k, v = (z.view(b, t, n_head, c // n_head).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + lin(f"h.{i}.attn.c_proj", a.transpose(1, 2).contiguous().view(b, t, c))
+        h = h + lin(f"h.{i}.mlp.c_proj", F.gelu(lin(f"h.{i}.mlp.c_fc", ln(f"h.{i}.ln_2", h))))
+    logits = ln("ln_f", h) @ p["wte"].T
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
 def torch_step(config: str, compiled: bool):
     """(step, seconds compiling): the eager (or torch.compile'd) forward + backward, clip and
     torch.optim.AdamW."""
     import torch
-    import torch.nn.functional as F
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    c, layers, heads, _, _ = CONFIGS[config]
+    _, layers, heads, _, _ = CONFIGS[config]
     params_np, xn, yn = init(config)
     p = {k: torch.tensor(v, requires_grad=True) for k, v in params_np.items()}
     x, y = torch.from_numpy(xn), torch.from_numpy(yn)
 
     def loss_fn(x, y):
-        b, t = x.shape
-
-        def lin(n, h):
-            return h @ p[f"{n}.w"] + p[f"{n}.b"]
-
-        def ln(n, h):
-            return F.layer_norm(h, (c,), p[f"{n}.w"], p[f"{n}.b"], 1e-5)
-        h = p["wte"][x] + p["wpe"][:t]
-        for i in range(layers):
-            q, k, v = lin(f"h.{i}.attn.c_attn", ln(f"h.{i}.ln_1", h)).split(c, dim=2)
-            q, k, v = (z.view(b, t, heads, c // heads).transpose(1, 2) for z in (q, k, v))
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            h = h + lin(f"h.{i}.attn.c_proj", a.transpose(1, 2).contiguous().view(b, t, c))
-            h = h + lin(f"h.{i}.mlp.c_proj", F.gelu(lin(f"h.{i}.mlp.c_fc",
-                                                        ln(f"h.{i}.ln_2", h))))
-        logits = ln("ln_f", h) @ p["wte"].T
-        return F.cross_entropy(logits.view(-1, VOCAB), y.reshape(-1))
+        return torch_gpt_loss(p, x, y, layers, heads)
 
     decay = [v for k, v in p.items() if v.dim() >= 2]
     no_decay = [v for k, v in p.items() if v.dim() < 2]

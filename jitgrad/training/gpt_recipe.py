@@ -29,6 +29,7 @@ from ..errors import JitgradError
 from ..frontend.api import jit
 from . import checkpoint_io, optim, text
 from .gpt import GPTConfig, config_of, decay_mask, gpt_apply, gpt_init, gpt_loss
+from .recipe import _say
 from .train import train_step
 
 MODEL = "gpt"
@@ -118,15 +119,6 @@ def evaluate(loss_fn: Any, params: Any, data: np.ndarray, starts: np.ndarray,
     """Mean loss of params over the batches of windows at starts."""
     return float(np.mean([float(loss_fn(params, *text.windows(data, s, block)))
                           for s in starts]))
-
-
-def _say(out: TextIO | None, bar: Any, line: str) -> None:
-    if out is None:
-        return
-    if bar is not None:
-        bar.write(line, file=out)
-    else:
-        print(line, file=out, flush=True)
 
 
 def run(cfg: GPTTrainConfig, *, save: str | os.PathLike[str] | None = None,

@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
+from benchmarks._gpt import torch_gpt_loss  # noqa: E402  (the benchmarks' torch GPT)
 from jitgrad.training import gpt as G  # noqa: E402
 from jitgrad.training import optim  # noqa: E402
 
@@ -46,29 +47,6 @@ def inputs() -> dict[str, np.ndarray]:
         "sm_g": rng.normal(size=(2, 3, 5, 5)),
         "tokens": rng.integers(0, GPT.vocab_size, size=(STEPS, BATCH, GPT.block_size + 1)),
     }
-
-
-def _torch_gpt_loss(F, p, tokens, targets):
-    """nanoGPT's forward, functionally, on jitgrad's parameter names ([in, out] weights)."""
-    c, h = GPT.n_embd, GPT.n_head
-    b, t = tokens.shape
-
-    def linear(name, x):
-        return x @ p[f"{name}.w"] + p[f"{name}.b"]
-
-    def ln(name, x):
-        return F.layer_norm(x, (c,), p[f"{name}.w"], p[f"{name}.b"], 1e-5)
-
-    x = p["wte"][tokens] + p["wpe"][:t]
-    for i in range(GPT.n_layer):
-        q, k, v = linear(f"h.{i}.attn.c_attn", ln(f"h.{i}.ln_1", x)).split(c, dim=2)
-        q, k, v = (z.view(b, t, h, c // h).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + linear(f"h.{i}.attn.c_proj", y.transpose(1, 2).contiguous().view(b, t, c))
-        x = x + linear(f"h.{i}.mlp.c_proj", F.gelu(linear(f"h.{i}.mlp.c_fc",
-                                                          ln(f"h.{i}.ln_2", x))))
-    logits = ln("ln_f", x) @ p["wte"].T
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def compute() -> dict[str, np.ndarray]:
@@ -112,7 +90,7 @@ def compute() -> dict[str, np.ndarray]:
         for group in opt.param_groups:
             group["lr"] = SCHEDULE(ADAMW["lr"], step + 1)
         batch = torch.tensor(x["tokens"][step])
-        loss = _torch_gpt_loss(F, params, batch[:, :-1], batch[:, 1:])
+        loss = torch_gpt_loss(params, batch[:, :-1], batch[:, 1:], GPT.n_layer, GPT.n_head)
         opt.zero_grad()
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(list(params.values()), CLIP)))
