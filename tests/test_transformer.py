@@ -340,3 +340,22 @@ def test_train_gpt_on_a_text_file_and_bad_flags(tmp_path, capsys):
     assert "--warmup" in capsys.readouterr().err
     assert cli.main(["sample", str(data)]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_sampling_compiles_one_shape_and_reads_only_the_context():
+    """Contexts shorter and longer than the block run through the one compiled shape, and
+    the padding after the context never changes the next character's logits."""
+    from jitgrad.training.gpt_recipe import Sampler
+    cfg = G.GPTConfig(vocab_size=5, block_size=6, n_layer=1, n_head=1, n_embd=8)
+    sampler = Sampler(G.gpt_init(cfg, 2), cfg, "abcde")
+    text, rate = sampler.generate("ab", 9, temperature=0.7, top_k=3, seed=1)
+    assert len(text) == 9 and set(text) <= set("abcde") and rate > 0
+    assert len(sampler._forward._cache) == 1
+    p = sampler.params
+    for pad in (0, 4):
+        tokens = np.array([[1, 3, 2, pad, pad, pad]])
+        logits = G.gpt_apply(p, tokens, 1)  # eagerly
+        np.testing.assert_allclose(logits[0, 2], G.gpt_apply(p, tokens[:, :3], 1)[0, 2],
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(jg.JitgradError, match="does not know"):
+        sampler.generate("xyz", 3)
