@@ -359,3 +359,24 @@ def test_sampling_compiles_one_shape_and_reads_only_the_context():
                                    rtol=1e-5, atol=1e-6)
     with pytest.raises(jg.JitgradError, match="does not know"):
         sampler.generate("xyz", 3)
+
+
+def test_warmup_cosine_is_nanogpts_get_lr():
+    def get_lr(it, lr=1e-3, warmup=100, decay=2000, min_lr=1e-4):  # nanoGPT's train.py
+        if it < warmup:
+            return lr * (it + 1) / (warmup + 1)
+        if it > decay:
+            return min_lr
+        ratio = (it - warmup) / (decay - warmup)
+        return min_lr + 0.5 * (1.0 + np.cos(np.pi * ratio)) * (lr - min_lr)
+    sched = jg.optim.WarmupCosine(100, 2000, 1e-4)
+    for it in (0, 1, 99, 100, 101, 1000, 1999, 2000, 2001, 5000):
+        assert sched(1e-3, it + 1) == pytest.approx(get_lr(it), rel=1e-12)
+
+
+def test_clipping_scales_to_the_global_norm_only_above_it():
+    grads = {"a": np.array([3.0, 0.0]), "b": np.array([[4.0]])}  # global norm 5
+    clipped = jg.optim.clip_by_global_norm(grads, 1.0)
+    np.testing.assert_allclose(clipped["a"], [3.0 / (5 + 1e-6), 0.0], rtol=1e-12)
+    kept = jg.optim.clip_by_global_norm(grads, 10.0)
+    np.testing.assert_array_equal(kept["b"], grads["b"])
