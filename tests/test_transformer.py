@@ -328,12 +328,20 @@ def test_train_gpt_and_sample_from_the_command_line(tmp_path, capsys):
     assert capsys.readouterr().out == io.out
 
 
-def test_train_gpt_on_a_text_file_and_bad_flags(tmp_path, capsys):
+def test_a_text_file_corpus_and_bad_flags(tmp_path, capsys):
     from jitgrad.tools import cli
+    from jitgrad.training import text
     data = tmp_path / "tiny.txt"
     data.write_text("to be or not to be, that is the question\n" * 20, encoding="utf-8")
-    assert cli.main(["train", "--model", "gpt", *TINY, "--data", str(data), "--quiet"]) == 0
-    assert "val loss" in capsys.readouterr().out
+    corpus = text.load_text(data)
+    assert corpus.chars == "".join(sorted(set(data.read_text())))
+    assert len(corpus.train) == int(0.9 * 820) and corpus.decode(corpus.val[:3]) == "to "
+    x, y = text.windows(corpus.train, np.array([0, 5]), 4)
+    assert corpus.decode(x[0]) == "to b" and corpus.decode(y[0]) == "o be"
+    (tmp_path / "short.txt").write_text("abc", encoding="utf-8")
+    assert cli.main(["train", "--model", "gpt", *TINY, "--data", str(tmp_path / "short.txt")]) \
+        == 2
+    assert "too short" in capsys.readouterr().err
     assert cli.main(["train", "--model", "gpt", *TINY, "--hidden", "32"]) == 2
     assert "--hidden is a flag of the MLP recipe" in capsys.readouterr().err
     assert cli.main(["train", "--model", "gpt", "--iters", "50"]) == 2
