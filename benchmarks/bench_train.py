@@ -1,9 +1,13 @@
 """asv: the full SGD training step (forward, softmax-xent + L2, backward, update) of the five
-MLP configs, float32 and float64, float32 under bfloat16 mixed precision, and the two conv
-nets. Compilation (or the cache load) happens in setup."""
+MLP configs, float32 and float64, float32 under bfloat16 mixed precision, the two conv nets
+and the GPT step (AdamW, clipping) of benchmarks/_gpt.py. Compilation (or the cache load)
+happens in setup."""
+
+import time
 
 from . import _cnn
 from . import _common as C
+from . import _gpt as G
 
 
 class TrainStep:
@@ -86,3 +90,28 @@ class ConvNetTrainStep:
 
     def time_conv_train_step(self, config, dtype):
         self.step(self.x, self.y)
+
+
+class GPTTrainStep:
+    """The GPT training step (forward, cross-entropy, backward, clipping, AdamW) of
+    benchmarks/_gpt.py: nanoGPT's baby GPT and the width-384, 6-layer, block-256 model."""
+
+    params = (list(G.CONFIGS),)
+    param_names = ["config"]
+    timeout = 900
+
+    def setup(self, config):
+        C.pin_threads()
+        self.step, self.p, self.x, self.y = G.jitgrad_step(config)
+        self.step(self.x, self.y)  # trace + compile (or load from the cache): not timed
+
+    def time_gpt_train_step(self, config):
+        self.step(self.x, self.y)
+
+    def track_gpt_tokens_per_s(self, config):
+        t = time.perf_counter()
+        for _ in range(3):
+            self.step(self.x, self.y)
+        return 3 * G.tokens_per_step(config) / (time.perf_counter() - t)
+
+    track_gpt_tokens_per_s.unit = "tokens/s"

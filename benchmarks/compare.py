@@ -7,6 +7,13 @@
     python benchmarks/compare.py --profile medium      # jitgrad per-kernel profile of one step
     python benchmarks/compare.py --precision bf16 --impls jitgrad,torch   # mixed precision
 
+    python benchmarks/compare.py --model gpt [--configs baby,wide]
+                                 [--impls jitgrad,torch,torch_compile,jax]
+
+With --model gpt the step is a GPT's (benchmarks/_gpt.py: nanoGPT's baby GPT and a
+width-384, 6-layer, block-256 model; AdamW with clipping), reported in tokens/s and
+GFLOP/s against PyTorch eager, torch.compile and JAX jit, in the same alternating rounds.
+
 --loaded runs every worker beside a fixed competing load: two Python processes spinning
 `while True: pass` (as many as the threads each implementation gets), started before the
 rounds and stopped after them. --markdown measures both ways and rewrites the generated
@@ -54,6 +61,7 @@ sys.path.insert(0, HERE)
 
 import _cnn  # noqa: E402
 import _common as C  # noqa: E402
+import _gpt as GPT  # noqa: E402
 
 IMPLS = ("jitgrad", "numpy", "torch", "torch_compile", "jax")
 CONFIGS = [*C.CONFIGS, *_cnn.CNN_CONFIGS]
@@ -254,6 +262,107 @@ def worker_jitgrad(config: str, profile: bool = False, precision: str | None = N
     return out
 
 
+def worker_gpt(impl: str, config: str, profile: bool = False) -> dict:
+    """One GPT step implementation (benchmarks/_gpt.py) in this fresh process."""
+    if impl == "jitgrad":
+        import jitgrad  # noqa: F401  (timed: part of the time to first result)
+        step, params, x, y = GPT.jitgrad_step(config)
+        loss0 = float(step(x, y))
+        out = {"first_s": time.perf_counter() - T_START}
+        C.pin_threads()
+        out["us"] = measure_calls(lambda: step(x, y), repeats=5)
+        if profile:
+            call, (_, ex) = C.native_runner(step.compiled, params, step.state,
+                                            step.optimizer.hyper(1), x, y)
+            out["native_us"] = measure_calls(call, repeats=5)
+            out["profile"] = profile_steps(ex, reps=5)
+    elif impl in ("torch", "torch_compile"):
+        import torch
+        step, loss0, compile_s = GPT.torch_step(config, compiled=impl == "torch_compile")
+        out = {"first_s": time.perf_counter() - T_START, "compile_s": compile_s,
+               "us": measure_calls(step, repeats=5), "version": torch.__version__}
+    else:
+        import jax
+        step, loss0 = GPT.jax_step(config)
+        out = {"first_s": time.perf_counter() - T_START, "us": measure_calls(step, repeats=5),
+               "version": jax.__version__}
+    return {"loss0": loss0, **out}
+
+
+def summarize_gpt(results: dict, configs: list[str], impls: list[str]) -> list[dict]:
+    rows = []
+    for cfg in configs:
+        med = {i: statistics.median(statistics.median(r["us"]) for r in results[(i, cfg)]
+                                    if "us" in r)
+               for i in impls if any("us" in r for r in results[(i, cfg)])}
+        for impl in impls:
+            rs = [r for r in results[(impl, cfg)] if "us" in r]
+            if not rs:
+                rows.append({"config": cfg, "impl": impl,
+                             "error": next((r.get("error") for r in results[(impl, cfg)]),
+                                           None)})
+                continue
+            us = med[impl]
+            rows.append({"config": cfg, "impl": impl, "us": us,
+                         "rounds": [statistics.median(r["us"]) for r in rs],
+                         "tokens_per_s": GPT.tokens_per_step(cfg) / us * 1e6,
+                         "gflops": GPT.step_flops(cfg) / us / 1e3,
+                         "vs": {i: us / med[i] for i in med if i != impl},
+                         "first_s": statistics.median(r["first_s"] for r in rs),
+                         "loss0": rs[0]["loss0"],
+                         "load1": statistics.median(r.get("load1", 0.0) for r in rs)})
+    return rows
+
+
+def print_gpt_table(rows: list[dict], info: dict) -> None:
+    others = [i for i in GPT.IMPLS if any(r.get("impl") == i for r in rows)]
+    head = ["config", "impl", "ms/step", "tokens/s", "GFLOP/s"] + \
+        [f"÷ {i}" for i in others] + ["1st result s", "loss0", "load"]
+    print(f"GPT training step (float32, AdamW + clipping), {info['cpu']} "
+          f"({info['cores']} cores), {info.get('threads', 2)} threads; "
+          f"{info.get('versions', '')}\n")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['config']} | {r['impl']} | error: {r['error']} |")
+            continue
+        ratios = [fmt(r["vs"].get(i), ".2f") if i != r["impl"] else "1" for i in others]
+        print("| " + " | ".join([r["config"], r["impl"], fmt(r["us"] / 1e3, ",.1f"),
+                                 fmt(r["tokens_per_s"], ",.0f"), fmt(r["gflops"], ".1f"),
+                                 *ratios, fmt(r["first_s"], ".1f"), fmt(r["loss0"], ".4f"),
+                                 fmt(r["load1"], ".1f")]) + " |")
+
+
+def compare_gpt(a, configs: list[str]) -> int:
+    """--model gpt: every implementation of GPT.IMPLS in its own process, alternating."""
+    impls = [i for i in (a.impls.split(",") if a.impls else GPT.IMPLS) if i]
+    impls = [i for i in impls if available(i)]
+    info = machine()
+    info["versions"] = versions([i for i in impls if i != "torch_compile"])
+    info["threads"] = a.threads
+    if "jitgrad" in impls:  # warm the cache
+        for cfg in configs:
+            r = run_worker("jitgrad", cfg)
+            print(f"warm-up jitgrad {cfg}: {r.get('first_s', r.get('error'))}", file=sys.stderr)
+    results = {(i, c): [] for i in impls for c in configs}
+    for rnd in range(a.rounds):
+        for cfg in configs:
+            for impl in impls[rnd % len(impls):] + impls[:rnd % len(impls)]:
+                r = run_worker(impl, cfg)
+                results[(impl, cfg)].append(r)
+                print(f"round {rnd + 1} {cfg:5} {impl:13} "
+                      f"{statistics.median(r['us']) / 1e3 if 'us' in r else r.get('error')}",
+                      file=sys.stderr)
+    rows = summarize_gpt(results, configs, impls)
+    print_gpt_table(rows, info)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": info, "rows": rows,
+                       "raw": {f"{i}/{c}": v for (i, c), v in results.items()}}, f, indent=1)
+    return 0
+
+
 # ---------------------------------------------------------------- per-kernel profile
 
 def profile_steps(ex, reps: int = 30) -> dict:
@@ -433,7 +542,7 @@ def print_profile(config: str, res: dict) -> None:
         by_kind.setdefault(c["kind"], []).append(c["us"])
     step_us = statistics.median(res["us"])
     native = statistics.median(res["native_us"])
-    floor = statistics.median(res["gemm_floor_us"])
+    floor = statistics.median(res.get("gemm_floor_us", [float("nan")]))  # MLP configs only
     print(f"jitgrad per-kernel profile, {config}: {len(calls)} kernel calls; "
           f"train_step {step_us:,.0f} µs, native call {native:,.0f} µs, "
           f"sum of kernels {total:,.0f} µs (ctypes overhead {prof['overhead_us']:.2f} µs/call "
@@ -559,10 +668,12 @@ def main(argv: list[str] | None = None) -> int:
     global WORKER_THREADS, PRECISION, PEER
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--model", choices=("mlp", "gpt"), default="mlp",
+                    help="mlp: the MLP and conv-net configs; gpt: the GPT steps (_gpt.py)")
+    ap.add_argument("--configs", default=None, help="default: every config of the model")
     ap.add_argument("--impls", default=None,
                     help=f"default: {','.join(IMPLS)}; with --precision bf16 "
-                         f"{','.join(BF16_IMPLS)}")
+                         f"{','.join(BF16_IMPLS)}; with --model gpt {','.join(GPT.IMPLS)}")
     ap.add_argument("--precision", choices=("f32", "bf16"), default=PRECISION,
                     help="bf16: jitgrad precision='bf16' against PyTorch bf16 autocast")
     ap.add_argument("--rounds", type=int, default=3)
@@ -581,10 +692,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.worker:
         impl, cfg = a.worker
-        fn = {"jitgrad": worker_jitgrad, "numpy": worker_numpy, "torch": worker_torch,
-              "torch_compile": worker_torch_compile, "jax": worker_jax,
-              "jitgrad-f32": lambda c: worker_jitgrad(c, precision="f32")}[impl]
-        res = fn(cfg, profile=True) if impl == "jitgrad" and a.with_profile else fn(cfg)
+        if cfg in GPT.CONFIGS:
+            res = worker_gpt(impl, cfg, profile=a.with_profile)
+        else:
+            fn = {"jitgrad": worker_jitgrad, "numpy": worker_numpy, "torch": worker_torch,
+                  "torch_compile": worker_torch_compile, "jax": worker_jax,
+                  "jitgrad-f32": lambda c: worker_jitgrad(c, precision="f32")}[impl]
+            res = fn(cfg, profile=True) if impl == "jitgrad" and a.with_profile else fn(cfg)
         res["load1"] = os.getloadavg()[0]  # the machine is shared: record how busy it was
         print(json.dumps(res))
         return 0
@@ -601,13 +715,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     WORKER_THREADS = a.threads
+    known = GPT.CONFIGS if a.model == "gpt" else CONFIGS
+    configs = [c for c in (a.configs or ",".join(known)).split(",") if c]
+    for c in configs:
+        if c not in known:
+            ap.error(f"unknown config {c!r}; choose from {', '.join(known)}")
+    if a.model == "gpt":
+        if PRECISION == "bf16" or a.markdown or a.loaded:
+            ap.error("--model gpt compares float32 steps on a quiet machine only")
+        return compare_gpt(a, configs)
     if PRECISION == "bf16":
         PEER = BF16_PEER
     a.impls = a.impls or ",".join(BF16_IMPLS if PRECISION == "bf16" else IMPLS)
-    configs = [c for c in a.configs.split(",") if c]
-    for c in configs:
-        if c not in CONFIGS:
-            ap.error(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
     impls = [i for i in a.impls.split(",") if i]
     if PRECISION == "bf16" and a.markdown:
         ap.error("--markdown regenerates the float32 tables; run --precision bf16 without it")

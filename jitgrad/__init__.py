@@ -35,6 +35,7 @@ from .frontend.ops.elementwise import (
     tanh,
     where,
 )
+from .frontend.ops.gelu import gelu
 from .frontend.ops.indexing import at
 from .frontend.ops.linalg import matmul
 from .frontend.ops.maths import (  # the numpy surface (issue 16)
@@ -116,4 +117,6 @@ __all__ = [
     "cos", "cosh", "erf", "exp2", "expm1", "fmax", "fmin", "floor_divide", "hypot", "log1p",
     "log2", "log10", "logaddexp", "logaddexp2", "minimum", "remainder", "sin", "sinh",
     "square", "tan", "average", "cumsum", "min", "prod", "std", "var", "argsort", "sort",
+    # transformers (issue 21)
+    "gelu",
 ]

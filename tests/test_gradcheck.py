@@ -54,10 +54,13 @@ from jitgrad.compiler import bf16_provider
 from jitgrad.frontend import tree
 from jitgrad.frontend.core import registry
 from jitgrad.frontend.ir import validate
+from jitgrad.frontend.ops import attention as ATT
 from jitgrad.frontend.ops import bf16_gemm as BF16
 from jitgrad.frontend.ops import conv as CV
+from jitgrad.frontend.ops import gelu as GELU
 from jitgrad.frontend.ops import linalg as L
 from jitgrad.frontend.ops import nn as NN
+from jitgrad.frontend.ops import norm as NORM
 from jitgrad.frontend.ops import pool as PL
 from jitgrad.frontend.ops import precision as PREC
 from jitgrad.frontend.ops import random as R
@@ -465,6 +468,83 @@ add("softmax_cross_entropy_grad", "via-grad",
 add("softmax_cross_entropy_grad", "direct",
     lambda z: NN.softmax_cross_entropy_grad_p.bind(z, LABELS),
     lambda z: np_sce_grad(z, LABELS), mk(normal(5, 4)))
+
+# transformers (issue 21): layer norm, GELU, the masked softmax; their gradient primitives
+# are also bound directly (with statistics of their own: the VJP takes them as inputs)
+def np_layer_norm(x, w=None, b=None, n_dims=1, eps=1e-5):
+    axes = tuple(range(x.ndim - n_dims, x.ndim))
+    xh = (x - x.mean(axis=axes, keepdims=True)) / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+    return xh * (1.0 if w is None else w) + (0.0 if b is None else b)
+
+
+def np_layer_norm_grad(g, x, w, mean, rstd):
+    n = x.shape[1]
+    xh = (x - mean[:, None]) * rstd[:, None]
+    gw = g * w
+    dx = rstd[:, None] * (gw - gw.mean(axis=1, keepdims=True)
+                          - xh * (gw * xh).sum(axis=1, keepdims=True) / n)
+    return dx, (g * xh).sum(axis=0), g.sum(axis=0)
+
+
+def np_gelu(x, approximate="none"):
+    if approximate == "tanh":
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + special.erf(x / np.sqrt(2)))
+
+
+def np_gelu_grad(x, approximate="none"):
+    if approximate == "tanh":
+        c = np.sqrt(2 / np.pi)
+        t = np.tanh(c * (x + 0.044715 * x ** 3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+    return 0.5 * (1 + special.erf(x / np.sqrt(2))) + x * np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+
+
+def np_masked_softmax(s, mask=None, scale=1.0, causal=False):
+    z = s * scale + (0.0 if mask is None else mask)
+    if causal:
+        z = np.where(np.tril(np.ones(s.shape[-2:], bool)), z, -np.inf)
+    m = np.max(z, axis=-1, keepdims=True)
+    e = np.exp(z - np.where(np.isfinite(m), m, 0))
+    total = e.sum(axis=-1, keepdims=True)
+    return np.where(total > 0, e / np.where(total > 0, total, 1), 0.0)
+
+
+def np_attention(q, k, v, causal=True):
+    return np_masked_softmax(q @ np.swapaxes(k, -1, -2), scale=1 / np.sqrt(q.shape[-1]),
+                             causal=causal) @ v
+
+
+BOOL_MASK = np.array([[True, False, True, True], [False, False, False, False],
+                      [True, True, False, True]])  # the middle row is fully masked
+
+add("layer_norm", "affine", lambda x, w, b: jg.nn.layer_norm(x, 4, w, b), np_layer_norm,
+    mk(normal(2, 3, 4), normal(4), normal(4)))
+add("layer_norm", "two-dims-plain", lambda x: jg.nn.layer_norm(x, (3, 4), eps=1e-3),
+    lambda x: np_layer_norm(x, n_dims=2, eps=1e-3), mk(normal(2, 3, 4)))
+add("layer_norm_grad", "direct", lambda g, x, w, m, r: NORM.layer_norm_grad_p.bind(g, x, w, m, r),
+    np_layer_norm_grad, mk(normal(3, 4), normal(3, 4), normal(4), normal(3), pos(3)))
+for _approx in ("none", "tanh"):
+    add("gelu", _approx, lambda x, a=_approx: jg.gelu(x, approximate=a),
+        lambda x, a=_approx: np_gelu(x, a), mk(normal(3, 4)))
+    add("gelu_grad", f"{_approx}-direct",
+        lambda x, a=_approx: GELU.gelu_grad_p.bind(x, approximate=a),
+        lambda x, a=_approx: np_gelu_grad(x, a), mk(normal(3, 4)))
+add("gelu", "bias-gelu-composed", lambda x, b: jg.gelu(x + b) * 2.0,
+    lambda x, b: np_gelu(x + b) * 2.0, mk(normal(3, 4), normal(4)))
+add("masked_softmax", "causal-scaled", lambda s: jg.nn.masked_softmax(s, causal=True, scale=0.5),
+    lambda s: np_masked_softmax(s, scale=0.5, causal=True), mk(normal(2, 4, 4)))
+add("masked_softmax", "additive-mask", lambda s, m: jg.nn.masked_softmax(s, m),
+    lambda s, m: np_masked_softmax(s, m), mk(normal(2, 3, 4), normal(3, 4)))
+add("masked_softmax", "bool-mask-fully-masked-row", lambda s: jg.nn.masked_softmax(s, BOOL_MASK),
+    lambda s: np_masked_softmax(s, np.where(BOOL_MASK, 0.0, -np.inf)), mk(normal(2, 3, 4)))
+add("masked_softmax", "causal-attention",
+    lambda q, k, v: jg.nn.scaled_dot_product_attention(q, k, v, is_causal=True), np_attention,
+    mk(normal(2, 3, 2), normal(2, 3, 2), normal(2, 3, 2)))
+add("masked_softmax_grad", "direct",
+    lambda g, p: ATT.masked_softmax_grad_p.bind(g, p, scale=0.5),
+    lambda g, p: 0.5 * p * (g - (g * p).sum(axis=-1, keepdims=True)),
+    mk(normal(2, 3, 4), normal(2, 3, 4)))
 
 # shape primitives
 add("reshape", "2d", lambda x: jg.reshape(x, (2, 6)), lambda x: x.reshape(2, 6), mk(normal(3, 4)))

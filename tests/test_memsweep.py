@@ -34,3 +34,13 @@ def test_memsweep_policy_options():
     assert memsweep.jit_options("full") == {"remat": "full"}
     assert memsweep.jit_options("4096") == {"memory_budget": 4096}
     assert cli.main(["memsweep", "--policies", "everything", "--budgets", "1k"]) == 2
+
+
+def test_gpt_block_checkpoints_store_less_and_recompute():
+    """The GPT's policies, planned only (nothing compiled): checkpointing every block keeps
+    fewer values than storing everything and recomputes part of the forward pass."""
+    model = memsweep.GPTModel(n_layer=3, n_embd=16, n_head=2, block=16, batch=8)
+    none, blocks = memsweep.planned(model, "none"), memsweep.planned(model, "blocks")
+    assert blocks.peak_live_bytes < none.peak_live_bytes
+    assert "GPT" in model.title
+    assert cli.main(["memsweep", "--policies", "blocks", "--budgets", "1k"]) == 2  # MLP only

@@ -326,6 +326,20 @@ CASES: dict[str, Case] = {
     "logsumexp": ordered(lambda x: P["logsumexp"].bind(x, axes=(1,), keepdims=False), floats(X)),
     "logsumexp/axis0": ordered(lambda x: P["logsumexp"].bind(x, axes=(0,), keepdims=True),
                             floats(X)),
+    # transformers (issue 21): statistics and row sums depend on the order of their terms
+    "layer_norm": ordered(lambda x, w, b: P["layer_norm"].bind(x, w, b, eps=1e-5),
+                          floats(X, X[1:], X[1:])),
+    "layer_norm_grad": ordered(lambda g, x, w, m, r: P["layer_norm_grad"].bind(g, x, w, m, r),
+                               floats(X, X, X[1:], X[:1], X[:1])),
+    **{f"{name}{'/tanh' if approx == 'tanh' else ''}": Case(
+        lambda x, n=name, a=approx: P[n].bind(x, approximate=a), floats(X))
+       for name in ("gelu", "gelu_grad") for approx in ("none", "tanh")},
+    "masked_softmax": ordered(lambda s: P["masked_softmax"].bind(s, scale=0.5, causal=True),
+                              floats(X)),
+    "masked_softmax/mask": ordered(
+        lambda s, m: P["masked_softmax"].bind(s, m, scale=1.0, causal=False), floats(X, X[1:])),
+    "masked_softmax_grad": ordered(lambda g, p: P["masked_softmax_grad"].bind(g, p, scale=2.0),
+                                   floats(X, X)),
     # matmul (BLAS)
     "matmul": Case(lambda a, b: P["matmul"].bind(a, b, ta=False, tb=False),
                    floats(X, (4, 2)),

@@ -17,6 +17,12 @@ from ..errors import JitgradError
 
 NUM_THREADS_VAR = "JITGRAD_NUM_THREADS"
 
+# Below this many elements a library kernel runs on one thread. A parallel region costs ~2 µs
+# on an idle machine, but on a loaded one its spinning threads starve BLAS's: row kernels
+# (layer norm, masked softmax) run in parallel at 10^5 elements made a GPT training step
+# 10x slower here, every GEMM around them included.
+PARALLEL_MIN = 1 << 20
+
 _initialised = False
 _local_ranks: int | None = None  # set from the communicator by distributed training
 

@@ -51,6 +51,8 @@ def _config_from_args(args: argparse.Namespace, saved: dict[str, Any] | None) ->
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.model == "gpt":
+        return _train_gpt(args)
     if not args.distributed:
         return _train(args, None)
     from ..training import distributed
@@ -102,10 +104,59 @@ def _train(args: argparse.Namespace, comm: Any) -> int:
     return EXIT_OK
 
 
+# Flags of the MLP recipe that the GPT recipe has no use for.
+_MLP_ONLY = ("hidden", "epochs", "optimizer", "momentum", "nesterov", "schedule", "remat",
+             "memory_budget", "dropout", "resume", "distributed")
+_GPT_FLAGS = ("data", "block_size", "batch_size", "n_layer", "n_head", "n_embd", "iters", "lr",
+              "min_lr", "warmup", "beta2", "weight_decay", "clip", "eval_interval",
+              "eval_batches", "dtype", "seed")
+
+
+def _train_gpt(args: argparse.Namespace) -> int:
+    """`jitgrad train --model gpt`: jitgrad.training.gpt_recipe."""
+    from ..training import gpt_recipe
+    given = [f for f in _MLP_ONLY if getattr(args, f) not in (None, False)]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} is a flag of the MLP recipe, not of "
+                         f"--model gpt")
+    cfg = gpt_recipe.GPTTrainConfig(**{f: getattr(args, f) for f in _GPT_FLAGS
+                                       if getattr(args, f) is not None})
+    m = gpt_recipe.run(cfg, save=args.save, out=None if args.quiet else sys.stdout,
+                       progress=not args.quiet and sys.stderr.isatty())
+    for line in gpt_recipe.summary_lines(m):
+        print(line)
+    if args.save:
+        print(f"saved {args.save}")
+    if args.json:
+        print(json.dumps({k: v for k, v in m.items()}))
+    return EXIT_OK
+
+
+def _add_gpt_flags(p: Any) -> None:
+    from ..training.gpt_recipe import GPTTrainConfig
+    d = GPTTrainConfig()
+    g = p.add_argument_group("GPT (--model gpt; --data is a UTF-8 text file, default: the "
+                             "bundled tiny Shakespeare; --batch-size default 12, --lr 1e-3, "
+                             "--weight-decay 0.1)").add_argument
+    g("--iters", type=positive_int, metavar="N", help=f"training steps (default: {d.iters})")
+    g("--block-size", type=positive_int, metavar="N", help=f"context (default: {d.block_size})")
+    g("--n-layer", type=positive_int, metavar="N", help=f"default: {d.n_layer}")
+    g("--n-head", type=positive_int, metavar="N", help=f"default: {d.n_head}")
+    g("--n-embd", type=positive_int, metavar="N", help=f"width (default: {d.n_embd})")
+    g("--warmup", type=int, metavar="N", help=f"linear warm-up steps (default: {d.warmup})")
+    g("--min-lr", type=float, help=f"the cosine decay's floor (default: {d.min_lr})")
+    g("--beta2", type=float, help=f"AdamW's beta2 (default: {d.beta2})")
+    g("--clip", type=float, metavar="NORM", help=f"gradient clipping norm (default: {d.clip})")
+    g("--eval-interval", type=positive_int, metavar="N",
+      help=f"steps between evaluations (default: {d.eval_interval})")
+    g("--eval-batches", type=positive_int, metavar="N",
+      help=f"fixed validation batches averaged (default: {d.eval_batches})")
+
+
 def _add_train(sub: Any) -> None:
     d = TrainConfig()
     p = sub.add_parser(
-        "train", help="train an MLP or a conv net (default: the bundled 8x8 digits)",
+        "train", help="train an MLP, a conv net or a GPT (default: an MLP on the bundled digits)",
         description="Train a classifier with a compiled forward+backward+update step. "
                     "Defaults reach about 98% test accuracy on the bundled digits in a few "
                     "seconds (the conv net, --model cnn, about 98.5%). With --resume, "
@@ -115,8 +166,9 @@ def _add_train(sub: Any) -> None:
     a = p.add_argument
     a("--data", metavar="PATH", help="directory of MNIST-style IDX files, or a .npz/.csv "
       "file (default: bundled digits)")
-    a("--model", choices=list(MODELS), help=f"default: {d.model}; cnn: conv3x3(16)-relu-"
-      "maxpool2-conv3x3(32)-relu-maxpool2-linear, lenet5: LeNet-5 (28x28 inputs)")
+    a("--model", choices=[*MODELS, "gpt"], help=f"default: {d.model}; cnn: conv3x3(16)-relu-"
+      "maxpool2-conv3x3(32)-relu-maxpool2-linear, lenet5: LeNet-5 (28x28 inputs); gpt: a "
+      "character-level GPT (its own flags, below)")
     a("--hidden", type=parse_hidden, metavar="W1,W2,...",
       help=f"hidden layer widths of the MLP (default: {','.join(map(str, d.hidden))})")
     a("--epochs", type=int, metavar="N", help="total epochs (default: " + ", ".join(
@@ -156,25 +208,63 @@ def _add_train(sub: Any) -> None:
     a("--json", action="store_true",
       help="print the final metrics as one JSON object on the last line")
     a("--quiet", "-q", action="store_true", help="no progress bar and no per-epoch lines")
+    _add_gpt_flags(p)
     p.set_defaults(run=cmd_train)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from ..training.gpt_recipe import Sampler
+    sampler = Sampler.load(args.checkpoint)
+    generated, rate = sampler.generate(args.prompt, args.tokens, args.temperature, args.top_k,
+                                       args.seed)
+    print(args.prompt + generated)
+    print(f"{args.tokens} tokens at {rate:,.0f} tokens/s", file=sys.stderr)
+    return EXIT_OK
+
+
+def _add_sample(sub: Any) -> None:
+    p = sub.add_parser(
+        "sample", help="generate text from a GPT checkpoint (jitgrad train --model gpt --save)",
+        description="Generate characters from a checkpoint of `jitgrad train --model gpt`, "
+                    "one compiled forward pass of the block size per character.")
+    a = p.add_argument
+    a("checkpoint", metavar="CHECKPOINT")
+    a("--tokens", type=int, default=500, metavar="N", help="characters to generate "
+      "(default: 500)")
+    a("--temperature", type=float, default=0.8, help="default: 0.8")
+    a("--top-k", type=positive_int, default=None, metavar="K",
+      help="sample among the K likeliest characters only (default: all)")
+    a("--seed", type=int, default=0, help="default: 0")
+    a("--prompt", default="\n", metavar="TEXT", help="the text to continue (default: a "
+      "newline)")
+    p.set_defaults(run=cmd_sample)
 
 
 def cmd_memsweep(args: argparse.Namespace) -> int:
     from . import memsweep
-    model = memsweep.Model(args.depth, args.width, args.batch, args.dtype)
-    for name in ("depth", "width", "batch", "rounds", "steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    named = [p for p in args.policies.split(",") if p]
+    for name in ("depth", "width", "batch", "n_head", "block", "rounds", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got "
+                             f"{getattr(args, name)}")
+    if args.model == "gpt":  # --depth and --width are its layers and width
+        sizes = {"n_layer": args.depth, "n_embd": args.width, "n_head": args.n_head,
+                 "block": args.block, "batch": args.batch}
+        model: Any = memsweep.GPTModel(**{k: v for k, v in sizes.items() if v is not None},
+                                       dtype=args.dtype)
+    else:
+        sizes = {"depth": args.depth, "width": args.width, "batch": args.batch}
+        model = memsweep.Model(**{k: v for k, v in sizes.items() if v is not None},
+                               dtype=args.dtype)
+    named = [p for p in (args.policies or ("none,sqrt,blocks" if args.model == "gpt"
+                                           else "none,sqrt")).split(",") if p]
     for p in named:  # before any planning: a typo costs nothing
-        if p not in memsweep.POLICIES:
-            raise ValueError(f"unknown policy {p!r}: use none, sqrt, full (and --budgets)")
+        if p not in memsweep.POLICIES or (p == "blocks" and args.model != "gpt"):
+            raise ValueError(f"unknown policy {p!r}: use none, sqrt, full, blocks (GPT only) "
+                             f"and --budgets")
     budgets = args.budgets if args.budgets is not None else memsweep.default_budgets(
         model, [0.25, 0.5, 0.75])
     policies = named + [str(b) for b in budgets]
-    act = model.activation_bytes
-    title = (f"{model.depth}-layer ReLU MLP, width {model.width}, batch {model.batch}, "
-             f"{model.dtype} (one activation {act / 2**20:.1f} MiB)")
+    title = model.title
     print(title)
     rows = memsweep.table_rows(memsweep.sweep(model, policies, args.rounds, args.steps,
                                               log=None if args.quiet else sys.stderr))
@@ -203,17 +293,22 @@ def cmd_memsweep(args: argparse.Namespace) -> int:
 def _add_memsweep(sub: Any) -> None:
     p = sub.add_parser(
         "memsweep", help="memory vs runtime of a training step under recomputation policies",
-        description="Compile a deep ReLU MLP training step under each recomputation policy "
-                    "(none, sqrt, byte budgets), each in its own process, alternating over "
+        description="Compile a deep ReLU MLP (or GPT) training step under each recomputation "
+                    "policy (none, sqrt, byte budgets; GPT: also blocks, each transformer "
+                    "block checkpointed), each in its own process, alternating over "
                     "rounds, and print planned peak, measured peak, step time and "
                     "recomputation per policy.")
     a = p.add_argument
-    a("--depth", type=int, default=32, help="layers (default: 32)")
-    a("--width", type=int, default=256, help="layer width (default: 256)")
-    a("--batch", type=int, default=1024, help="batch size (default: 1024)")
+    a("--model", choices=("mlp", "gpt"), default="mlp",
+      help="mlp: a deep ReLU chain; gpt: a GPT's AdamW step (default: mlp)")
+    a("--depth", type=int, help="layers (default: MLP 32, GPT 6)")
+    a("--width", type=int, help="layer width (default: MLP 256, GPT 384)")
+    a("--batch", type=int, help="batch size (default: MLP 1024, GPT 8)")
+    a("--n-head", type=int, help="GPT attention heads (default: 6)")
+    a("--block", type=int, help="GPT block size (default: 256)")
     a("--dtype", choices=DTYPES, default="float32")
-    a("--policies", default="none,sqrt",
-      help="comma-separated: none, sqrt, full (default: none,sqrt)")
+    a("--policies", help="comma-separated: none, sqrt, full, blocks (GPT) "
+      "(default: none,sqrt; GPT none,sqrt,blocks)")
     a("--budgets", type=parse_byte_list, metavar="B1,B2,...",
       help="memory budgets, e.g. 40MiB,60MiB (default: three between the sqrt and none plans)")
     a("--rounds", type=int, default=3, help="measured rounds per policy (default: 3)")
@@ -333,7 +428,8 @@ def _add_show(sub: Any) -> None:
 
 
 # One function per subcommand: it adds its parser and sets `run`.
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train, _add_memsweep, _add_show, _add_cache]
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train, _add_sample, _add_memsweep, _add_show,
+                                            _add_cache]
 
 
 def build_parser() -> argparse.ArgumentParser:

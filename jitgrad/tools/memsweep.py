@@ -1,8 +1,9 @@
 """`jitgrad memsweep`: memory against runtime of one training step, per recomputation policy.
 
-A deep ReLU MLP chain is compiled as a `train_step` under each policy (`none`,
-`sqrt`, byte budgets). Each policy runs in a process of its own, policies
-alternating over rounds (a machine's noise then hits all of them alike); a
+A deep ReLU MLP chain (or, with `--model gpt`, a GPT's AdamW step) is compiled as a
+`train_step` under each policy (`none`, `sqrt`, byte budgets; for the GPT also `blocks`:
+every transformer block a `jg.checkpoint` region). Each policy runs in a process of its
+own, policies alternating over rounds (a machine's noise then hits all of them alike); a
 first warm-up round compiles into the cache, so that the measured processes
 only load compiled code. In a measured process:
 
@@ -55,6 +56,60 @@ class Model:
     def activation_bytes(self) -> int:
         return self.batch * self.width * np.dtype(self.dtype).itemsize
 
+    @property
+    def title(self) -> str:
+        return (f"{self.depth}-layer ReLU MLP, width {self.width}, batch {self.batch}, "
+                f"{self.dtype} (one activation {self.activation_bytes / 2**20:.1f} MiB)")
+
+    def train_step(self, policy: str) -> tuple[Any, tuple[Any, ...]]:
+        """(the SGD train_step under policy, its batch)."""
+        import jitgrad as jg
+        params, x, y = self.make()
+        return jg.train_step(chain_loss, params, jg.optim.SGD(lr=1e-3),
+                             **jit_options(policy)), (x, y)
+
+
+@dataclass(frozen=True)
+class GPTModel:
+    """A GPT's AdamW training step (jg.nn.gpt_loss); policy "blocks" checkpoints each block."""
+
+    n_layer: int = 6
+    n_embd: int = 384
+    n_head: int = 6
+    block: int = 256
+    batch: int = 8
+    dtype: str = "float32"
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.batch * self.block * self.n_embd * np.dtype(self.dtype).itemsize
+
+    @property
+    def title(self) -> str:
+        return (f"{self.n_layer}-layer GPT, width {self.n_embd}, {self.n_head} heads, block "
+                f"{self.block}, batch {self.batch}, {self.dtype} (the residual stream "
+                f"{self.activation_bytes / 2**20:.1f} MiB)")
+
+    def train_step(self, policy: str) -> tuple[Any, tuple[Any, ...]]:
+        import jitgrad as jg
+
+        from ..training import gpt
+        cfg = gpt.GPTConfig(65, self.block, self.n_layer, self.n_head, self.n_embd)
+        params = gpt.gpt_init(cfg, 0, self.dtype)
+        ids = np.random.default_rng(1).integers(0, 65, size=(self.batch, self.block + 1))
+        blocks = policy == "blocks"
+        loss = functools.partial(gpt.gpt_loss, n_head=self.n_head, checkpoint_blocks=blocks)
+        opt = jg.optim.AdamW(weight_decay=0.1, mask=gpt.decay_mask(params), clip_norm=1.0)
+        step = jg.train_step(loss, params, opt, **({} if blocks else jit_options(policy)))
+        return step, (ids[:, :-1], ids[:, 1:])
+
+
+MODELS = {"mlp": Model, "gpt": GPTModel}
+
+
+def _kind(model: Model | GPTModel) -> str:
+    return next(k for k, cls in MODELS.items() if isinstance(model, cls))
+
 
 def chain_loss(params: list[Any], x: Any, y: Any) -> Any:
     import jitgrad as jg
@@ -66,7 +121,7 @@ def chain_loss(params: list[Any], x: Any, y: Any) -> Any:
     return jg.softmax_cross_entropy(h, y)
 
 
-POLICIES = ("none", "sqrt", "full")  # the named ones; a policy may also be a byte budget
+POLICIES = ("none", "sqrt", "full", "blocks")  # named ones (blocks: GPT); or a byte budget
 jit_options = policy_options  # a policy -> train_step's keyword arguments
 
 
@@ -79,19 +134,17 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def measure(model: Model, policy: str, steps: int) -> dict[str, Any]:
+def measure(model: Model | GPTModel, policy: str, steps: int) -> dict[str, Any]:
     """Run in a fresh process: compile or load, one measured first call, timed steps."""
-    import jitgrad as jg
-    params, x, y = model.make()
-    step = jg.train_step(chain_loss, params, jg.optim.SGD(lr=1e-3), **jit_options(policy))
-    entry = step.lower(x, y)
+    step, batch = model.train_step(policy)
+    entry = step.lower(*batch)
     before = _rss_bytes()
-    step(x, y)
+    step(*batch)
     grown = max(_peak_rss_bytes() - before, 0)
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        step(x, y)
+        step(*batch)
         times.append(time.perf_counter() - t)
     plan, report = entry.plan, entry.remat
     return {"policy": policy, "planned_peak": plan.arena_bytes,
@@ -101,8 +154,9 @@ def measure(model: Model, policy: str, steps: int) -> dict[str, Any]:
             "stored": len(report.stored), "saved": len(report.saved)}
 
 
-def _worker(model: Model, policy: str, steps: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "jitgrad.tools.memsweep", json.dumps(asdict(model)), policy,
+def _worker(model: Model | GPTModel, policy: str, steps: int) -> dict[str, Any]:
+    spec = {"kind": _kind(model), **asdict(model)}
+    cmd = [sys.executable, "-m", "jitgrad.tools.memsweep", json.dumps(spec), policy,
            str(steps)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -112,23 +166,20 @@ def _worker(model: Model, policy: str, steps: int) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=16)  # budgets and --timeline plan the same policies
-def planned(model: Model, policy: str) -> Plan:
+def planned(model: Model | GPTModel, policy: str) -> Plan:
     """The memory plan of the model's training step under a policy (planning only: the
     program is traced and laid out, nothing is compiled)."""
-    import jitgrad as jg
-
-    params, x, y = model.make()
-    step = jg.train_step(chain_loss, params, jg.optim.SGD(lr=1e-3), **jit_options(policy))
-    return step.plan_only(x, y).plan
+    step, batch = model.train_step(policy)
+    return step.plan_only(*batch).plan
 
 
-def default_budgets(model: Model, fractions: list[float]) -> list[int]:
+def default_budgets(model: Model | GPTModel, fractions: list[float]) -> list[int]:
     """Budgets spread between what sqrt and no recomputation plan."""
     full, low = planned(model, "none").arena_bytes, planned(model, "sqrt").arena_bytes
     return [int(low + f * (full - low)) for f in fractions]
 
 
-def sweep(model: Model, policies: list[str], rounds: int, steps: int,
+def sweep(model: Model | GPTModel, policies: list[str], rounds: int, steps: int,
           log: TextIO | None = None) -> list[dict[str, Any]]:
     runs: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
     for r in range(rounds + 1):  # round 0 compiles into the cache and is not counted
@@ -232,7 +283,8 @@ def plot_frontier(rows: list[dict[str, Any]], path: str, title: str) -> None:
 
 def main() -> None:
     """Worker entry point: `python -m jitgrad.tools.memsweep MODEL_JSON POLICY STEPS`."""
-    model = Model(**json.loads(sys.argv[1]))
+    spec = json.loads(sys.argv[1])
+    model = MODELS[spec.pop("kind", "mlp")](**spec)
     print(json.dumps(measure(model, sys.argv[2], int(sys.argv[3]))))
 
 

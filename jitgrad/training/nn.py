@@ -21,17 +21,23 @@ from numpy.typing import DTypeLike
 from ..errors import JitgradError
 from ..frontend import random
 from ..frontend.core import Tracer
+from ..frontend.ops.attention import masked_softmax, scaled_dot_product_attention
 from ..frontend.ops.conv import conv2d
 from ..frontend.ops.elementwise import relu, tanh, where
+from ..frontend.ops.gelu import gelu
 from ..frontend.ops.nn import softmax_cross_entropy
+from ..frontend.ops.norm import layer_norm
 from ..frontend.ops.pool import avg_pool2d, max_pool2d
 from ..frontend.ops.reduce import sum as _sum
 from ..frontend.ops.shape import reshape
+from .gpt import GPTConfig, decay_mask, gpt_apply, gpt_init, gpt_loss
 
 __all__ = [
-    "ACTIVATIONS", "CNN_MODELS", "ConvNet", "DIGITS_CNN", "LENET5", "WIDE_CNN", "accuracy",
-    "avg_pool2d", "conv2d", "conv_init", "dropout", "glorot_uniform", "he_normal",
-    "kaiming_uniform", "linear", "max_pool2d", "mlp_apply", "mlp_init", "mlp_loss", "num_layers",
+    "ACTIVATIONS", "CNN_MODELS", "ConvNet", "DIGITS_CNN", "GPTConfig", "LENET5", "WIDE_CNN",
+    "accuracy", "avg_pool2d", "conv2d", "conv_init", "decay_mask", "dropout", "gelu",
+    "glorot_uniform", "gpt_apply", "gpt_init", "gpt_loss", "he_normal", "kaiming_uniform",
+    "layer_norm", "linear", "masked_softmax", "max_pool2d", "mlp_apply", "mlp_init", "mlp_loss",
+    "num_layers", "scaled_dot_product_attention",
 ]
 
 ACTIVATIONS = {f.__name__: f for f in (relu, tanh)}

@@ -16,6 +16,8 @@ import numpy as np
 from ..errors import JitgradError
 from ..frontend import tree
 from ..frontend.ops.elementwise import sqrt
+from ..frontend.ops.maths import minimum
+from ..frontend.ops.reduce import sum as _sum
 
 
 class Schedule:
@@ -49,6 +51,26 @@ class Cosine(Schedule):
     def __call__(self, base_lr: float, t: int) -> float:
         frac = min(t - 1, self.total) / self.total
         return self.min_lr + (base_lr - self.min_lr) * (1 + math.cos(math.pi * frac)) / 2
+
+
+class WarmupCosine(Schedule):
+    """Linear warm-up over `warmup` steps, then cosine decay to min_lr at step `total`, and
+    min_lr after it: nanoGPT's get_lr(it) with it = t - 1."""
+
+    def __init__(self, warmup: int, total: int, min_lr: float = 0.0):
+        self.warmup, self.total, self.min_lr = int(warmup), int(total), float(min_lr)
+        if not 0 <= self.warmup < max(self.total, 1):
+            raise JitgradError(f"warm-up must be shorter than the schedule: {self.warmup} "
+                               f"warm-up steps of {self.total}")
+
+    def __call__(self, base_lr: float, t: int) -> float:
+        it = t - 1
+        if it < self.warmup:
+            return base_lr * (it + 1) / (self.warmup + 1)
+        if it > self.total:
+            return self.min_lr
+        ratio = (it - self.warmup) / max(self.total - self.warmup, 1)
+        return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (base_lr - self.min_lr)
 
 
 def _zeros_like(params: Any) -> Any:
@@ -104,17 +126,64 @@ class SGD(Optimizer):
         return _map(lambda p, s: p - lr * s, params, step), {"momentum": buf}
 
 
+def global_norm(grads: Any) -> Any:
+    """sqrt of the sum of squares of every gradient element (one 0-d value)."""
+    total = None
+    for g in tree.flatten(grads)[0]:
+        sq = _sum(g * g)
+        total = sq if total is None else total + sq
+    return sqrt(total)
+
+
+def clip_by_global_norm(grads: Any, max_norm: float) -> Any:
+    """grads scaled by min(1, max_norm / (norm + 1e-6)), norm their global_norm: as
+    torch.nn.utils.clip_grad_norm_ does it."""
+    scale = minimum(max_norm / (global_norm(grads) + 1e-6), 1.0)
+    return _map(lambda g: g * scale, grads)
+
+
+def check_mask(mask: Any, params: Any) -> list[bool]:
+    """A weight-decay mask's leaves (one bool per parameter), checked against params."""
+    leaves, td = tree.flatten(mask)
+    p_leaves, p_td = tree.flatten(params)
+    if td != p_td:
+        raise JitgradError("the weight-decay mask must have the parameters' structure (a "
+                           "bool for every parameter array)")
+    for m in leaves:
+        if not isinstance(m, (bool, np.bool_)):
+            raise JitgradError(f"weight-decay mask leaves must be bools, got "
+                               f"{type(m).__name__} {m!r}")
+    return [bool(m) for m in leaves]
+
+
 class Adam(Optimizer):
-    """torch.optim.Adam (L2 weight decay added to the gradient); AdamW decouples it."""
+    """torch.optim.Adam (L2 weight decay added to the gradient); AdamW decouples it.
+
+    mask: a pytree of bools with the parameters' structure, True where weight decay applies
+    (torch's parameter groups with and without decay); None: everywhere. clip_norm: the
+    gradients are first scaled to a global norm of at most clip_norm (clip_by_global_norm,
+    torch.nn.utils.clip_grad_norm_), inside the compiled step.
+    """
 
     decoupled = False
 
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0,
-                 schedule: Schedule | None = None):
+                 schedule: Schedule | None = None, mask: Any = None,
+                 clip_norm: float | None = None):
         super().__init__(lr, schedule)
         self.b1, self.b2 = map(float, betas)
         self.eps, self.weight_decay = float(eps), float(weight_decay)
+        if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
+            raise JitgradError(f"clip_norm must be a positive number, got {clip_norm}")
+        self.mask, self.clip_norm = mask, None if clip_norm is None else float(clip_norm)
+
+    def _decays(self, params: Any) -> Any:
+        """A bool per parameter: where weight decay applies."""
+        leaves, td = tree.flatten(params)
+        if self.mask is None:
+            return tree.unflatten(td, [True] * len(leaves))
+        return tree.unflatten(td, check_mask(self.mask, params))
 
     def init(self, params: Any) -> dict[str, Any]:
         return {"m": _zeros_like(params), "v": _zeros_like(params)}
@@ -124,10 +193,13 @@ class Adam(Optimizer):
 
     def update(self, params, grads, state, hyper):
         lr, wd, b1, b2 = hyper["lr"], self.weight_decay, self.b1, self.b2
+        if self.clip_norm is not None:
+            grads = clip_by_global_norm(grads, self.clip_norm)
+        decays = self._decays(params)
         if wd and self.decoupled:
-            params = _map(lambda p: p * (1 - lr * wd), params)
+            params = _map(lambda p, d: p * (1 - lr * wd) if d else p, params, decays)
         elif wd:
-            grads = _map(lambda g, p: g + wd * p, grads, params)
+            grads = _map(lambda g, p, d: g + wd * p if d else g, grads, params, decays)
         m = _map(lambda m, g: b1 * m + (1 - b1) * g, state["m"], grads)
         v = _map(lambda v, g: b2 * v + (1 - b2) * (g * g), state["v"], grads)
         new = _map(lambda p, m, v: p - lr * (m / hyper["bc1"]) /
@@ -140,8 +212,9 @@ class AdamW(Adam):
 
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2,
-                 schedule: Schedule | None = None):
-        super().__init__(lr, betas, eps, weight_decay, schedule)
+                 schedule: Schedule | None = None, mask: Any = None,
+                 clip_norm: float | None = None):
+        super().__init__(lr, betas, eps, weight_decay, schedule, mask, clip_norm)
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}

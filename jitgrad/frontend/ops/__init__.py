@@ -2,15 +2,18 @@
 
 from ..core import registry
 from . import (
+           attention,
            bf16_gemm,
            contract,
            conv,
            diagonal,
            elementwise,
+           gelu,
            layout,
            linalg,
            maths,
            nn,
+           norm,
            pool,
            precision,
            random,
@@ -19,5 +22,6 @@ from . import (
            sort,
 )
 
-__all__ = ["registry", "bf16_gemm", "contract", "conv", "diagonal", "elementwise", "layout",
-           "linalg", "maths", "nn", "pool", "precision", "random", "reduce", "shape", "sort"]
+__all__ = ["registry", "attention", "bf16_gemm", "contract", "conv", "diagonal", "elementwise",
+           "gelu", "layout", "linalg", "maths", "nn", "norm", "pool", "precision", "random",
+           "reduce", "shape", "sort"]

@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numba import prange
 
 from ...compiler.cache import njit
 from ...compiler.kernels import FLOATS, ITEM_SIZES, Kernel
+from ...compiler.threads import PARALLEL_MIN
 from ...errors import JitgradError
 from ..core import Tracer, primitive
 
@@ -410,15 +412,37 @@ def gather_rows(x, idx, y):
     return 0
 
 
-@njit(cache=True)
-def scatter_add_rows(g, idx, y):
+SCATTER_COLUMNS = 16  # a block of columns per task: one 64-byte line of float32
+
+
+@njit(inline="always", cache=True)
+def _scatter_columns(g, idx, y, lo, hi):
     n = y.shape[0]
-    y[:] = 0
+    for k in range(n):
+        for c in range(lo, hi):
+            y[k, c] = 0
     for r in range(idx.size):
         k = wrap_index(idx[r], n)
-        if k < 0:
+        for c in range(lo, hi):
+            y[k, c] += g[r, c]
+
+
+@njit(cache=True, parallel=True)
+def scatter_add_rows(g, idx, y):
+    """y[idx[r]] += g[r] for every r (an embedding's gradient). Large ones run on all
+    threads, which split the columns, not the updates: each element is summed over r in
+    order, so the result is the same on any number of threads, bit for bit."""
+    n, width = y.shape
+    for r in range(idx.size):  # all indices checked before anything is written
+        if wrap_index(idx[r], n) < 0:
             return r + 1
-        y[k, :] += g[r, :]
+    if g.size < PARALLEL_MIN:
+        _scatter_columns(g, idx, y, 0, width)
+        return 0
+    blocks = (width + SCATTER_COLUMNS - 1) // SCATTER_COLUMNS
+    for b in prange(blocks):
+        lo = b * SCATTER_COLUMNS
+        _scatter_columns(g, idx, y, lo, min(lo + SCATTER_COLUMNS, width))
     return 0
 
 
