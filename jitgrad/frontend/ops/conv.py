@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from numba import prange
 
+from ...compiler.blas import _xxgemm
 from ...compiler.cache import njit
 from ...compiler.kernels import FLOATS, Kernel
 from ...errors import JitgradError
@@ -34,7 +35,6 @@ from ..ir import Var
 from . import elementwise as E
 from . import reduce as R
 from . import shape as S
-from .linalg import _xxgemm
 
 # ---------------------------------------------------------------- geometry
 
