@@ -355,3 +355,24 @@ def test_an_operand_used_twice_is_stored_once(rng):
     cf = jg.jit(lambda a: a @ a.T, precision="bf16")
     close(cf(a), ref_round(a) @ ref_round(a).T)
     assert _calls(cf).count("jg_store_bf16_u16") == 1 and _bf16_gemms(_calls(cf))
+
+
+def test_convolutions_round_their_gemm_operands(backend, rng):
+    """conv2d's im2col GEMMs are GEMMs too: forward and both gradients multiply bfloat16
+    values (computed in float32 where no bfloat16 convolution kernel exists)."""
+    from convref import np_conv2d, np_conv2d_input_grad, np_conv2d_weight_grad
+    x = rng.standard_normal((2, 3, 7, 7)).astype(F32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(F32)
+    g = rng.standard_normal((2, 4, 7, 7)).astype(F32)
+
+    def f(x, w):
+        return jg.sum(jg.nn.conv2d(x, w, padding=1) * g)
+
+    cf = jg.jit(jg.value_and_grad(f, argnums=(0, 1)), precision="bf16")
+    value, (dx, dw) = cf(x, w)
+    xr, wr, gr = ref_round(x), ref_round(w), ref_round(g)
+    close(np.asarray(value, F32).reshape(1),
+          np.asarray((np_conv2d(xr, wr, padding=1) * g).sum(), F32).reshape(1))
+    close(dx, np_conv2d_input_grad(gr, wr, x.shape, padding=1).astype(F32))
+    close(dw, np_conv2d_weight_grad(xr, gr, w.shape[2:], padding=1).astype(F32))
+    assert [i.prim.name for i in cf.program.instrs].count("round_bf16") >= 3

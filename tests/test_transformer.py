@@ -388,3 +388,13 @@ def test_clipping_scales_to_the_global_norm_only_above_it():
     np.testing.assert_allclose(clipped["a"], [3.0 / (5 + 1e-6), 0.0], rtol=1e-12)
     kept = jg.optim.clip_by_global_norm(grads, 10.0)
     np.testing.assert_array_equal(kept["b"], grads["b"])
+
+
+def test_train_gpt_under_bf16_mixed_precision(capsys):
+    import json
+
+    from jitgrad.tools import cli
+    assert cli.main(["train", "--model", "gpt", *TINY, "--precision", "bf16", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert m["config"]["precision"] == "bf16" and np.isfinite(m["val_loss"])
+    assert m["val_loss"] < np.log(65)

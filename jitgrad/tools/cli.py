@@ -109,7 +109,7 @@ _MLP_ONLY = ("hidden", "epochs", "optimizer", "momentum", "nesterov", "schedule"
              "memory_budget", "dropout", "resume", "distributed")
 _GPT_FLAGS = ("data", "block_size", "batch_size", "n_layer", "n_head", "n_embd", "iters", "lr",
               "min_lr", "warmup", "beta2", "weight_decay", "clip", "eval_interval",
-              "eval_batches", "dtype", "seed")
+              "eval_batches", "dtype", "precision", "seed")
 
 
 def _train_gpt(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ..compiler.precision import check_precision
 from ..errors import JitgradError
 from ..frontend.api import jit
 from . import checkpoint_io, optim, text
@@ -55,6 +56,7 @@ class GPTTrainConfig:
     eval_interval: int = 250
     eval_batches: int = 200
     dtype: str = "float32"
+    precision: str = "f32"  # "bf16": GEMM operands rounded to bfloat16 (compiler/precision.py)
     seed: int = 0
 
     def checked(self) -> GPTTrainConfig:
@@ -76,6 +78,7 @@ class GPTTrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_precision(self.precision)
         self.model(1)  # the shape checks of GPTConfig
         return self
 
@@ -131,8 +134,8 @@ def run(cfg: GPTTrainConfig, *, save: str | os.PathLike[str] | None = None,
     model = cfg.model(corpus.vocab_size)
     params = gpt_init(model, np.random.default_rng(cfg.seed), np.dtype(cfg.dtype))
     loss_fn = _loss_of(cfg.n_head)
-    step = train_step(loss_fn, params, cfg.optimizer(params))
-    val_loss_fn = jit(loss_fn)
+    step = train_step(loss_fn, params, cfg.optimizer(params), precision=cfg.precision)
+    val_loss_fn = jit(loss_fn, precision=cfg.precision)  # scored as it trains, as autocast
     val_starts = validation_starts(corpus, cfg)
     rng = np.random.default_rng([cfg.seed, 0])
     tokens_per_step = cfg.batch_size * cfg.block_size

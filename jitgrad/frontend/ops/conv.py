@@ -142,9 +142,10 @@ def _weight_grad_ref(x, g, k, stride, padding, dilation, groups):
 
 # ---------------------------------------------------------------- primitives
 
-conv2d_p = primitive("conv2d", "conv")
-conv2d_input_grad_p = primitive("conv2d_input_grad", "conv")
-conv2d_weight_grad_p = primitive("conv2d_weight_grad", "conv")
+# gemm_operands: what precision="bf16" rounds (the two factors of each im2col GEMM)
+conv2d_p = primitive("conv2d", "conv", gemm_operands=(0, 1))
+conv2d_input_grad_p = primitive("conv2d_input_grad", "conv", gemm_operands=(0, 1))
+conv2d_weight_grad_p = primitive("conv2d_weight_grad", "conv", gemm_operands=(0, 1))
 CONVS = (conv2d_p, conv2d_input_grad_p, conv2d_weight_grad_p)
 
 
