@@ -624,8 +624,9 @@ def readme_table(quiet: list[dict], loaded: list[dict], configs: list[str]) -> s
         cells = [fmt(us(quiet, cfg, i), ",.0f") for i in impls]
         cells.append(fmt(j / x if j and x else None, ".2f"))
         cells += [fmt(us(loaded, cfg, "jitgrad"), ",.0f"), fmt(us(loaded, cfg, PEER), ",.0f")]
-        out.append(f"| {cfg} {'-'.join(map(str, widths)) if len(widths) < 8 else cfg}, "
-                   f"batch {batch} | " + " | ".join(cells) + " |")
+        shape = "-".join(map(str, widths)) if len(widths) < 8 else \
+            f"{widths[0]}-({widths[1]}×{len(widths) - 2})-{widths[-1]}"
+        out.append(f"| {cfg} {shape}, batch {batch} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -652,7 +653,8 @@ def write_docs(info: dict, quiet: list[dict], loaded: list[dict], configs: list[
              f"{rounds} alternating rounds, each implementation in its own process, medians; "
              f"`load` is the 1-minute load average after each run (median).")
     doc = "\n\n".join([
-        where, "**Quiet machine** (nothing else of ours running):",
+        where, "**Without a competing load of our own** (anything else running on the "
+        "machine shows in the load column):",
         markdown_table(quiet, info, new_compile),
         f"**Beside a competing load**: {spinners} processes spinning `{SPIN}`:",
         markdown_table(loaded, info, {})])

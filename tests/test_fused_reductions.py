@@ -55,7 +55,7 @@ def test_a_column_sum_runs_in_the_pass_of_the_relu_backward_that_feeds_it(shape)
     # columns summed in float64 (as the plain sum kernel does), then rounded once
     want_bias = np.where(a > 0, g, 0).astype(np.float64).sum(axis=0)
     np.testing.assert_allclose(bias, want_bias, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-3)  # k = 1024 float32 terms
 
 
 def test_keepdims_sums_over_several_leading_axes_and_scalar_leaves():
