@@ -357,10 +357,14 @@ def test_dropout_compiled_equals_interpreted_with_recomputation():
 
     g = jg.value_and_grad(loss)
     want = jg.jit(g, backend="interpret")(W, x, key)
-    for remat in (None, "full"):
-        got = jg.jit(g, backend="numba", remat=remat)(W, x, key)
-        np.testing.assert_array_equal(got[0], want[0])
-        np.testing.assert_array_equal(got[1], want[1])
+    stored = jg.jit(g, backend="numba")(W, x, key)
+    # the same masks: equal up to the GEMM provider's order of summation (MKL's is not
+    # numpy's), and recomputation changes nothing at all
+    np.testing.assert_allclose(stored[0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(stored[1], want[1], rtol=1e-4, atol=1e-4)
+    recomputed = jg.jit(g, backend="numba", remat="full")(W, x, key)
+    np.testing.assert_array_equal(recomputed[0], stored[0])
+    np.testing.assert_array_equal(recomputed[1], stored[1])
 
 
 def test_mlp_dropout_option():
