@@ -180,6 +180,11 @@ _cblas = {d: types.ExternalFunction(f"cblas_{c}gemm", types.void(
     _I32, _I32, _I32, _I32, _I32, _I32, t, _VP, _I32, _VP, _I32, t, _VP, _I32))
     for d, c, t in (("float32", "s", types.float32), ("float64", "d", types.float64))}
 _cblas_sgemm, _cblas_dgemm = _cblas["float32"], _cblas["float64"]
+_set_local_threads = types.ExternalFunction("MKL_Set_Num_Threads_Local", _I32(_I32))
+# Below this many multiply-adds a product runs on the calling thread alone: waking the
+# passively waiting pool costs more than the second core saves (the small MLP's GEMMs
+# took twice JAX's whole single-threaded step on two threads).
+SERIAL_BELOW = 1 << 23
 
 _mkl: ctypes.CDLL | None = None
 _mkl_threads = 0  # what jitgrad last gave MKL (0: not set)
@@ -192,12 +197,16 @@ def mkl_gemm(c, pa, pb, pc, m, n, k, ta, tb, beta):
     ldb = k if tb else n
     opa = _TRANS if ta else _NO_TRANS
     opb = _TRANS if tb else _NO_TRANS
+    serial = m * n * k < SERIAL_BELOW
+    before = _set_local_threads(1) if serial else 0
     if c.itemsize == 4:  # float32 (both branches compile for either dtype)
         _cblas_sgemm(_ROW_MAJOR, opa, opb, m, n, k, np.float32(1.0), address(pa), lda,
                      address(pb), ldb, np.float32(beta), address(pc), n)
     else:
         _cblas_dgemm(_ROW_MAJOR, opa, opb, m, n, k, 1.0, address(pa), lda, address(pb), ldb,
                      beta, address(pc), n)
+    if serial:
+        _set_local_threads(before)
 
 
 def _mkl_library() -> bool:
