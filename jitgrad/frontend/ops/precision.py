@@ -20,6 +20,7 @@ from numba.extending import intrinsic
 
 from ...compiler.cache import njit
 from ...compiler.kernels import Kernel
+from ...compiler.threads import PARALLEL_MIN
 from ...errors import JitgradError
 from ..core import primitive
 
@@ -121,7 +122,9 @@ def _to_bf16_shape(x):
 
 to_bf16_p.def_impl(lambda x: bf16_bits(x).reshape(np.shape(x)))
 
-PARALLEL_MIN = 1 << 16  # elements: below this, one thread (a parallel region costs ~2-10 us)
+# Below threads.PARALLEL_MIN elements the store runs on one thread: measured side by side
+# (quiet machine, MKL's pool waiting passively), the medium MLP's bf16 step took 3,507/3,304 us
+# with parallel stores from 2^16 elements and 2,769/2,742 us with them serial.
 
 
 @njit(cache=True, parallel=True)
