@@ -107,7 +107,8 @@ def jitgrad_step(config: str, dtype="float32", precision: str | None = None):
     return step, tree, x, y
 
 
-def torch_step(config: str, compiled: bool = False):
+def torch_step(config: str, compiled: bool = False, bf16: bool = False):
+    """A torch SGD step (bf16: the forward under torch.autocast's bfloat16 policy)."""
     import torch
     import torch.nn.functional as F
     convs, _, _, _, _ = CNN_CONFIGS[config]
@@ -131,7 +132,8 @@ def torch_step(config: str, compiled: bool = False):
         return F.cross_entropy(h, y)
 
     def train(x, y):
-        loss = loss_fn(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -51,7 +51,7 @@ def init(config: str):
 
 # ---------------------------------------------------------------- jitgrad
 
-def jitgrad_step(config: str):
+def jitgrad_step(config: str, precision: str | None = None):
     """(step, params, tokens, targets): the jg.train_step, not yet compiled."""
     import jitgrad as jg
     from jitgrad.training import gpt as G
@@ -59,7 +59,8 @@ def jitgrad_step(config: str):
     heads = CONFIGS[config][2]
     opt = jg.optim.AdamW(lr=ADAMW["lr"], betas=(ADAMW["b1"], ADAMW["b2"]), eps=ADAMW["eps"],
                          weight_decay=ADAMW["wd"], mask=G.decay_mask(params), clip_norm=CLIP)
-    step = jg.train_step(lambda p, t, g: G.gpt_loss(p, t, g, heads), params, opt)
+    step = jg.train_step(lambda p, t, g: G.gpt_loss(p, t, g, heads), params, opt,
+                         precision=precision)
     return step, params, x, y
 
 
@@ -88,9 +89,9 @@ def torch_gpt_loss(p, tokens, targets, n_layer: int, n_head: int):
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def torch_step(config: str, compiled: bool):
+def torch_step(config: str, compiled: bool, bf16: bool = False):
     """(step, seconds compiling): the eager (or torch.compile'd) forward + backward, clip and
-    torch.optim.AdamW."""
+    torch.optim.AdamW (bf16: the forward under torch.autocast's bfloat16 policy)."""
     import torch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     _, layers, heads, _, _ = CONFIGS[config]
@@ -110,7 +111,8 @@ def torch_step(config: str, compiled: bool):
     params = list(p.values())
 
     def step():
-        loss = forward(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = forward(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)

@@ -117,7 +117,7 @@ def worker_numpy(config: str) -> dict:
 def worker_cnn_torch(config: str, compiled: bool) -> dict:
     import torch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", C.THREADS)))
-    step = _cnn.torch_step(config, compiled)
+    step = _cnn.torch_step(config, compiled, bf16=PRECISION == "bf16")
     loss0 = step()
     first = time.perf_counter() - T_START
     return {"loss0": float(loss0), "first_s": first, "us": measure_calls(step),
@@ -266,7 +266,7 @@ def worker_gpt(impl: str, config: str, profile: bool = False) -> dict:
     """One GPT step implementation (benchmarks/_gpt.py) in this fresh process."""
     if impl == "jitgrad":
         import jitgrad  # noqa: F401  (timed: part of the time to first result)
-        step, params, x, y = GPT.jitgrad_step(config)
+        step, params, x, y = GPT.jitgrad_step(config, precision=PRECISION)
         loss0 = float(step(x, y))
         out = {"first_s": time.perf_counter() - T_START}
         C.pin_threads()
@@ -278,7 +278,8 @@ def worker_gpt(impl: str, config: str, profile: bool = False) -> dict:
             out["profile"] = profile_steps(ex, reps=5)
     elif impl in ("torch", "torch_compile"):
         import torch
-        step, loss0, compile_s = GPT.torch_step(config, compiled=impl == "torch_compile")
+        step, loss0, compile_s = GPT.torch_step(config, compiled=impl == "torch_compile",
+                                                bf16=PRECISION == "bf16")
         out = {"first_s": time.perf_counter() - T_START, "compile_s": compile_s,
                "us": measure_calls(step, repeats=5), "version": torch.__version__}
     else:
@@ -318,7 +319,8 @@ def print_gpt_table(rows: list[dict], info: dict) -> None:
     others = [i for i in GPT.IMPLS if any(r.get("impl") == i for r in rows)]
     head = ["config", "impl", "ms/step", "tokens/s", "GFLOP/s"] + \
         [f"÷ {i}" for i in others] + ["1st result s", "loss0", "load"]
-    print(f"GPT training step (float32, AdamW + clipping), {info['cpu']} "
+    policy = "bfloat16 autocast" if PRECISION == "bf16" else "float32"
+    print(f"GPT training step ({policy}, AdamW + clipping), {info['cpu']} "
           f"({info['cores']} cores), {info.get('threads', 2)} threads; "
           f"{info.get('versions', '')}\n")
     print("| " + " | ".join(head) + " |")
@@ -723,8 +725,9 @@ def main(argv: list[str] | None = None) -> int:
         if c not in known:
             ap.error(f"unknown config {c!r}; choose from {', '.join(known)}")
     if a.model == "gpt":
-        if PRECISION == "bf16" or a.markdown or a.loaded:
-            ap.error("--model gpt compares float32 steps on a quiet machine only")
+        if a.markdown or a.loaded:
+            ap.error("--model gpt compares steps on a quiet machine only (no --markdown, "
+                     "--loaded)")
         return compare_gpt(a, configs)
     if PRECISION == "bf16":
         PEER = BF16_PEER
