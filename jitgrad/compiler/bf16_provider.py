@@ -7,6 +7,9 @@ product's operands as bfloat16. It loads where the CPU multiplies bfloat16 nativ
 extra), whose threads (GNU OpenMP, jitgrad's count) and fork handling it shares; the
 symbol is bound by name, so generated code stays cacheable. JITGRAD_BF16_GEMM=0 turns
 it off: the rounded operands then go to the float32 GEMM (same values, no speed-up).
+JITGRAD_BF16_GEMM=1 loads it on a CPU without bfloat16 instructions too, where MKL
+emulates them (the same products, slower than the float32 GEMM): so the tests run this
+provider's kernels on every x86-64 CPU, not only where it pays.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .cache import njit
 from .kernels import Kernel
 
 SYMBOL = "cblas_gemm_bf16bf16f32"
+SWITCH_VAR = "JITGRAD_BF16_GEMM"
 _U16, _F32 = np.dtype(np.uint16), np.dtype(np.float32)
 
 # Below this much work (m·n·k), or with a short inner dimension, MKL's bfloat16 GEMM was
@@ -58,9 +62,14 @@ def gemm_bf16(pa, pb, c, x, m, n, k, ta, tb, accumulate):
     return 0
 
 
+def _switch() -> str:
+    return os.environ.get(SWITCH_VAR, "").strip()
+
+
 def _load() -> str | None:
-    if not precision.cpu_has_bf16():
-        return "this CPU has no bfloat16 instructions (AVX512_BF16 or AMX-BF16)"
+    if not precision.cpu_has_bf16() and _switch() != "1":
+        return (f"this CPU has no bfloat16 instructions (AVX512_BF16 or AMX-BF16); "
+                f"{SWITCH_VAR}=1 loads MKL's emulation of them (slower, for tests)")
     if not blas.available(blas.MKL_PROVIDER):
         return blas.why_unavailable(blas.MKL_PROVIDER.name)
     fn = getattr(blas._mkl, SYMBOL, None)
@@ -92,8 +101,9 @@ blas.register(PROVIDER, priority=10)
 
 
 def available() -> bool:
-    """bfloat16 GEMMs run natively here: CPU instructions and MKL present, not disabled."""
-    return os.environ.get("JITGRAD_BF16_GEMM", "").strip() != "0" and _library()
+    """bfloat16 GEMMs run here: MKL present, CPU instructions (or JITGRAD_BF16_GEMM=1), not
+    disabled (JITGRAD_BF16_GEMM=0)."""
+    return _switch() != "0" and _library()
 
 
 def chooses_bf16(shape: blas.GemmShape) -> bool:
