@@ -106,3 +106,21 @@ def test_train_steps_from_threads_apply_one_after_the_other(backend, check_finit
     np.testing.assert_allclose(params["W"], start - 0.01 * N_THREADS * N_CALLS * grad,
                                rtol=1e-12)
     assert step.t == N_THREADS * N_CALLS
+
+
+def test_train_steps_from_threads_that_come_and_go():
+    """Each short-lived thread gets a new arena, whose pointer table may take the memory of a
+    finished thread's: it still needs the parameters' pointers (they were tracked by the
+    table's id, and such a step read address 0: a segfault)."""
+    rng = np.random.default_rng(2)
+    params = {"W": rng.normal(size=(3, 2))}
+    x = rng.normal(size=(5, 3))
+    step = jg.train_step(lambda p, x: jg.sum(x @ p["W"]), params, jg.optim.SGD(lr=0.01))
+    start = params["W"].copy()
+    for _ in range(30):
+        th = threading.Thread(target=lambda: [step(x) for _ in range(2)])
+        th.start()
+        th.join(timeout=600)
+    np.testing.assert_allclose(params["W"], start - 0.01 * 60 * (x.T @ np.ones((5, 2))),
+                               rtol=1e-12)
+    assert step.t == 60

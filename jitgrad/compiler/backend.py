@@ -116,13 +116,16 @@ def plan_program(prog: Program, donate: dict[int, int] | None = None,
 class _Arena:
     """One thread's working memory for an executable: the arena and the pointer table."""
 
-    __slots__ = ("buf", "ptrs", "ptrs_addr", "last_args")
+    __slots__ = ("buf", "ptrs", "ptrs_addr", "last_args", "fixed_by")
 
     def __init__(self, buf: np.ndarray, ptrs: np.ndarray, last_args: list[Any]):
         self.buf = buf  # an aligned view: it keeps the whole allocation alive
         self.ptrs = ptrs
         self.ptrs_addr = _address(ptrs)
         self.last_args = last_args
+        # The fast call (a token of its own) whose fixed pointers the table holds; None
+        # once anything else rewrote a pointer.
+        self.fixed_by: object | None = None
 
 
 def glue_source(planned: Planned) -> str:
@@ -231,7 +234,10 @@ class NumbaExecutable:
         slots = [2 + i for i in others]
         chunks, local, first = self._chunks, self._local, self._outputs[0]
         lock = self._serial or threading.Lock()
-        tables: set[int] = set()  # ids of the pointer tables holding the fixed pointers
+        # Marks the tables holding this call's fixed pointers. Not a set of the tables'
+        # ids: a thread's arena dies with the thread and the next thread's table can get
+        # the same address (id), so its fixed pointers were never written (a segfault).
+        token = object()
 
         def full_args(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
             args: list[Any] = [fixed.get(i) for i in range(self._n_inputs)]
@@ -242,12 +248,12 @@ class NumbaExecutable:
         def call(arrays: Sequence[np.ndarray]) -> Any:
             arena = getattr(local, "arena", None) or self._new_arena()
             ptrs, last = arena.ptrs, arena.last_args
-            if id(ptrs) not in tables:
+            if arena.fixed_by is not token:
                 for slot, address in fixed_ptrs:
                     ptrs[slot] = address
                 for i in fixed:
                     last[i] = fixed[i]  # so that run() does not rewrite them either
-                tables.add(id(ptrs))
+                arena.fixed_by = token
             for slot, i, a in zip(slots, others, arrays, strict=True):
                 if a is not last[i]:
                     ptrs[slot] = _address(a)
@@ -322,6 +328,7 @@ class NumbaExecutable:
             if a is not last[i]:  # parameters are the same arrays call after call
                 ptrs[2 + i] = _address(a)
                 last[i] = a
+                arena.fixed_by = None
         status = 0
         for chunk in self._chunks:
             status = chunk(arena.ptrs_addr)
