@@ -22,11 +22,13 @@ tiny products on OpenBLAS and the rest on MKL). Tiny products need no path of
 their own here: both libraries take 1.4-4 us for the tiny MLP's 32x32x32
 products (they run them on one thread), a plain Numba loop took 4-12 us.
 Kernels that run many products per call (a convolution's per-group GEMMs over im2col
-chunks, a batch of matrices at offsets) are declared once as a `GemmKernel`: one
-library kernel per provider, passing the provider's `strided` GEMM (row-major with row
-strides lda, ldb, ldc and a beta) to the kernel's helper, so a convolution or a batched
-product of a program runs on the library its 2-d products run on, and the variant's
-symbol puts the choice in the glue as theirs does.
+chunks, a batch of matrices at offsets) are declared once as a `GemmKernel`: one thin
+library kernel per provider, passing the address of the provider's `strided` kernel
+(row-major, row strides lda, ldb, ldc, beta 0 or 1; bound by name, so cacheable) to one
+helper compiled for all providers, which calls it with `call_strided`. A convolution or
+a batched product of a program so runs on the library its 2-d products run on, and the
+variant's symbol puts the choice in the glue as theirs does. (Passing the @njit function
+itself would not do: Numba lowers a dispatcher value as a dynamic address, uncacheable.)
 Other modules add theirs with `register` (a mixed-precision GEMM, say). Setting
 JITGRAD_GEMM=<name> makes a provider the first choice wherever it takes the shape
 (tests and benchmarks compare providers this way).
@@ -179,8 +181,8 @@ class GemmKernel:
     a provider registered later gets its variant too, so a new provider is added in one
     place: its `strided` kernel."""
 
-    def __init__(self, name: str, args: str, body: str, *, uses_blas: bool = True):
-        self.name, self.args, self.body, self.uses_blas = name, args, body, uses_blas
+    def __init__(self, name: str, args: str, body: str):
+        self.name, self.args, self.body = name, args, body
         self.module = sys._getframe(1).f_globals["__name__"]
         self.by_provider: dict[str, Kernel] = {}
         with _lock:
@@ -196,7 +198,7 @@ class GemmKernel:
         self.by_provider[provider.name] = Kernel(
             f"{self.name}_{provider.name.replace('-', '_')}", self.args,
             self.body.replace("{gemm}", gemm), {s: t for s, t, _ in provider.variants},
-            outs={s: o for s, _, o in provider.variants}, uses_blas=self.uses_blas,
+            outs={s: o for s, _, o in provider.variants}, uses_blas=True,
             module=self.module, calls=(provider.strided,), library=lambda: available(provider))
 
     def kernel(self, shape: GemmShape) -> Kernel:
@@ -217,7 +219,7 @@ def call_strided(typingctx, gemm, pa, lda, pb, ldb, pc, ldc, m, n, k, ta, tb, be
 
 
 _STRIDED_ARGS = "pa lda pb ldb pc ldc m n k ta tb beta"
-# The body of a provider's strided kernel: its helper `fn` on a view of C's dtype.
+# The body of a provider's strided kernel, %s its @njit helper (given a view of C's dtype).
 STRIDED_BODY = ("return K.%s(carray(_vp(pc), 0, {dt}), pa, lda, pb, ldb, pc, ldc, m, n, k, "
                 "ta, tb, beta)")
 
