@@ -45,6 +45,17 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 
 @njit(cache=True)
+def strided_bf16(c, pa, lda, pb, ldb, pc, ldc, m, n, k, ta, tb, beta):
+    """Row-major C (float32, row stride ldc) = op(A)·op(B) + beta·C, A and B bfloat16 at
+    addresses pa, pb with row strides lda and ldb (c: a view of C's dtype)."""
+    if m == 0 or n == 0:
+        return 0
+    _cblas_gemm_bf16(_ROW_MAJOR, _TRANS if ta else _NO_TRANS, _TRANS if tb else _NO_TRANS,
+                     m, n, k, np.float32(1.0), pa, lda, pb, ldb, np.float32(beta), pc, ldc)
+    return 0
+
+
+@njit(cache=True)
 def gemm_bf16(pa, pb, c, x, m, n, k, ta, tb, accumulate):
     """C = op(A)·op(B) (+ X when accumulating, X possibly C's own memory), row-major: A and
     B bfloat16 at addresses pa, pb; C and X float32 arrays of m·n."""
@@ -52,14 +63,12 @@ def gemm_bf16(pa, pb, c, x, m, n, k, ta, tb, accumulate):
         blas.copy_into(c, x)
     if m == 0 or n == 0:
         return 0
-    if k == 0:
+    if k == 0:  # BLAS would reject lda = 0
         if not accumulate:
             c[:] = 0
         return 0
-    _cblas_gemm_bf16(_ROW_MAJOR, _TRANS if ta else _NO_TRANS, _TRANS if tb else _NO_TRANS,
-                     m, n, k, np.float32(1.0), pa, m if ta else k, pb, k if tb else n,
-                     np.float32(1.0 if accumulate else 0.0), c.ctypes.data, n)
-    return 0
+    return strided_bf16(c, pa, m if ta else k, pb, k if tb else n, c.ctypes.data, n, m, n, k,
+                        ta, tb, 1.0 if accumulate else 0.0)
 
 
 def _switch() -> str:
@@ -96,7 +105,10 @@ GEMM_BF16 = Kernel("gemm_bf16", "pa pb pc m n k ta tb", _BODY % ("c", 0), {"u16"
 GEMM_BF16_ACC = Kernel("gemm_acc_bf16", "pa pb pc px m n k ta tb",
                        _BODY % ("carray(_vp(px), m * n, {dt})", 1), {"u16": "np.float32"},
                        library=_library)
-PROVIDER = blas.GemmProvider("mkl-bf16", GEMM_BF16, GEMM_BF16_ACC, _takes, load=_load)
+STRIDED_BF16 = Kernel("strided_bf16", "pa lda pb ldb pc ldc m n k ta tb beta",
+                      blas.STRIDED_BODY % "strided_bf16", {"u16": "np.float32"}, library=_library)
+PROVIDER = blas.GemmProvider("mkl-bf16", GEMM_BF16, GEMM_BF16_ACC, _takes, STRIDED_BF16,
+                             load=_load, variants=(("u16", "np.uint16", "np.float32"),))
 blas.register(PROVIDER, priority=10)
 
 
