@@ -186,11 +186,13 @@ def jax_step(config: str):
 
 
 def gemm_floor_fn(config: str, dtype="float32"):
-    """The step's GEMMs alone (gemm_shapes), through the convolutions' own GEMM helper, in one
-    native call on buffers of those shapes."""
+    """The step's GEMMs alone (gemm_shapes), through the strided GEMM of the provider the
+    convolutions use, in one native call on buffers of those shapes."""
+    import ctypes
+
     from numba import njit
 
-    from jitgrad.frontend.ops import conv as CV
+    from jitgrad.compiler import blas, kernels
 
     rng = np.random.default_rng(0)
     keep, rows = [], []
@@ -202,15 +204,18 @@ def gemm_floor_fn(config: str, dtype="float32"):
         rows.append((a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1], c.ctypes.data, n,
                      m, n, k, int(ta), int(tb)))
     spec = np.array(rows, np.int64)
-    like = keep[2]
+    dt = np.dtype(dtype)
+    sym = blas.choose(blas.GemmShape(1, 1, 1, False, False, dt, dt)).strided.symbol(dt)
+    kernels.require([sym])
+    gemm = ctypes.cast(kernels.function(sym), ctypes.c_void_p).value
 
     @njit
-    def run(spec, like):
+    def run(spec, gemm):
         for i in range(spec.shape[0]):
             s = spec[i]
-            CV.strided_gemm(like, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8],
-                            s[9] != 0, s[10] != 0, 0.0)
+            blas.call_strided(gemm, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8],
+                              s[9], s[10], 0)
         return 0
 
-    run(spec, like)
-    return (lambda: run(spec, like)), keep
+    run(spec, gemm)
+    return (lambda: run(spec, gemm)), keep
