@@ -230,7 +230,7 @@ def test_gradient_primitives_against_direct_references(rng):
 def test_relu_and_bias_fuse_into_the_convolution_and_scratch_is_planned(rng, path,
                                                                          monkeypatch):
     if path == "im2col":
-        monkeypatch.setattr(CV, "DIRECT_MAX_OUT", 0)
+        monkeypatch.setattr(CV, "DIRECT_MAX_M", 0)
     x = rng.normal(size=(4, 3, 10, 10)).astype(np.float32)
     w = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
     b = rng.normal(size=8).astype(np.float32)
@@ -256,17 +256,20 @@ DIRECT_GEOMS = [((0, 0, 0, 0), (1, 1), 1), ((2, 2, 1, 1), (1, 1), 1), ((1, 2, 0,
                 ((3, 0, 2, 4), (1, 2), 1)]  # the last pads beyond the kernel: im2col input grad
 
 
-@pytest.mark.parametrize("path", ["direct", "im2col"])
+@pytest.mark.parametrize("path", ["direct", "direct-slots", "im2col"])
 @pytest.mark.parametrize("geom", DIRECT_GEOMS, ids=lambda g: "p{}-d{}-g{}".format(*g))
 def test_both_kernel_paths_match_the_references(geom, path, monkeypatch):
-    """The convolution and its two gradients, each through the direct kernels and through
-    im2col + GEMM, against conv.py's numpy references; float32 and an odd-sized input."""
+    """The convolution and its two gradients, each through the direct kernels (serial, and
+    in parallel slots of unequal blocks of images) and through im2col + GEMM, against
+    conv.py's numpy references; float32 and an odd-sized input."""
     if path == "im2col":
-        monkeypatch.setattr(CV, "DIRECT_MAX_OUT", 0)
+        monkeypatch.setattr(CV, "DIRECT_MAX_M", 0)
+    if path == "direct-slots":
+        monkeypatch.setattr(CV, "PARALLEL_MIN", 0)
     padding, dilation, groups = geom
     kw = {"stride": (1, 1), "padding": padding, "dilation": dilation, "groups": groups}
     rng = np.random.default_rng(len(str(geom)))
-    x = rng.normal(size=(3, 2 * groups, 7, 9)).astype(np.float32)
+    x = rng.normal(size=(6, 2 * groups, 7, 9)).astype(np.float32)
     w = rng.normal(size=(3 * groups, 2, 3, 2)).astype(np.float32)
     b = rng.normal(size=3 * groups).astype(np.float32)
     fwd = jg.jit(lambda x, w, b: jg.relu(CV.conv2d_p.bind(x, w, b, relu=False, **kw)))
@@ -280,7 +283,7 @@ def test_both_kernel_paths_match_the_references(geom, path, monkeypatch):
     wg = jg.jit(lambda x, g: CV.conv2d_weight_grad_p.bind(x, g, k=(3, 2), **kw))
     np.testing.assert_allclose(wg(x, g), CV._weight_grad_ref(x, g, (3, 2), **kw), rtol=1e-4,
                                atol=1e-4)
-    direct = path == "direct"
+    direct = path != "im2col"
     assert ("jg_conv2d_direct_f32(" in fwd.source) == direct
     assert ("jg_conv2d_direct_weight_grad_f32(" in wg.source) == direct
     direct_input_grad = direct and geom != DIRECT_GEOMS[-1]
@@ -303,11 +306,14 @@ def test_direct_weight_gradient_with_non_finite_inputs():
     np.testing.assert_allclose(got[~np.isnan(ref)], ref[~np.isnan(ref)], rtol=1e-12)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 7, 9)])
-def test_max_pool_2x2_path_ties_and_nans(shape):
-    """2x2 windows at stride 2 take their own loop: the same maxima and positions as the
+@pytest.mark.parametrize("slots", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 7, 9), (3, 3, 6, 5)])
+def test_max_pool_2x2_path_ties_and_nans(shape, slots, monkeypatch):
+    """2x2 windows at stride 2 take their own loops: the same maxima and positions as the
     reference (the first in window order on ties, the first NaN), on small integers (many
-    ties), NaNs and -inf."""
+    ties), NaNs and -inf; serially and in parallel blocks of planes."""
+    if slots:
+        monkeypatch.setattr(PL, "PARALLEL_MIN", 0)
     rng = np.random.default_rng(5)
     x = rng.integers(0, 3, size=shape).astype(np.float32)
     x.flat[rng.choice(x.size, 6, replace=False)] = np.nan

@@ -119,7 +119,7 @@ def test_batched_products_match_numpy_through_every_provider(provider, rng):
 
 def test_a_conv_net_step_calls_one_blas_library(rng, monkeypatch):
     # LeNet-5's narrow convolutions take the direct kernels (no GEMM); here they take GEMMs
-    monkeypatch.setattr(CV, "DIRECT_MAX_OUT", 0)
+    monkeypatch.setattr(CV, "DIRECT_MAX_M", 0)
     model = jg.nn.LENET5
     params = model.init(28, 10, 0)
     x = rng.standard_normal((16, 1, 28, 28)).astype(F32)
