@@ -226,7 +226,11 @@ def test_gradient_primitives_against_direct_references(rng):
 
 # ---------------------------------------------------------------- kernels and plans
 
-def test_relu_and_bias_fuse_into_the_convolution_and_scratch_is_planned(rng):
+@pytest.mark.parametrize("path", ["direct", "im2col"])
+def test_relu_and_bias_fuse_into_the_convolution_and_scratch_is_planned(rng, path,
+                                                                         monkeypatch):
+    if path == "im2col":
+        monkeypatch.setattr(CV, "DIRECT_MAX_M", 0)
     x = rng.normal(size=(4, 3, 10, 10)).astype(np.float32)
     w = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
     b = rng.normal(size=8).astype(np.float32)
@@ -237,10 +241,91 @@ def test_relu_and_bias_fuse_into_the_convolution_and_scratch_is_planned(rng):
     calls = [ln for ln in cf.source.splitlines() if re.match(r"\s+jg_\w+\(", ln)]
     convs = [i for i in cf.program.instrs if i.prim is CV.conv2d_p]
     gemm = blas.choose(CV.gemm_shape(convs[0])).name
-    assert len(calls) == 1 and f"jg_conv2d_{gemm}_f32(" in calls[0], cf.source
+    kernel = "jg_conv2d_direct_f32(" if path == "direct" else f"jg_conv2d_{gemm}_f32("
+    assert len(calls) == 1 and kernel in calls[0], cf.source
     assert len(convs) == 1 and convs[0].kw["relu"] and len(convs[0].inputs) == 3
-    # the unrolled images (rows x C*KH*KW) and the product (rows x O) live in the arena
-    assert cf.plan.arena_bytes >= 4 * 10 * 10 * (27 + 8) * 4
+    if path == "im2col":
+        # the unrolled images (rows x C*KH*KW) and the product (rows x O) live in the arena
+        assert cf.plan.arena_bytes >= 4 * 10 * 10 * (27 + 8) * 4
+    else:  # one padded image (3 x 12 x 12, 2 surplus) and one output plane (10 x 12)
+        assert cf.plan.arena_bytes >= (3 * 12 * 12 + 2 + 10 * 12) * 4
+
+
+# stride 1 (the direct kernels' domain): padding (top, bottom, left, right), dilation, groups
+DIRECT_GEOMS = [((0, 0, 0, 0), (1, 1), 1), ((2, 2, 1, 1), (1, 1), 1), ((1, 2, 0, 1), (2, 1), 2),
+                ((3, 0, 2, 4), (1, 2), 1)]  # the last pads beyond the kernel: im2col input grad
+
+
+@pytest.mark.parametrize("path", ["direct", "direct-slots", "im2col"])
+@pytest.mark.parametrize("geom", DIRECT_GEOMS, ids=lambda g: "p{}-d{}-g{}".format(*g))
+def test_both_kernel_paths_match_the_references(geom, path, monkeypatch):
+    """The convolution and its two gradients, each through the direct kernels (serial, and
+    in parallel slots of unequal blocks of images) and through im2col + GEMM, against
+    conv.py's numpy references; float32 and an odd-sized input."""
+    if path == "im2col":
+        monkeypatch.setattr(CV, "DIRECT_MAX_M", 0)
+    if path == "direct-slots":
+        monkeypatch.setattr(CV, "PARALLEL_MIN", 0)
+    padding, dilation, groups = geom
+    kw = {"stride": (1, 1), "padding": padding, "dilation": dilation, "groups": groups}
+    rng = np.random.default_rng(len(str(geom)))
+    x = rng.normal(size=(6, 2 * groups, 7, 9)).astype(np.float32)
+    w = rng.normal(size=(3 * groups, 2, 3, 2)).astype(np.float32)
+    b = rng.normal(size=3 * groups).astype(np.float32)
+    fwd = jg.jit(lambda x, w, b: jg.relu(CV.conv2d_p.bind(x, w, b, relu=False, **kw)))
+    y = fwd(x, w, b)
+    ref = np.maximum(CV._conv_ref(x, w, **kw) + b[:, None, None], 0)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    g = rng.normal(size=y.shape).astype(np.float32)
+    ig = jg.jit(lambda g, w: CV.conv2d_input_grad_p.bind(g, w, hw=(7, 9), **kw))
+    np.testing.assert_allclose(ig(g, w), CV._input_grad_ref(g, w, (7, 9), **kw), rtol=1e-5,
+                               atol=1e-5)
+    wg = jg.jit(lambda x, g: CV.conv2d_weight_grad_p.bind(x, g, k=(3, 2), **kw))
+    np.testing.assert_allclose(wg(x, g), CV._weight_grad_ref(x, g, (3, 2), **kw), rtol=1e-4,
+                               atol=1e-4)
+    direct = path != "im2col"
+    assert ("jg_conv2d_direct_f32(" in fwd.source) == direct
+    assert ("jg_conv2d_direct_weight_grad_f32(" in wg.source) == direct
+    direct_input_grad = direct and geom != DIRECT_GEOMS[-1]
+    assert ("jg_conv2d_direct_input_grad_f32(" in ig.source) == direct_input_grad
+
+
+def test_direct_weight_gradient_with_non_finite_inputs():
+    """The direct weight gradient sums over the padded width; its surplus columns must not
+    turn an inf of the input into NaN (0 · inf) where the true sum is finite or inf."""
+    rng = np.random.default_rng(3)
+    kw = {"stride": (1, 1), "padding": (1, 1, 1, 1), "dilation": (1, 1), "groups": 1}
+    x, g = rng.normal(size=(2, 2, 5, 6)), rng.normal(size=(2, 3, 5, 6))
+    x[0, 1, 2, 5] = np.inf   # at a row's end: surplus columns of the next row read it
+    x[1, 0, 0, 0] = -np.inf
+    x[1, 1, 3, 2] = np.nan
+    wg = jg.jit(lambda x, g: CV.conv2d_weight_grad_p.bind(x, g, k=(3, 3), **kw))
+    got, ref = wg(x, g), CV._weight_grad_ref(x, g, (3, 3), **kw)
+    assert "jg_conv2d_direct_weight_grad_f64(" in wg.source
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_allclose(got[~np.isnan(ref)], ref[~np.isnan(ref)], rtol=1e-12)
+
+
+@pytest.mark.parametrize("slots", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 7, 9), (3, 3, 6, 5)])
+def test_max_pool_2x2_path_ties_and_nans(shape, slots, monkeypatch):
+    """2x2 windows at stride 2 take their own loops: the same maxima and positions as the
+    reference (the first in window order on ties, the first NaN), on small integers (many
+    ties), NaNs and -inf; serially and in parallel blocks of planes."""
+    if slots:
+        monkeypatch.setattr(PL, "PARALLEL_MIN", 0)
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 3, size=shape).astype(np.float32)
+    x.flat[rng.choice(x.size, 6, replace=False)] = np.nan
+    x.flat[rng.choice(x.size, 6, replace=False)] = -np.inf
+    x[0, 0, :2, :2] = -np.inf  # a window of -inf: its first position
+    cf = jg.jit(lambda x: PL.max_pool2d_p.bind(x, kernel=(2, 2), stride=(2, 2),
+                                               padding=(0, 0)))
+    y, idx = cf(x)
+    ry, ridx = PL._max_pool_impl(x, kernel=(2, 2), stride=(2, 2), padding=(0, 0))
+    np.testing.assert_array_equal(y, ry)
+    np.testing.assert_array_equal(idx, ridx)
+    assert idx[0, 0, 0, 0] == 0
 
 
 def test_max_pool_is_one_pass_with_positions(rng):

@@ -20,6 +20,7 @@ from ...compiler.cache import njit
 from ...compiler.kernels import FLOATS, Kernel
 from ...errors import JitgradError
 from ..core import Tracer, primitive, with_user_loc
+from ..ir import Var
 from . import shape as S
 from .conv import PARALLEL_MIN, out_size, pair
 
@@ -227,14 +228,57 @@ def _max_plane(plane, vals, at, d):
             at[oh * ow_ + ow] = pos
 
 
-@njit(cache=True, parallel=True)
-def max_pool_forward(x, y, idx, d):
-    if x.size * d[6] < PARALLEL_MIN:
-        for t in range(x.shape[0]):
-            _max_plane(x[t], y[t], idx[t], d)
+@njit(inline="always")
+def _later_wins(a, b):
+    """Whether b, met after a in window order, replaces it: larger, or the first NaN."""
+    return (b > a) | ((b != b) & (a == a))
+
+
+@njit(inline="always")
+def _max_plane_2x2(plane, vals, at, d, best, down):
+    """_max_plane for 2x2 windows at stride 2 without padding (nearly every CNN's pooling),
+    in two passes that vectorise (2x faster on 28x28 planes, 1.35x on 10x10): the winner of
+    each column of a row pair (best, and down: whether it is the lower row's), then of each
+    pair of columns. Ties go to the first in window order ((kh, kw) row-major), as in
+    _max_plane: the right column's winner comes later iff it is not above the left's."""
+    w, oh_, ow_ = d[3], d[4], d[5]
+    for oh in range(oh_):
+        r0 = 2 * oh * w
+        top, bottom = plane[r0:r0 + 2 * ow_], plane[r0 + w:r0 + w + 2 * ow_]
+        for iw in range(2 * ow_):
+            lower = _later_wins(top[iw], bottom[iw])
+            best[iw] = bottom[iw] if lower else top[iw]
+            down[iw] = lower
+        out, pos = vals[oh * ow_:(oh + 1) * ow_], at[oh * ow_:(oh + 1) * ow_]
+        for ow in range(ow_):
+            a, b = best[2 * ow], best[2 * ow + 1]
+            dl, dr = down[2 * ow], down[2 * ow + 1]
+            right = _later_wins(a, b) if dr >= dl else not _later_wins(b, a)
+            out[ow] = b if right else a
+            pos[ow] = r0 + 2 * ow + right + w * (dr if right else dl)
+
+
+@njit(inline="always")
+def _max_pool_planes(x, y, idx, d, t_lo, t_hi, best, down):
+    if d[6] == 2 and d[7] == 2 and d[8] == 2 and d[9] == 2 and d[10] == 0 and d[11] == 0:
+        for t in range(t_lo, t_hi):
+            _max_plane_2x2(x[t], y[t], idx[t], d, best, down)
     else:
-        for t in prange(x.shape[0]):
+        for t in range(t_lo, t_hi):
             _max_plane(x[t], y[t], idx[t], d)
+
+
+@njit(cache=True, parallel=True)
+def max_pool_forward(x, y, idx, d, best, down):
+    """Max pooling of every (image, channel) plane; best and down: one row of scratch per
+    slot (blocks of planes that run in parallel when there are several)."""
+    planes, slots = x.shape[0], best.shape[0]
+    if slots == 1:
+        _max_pool_planes(x, y, idx, d, 0, planes, best[0], down[0])
+    else:
+        for s in prange(slots):
+            _max_pool_planes(x, y, idx, d, s * planes // slots, (s + 1) * planes // slots,
+                             best[s], down[s])
     return 0
 
 
@@ -328,9 +372,10 @@ def avg_pool_backward(g, gx, d, scale):
 
 _PLANES = ("d = carray(_vp(pmeta), nmeta, np.int64)\n"
            "nc, hw, ohw = d[0] * d[1], d[2] * d[3], d[4] * d[5]\n")
-MAX_POOL = Kernel("max_pool2d", "px py pidx pmeta nmeta", _PLANES + (
+MAX_POOL = Kernel("max_pool2d", "px py pidx pbest pdown slots pmeta nmeta", _PLANES + (
     "return K.max_pool_forward(carray(_vp(px), (nc, hw), {dt}), carray(_vp(py), (nc, ohw), "
-    "{dt}), carray(_vp(pidx), (nc, ohw), np.int64), d)"), FLOATS)
+    "{dt}), carray(_vp(pidx), (nc, ohw), np.int64), d, carray(_vp(pbest), (slots, d[3]), "
+    "{dt}), carray(_vp(pdown), (slots, d[3]), np.int64))"), FLOATS)
 MAX_POOL_GRAD = Kernel("max_pool2d_grad", "pg pidx pgx pmeta nmeta", _PLANES + (
     "return K.max_pool_backward(carray(_vp(pg), (nc, ohw), {dt}), carray(_vp(pidx), "
     "(nc, ohw), np.int64), carray(_vp(pgx), (nc, hw), {dt}), d)"), FLOATS, can_fail=True)
@@ -346,11 +391,22 @@ def _meta(low, xshape, out, kw) -> tuple[Any, int]:
     return low.meta_block([*xshape, *out[2:], *kw["kernel"], *kw["stride"], *kw["padding"]])
 
 
+# Blocks of planes max pooling runs in parallel above PARALLEL_MIN window elements (each
+# with its own scratch row)
+POOL_SLOTS = 4
+
+
 @max_pool2d_p.def_lowering
 def _lower_max_pool(low, ins) -> None:
     x, (y, idx) = ins.inputs[0], ins.outputs
-    low.call(MAX_POOL, x.dtype, [x, y, idx, *_meta(low, x.shape, y.shape, ins.kw)], [y, idx],
-             [x], ins)
+    planes = x.shape[0] * x.shape[1]
+    big = x.size * ins.kw["kernel"][0] >= PARALLEL_MIN and planes >= POOL_SLOTS
+    slots = POOL_SLOTS if big else 1
+    row = (slots, x.shape[3])
+    best, down = Var(row, x.dtype), Var(row, np.dtype(np.int64))
+    low.call(MAX_POOL, x.dtype, [x, y, idx, best, down, slots,
+                                 *_meta(low, x.shape, y.shape, ins.kw)],
+             [y, idx, best, down], [x], ins)
 
 
 @max_pool2d_grad_p.def_lowering
