@@ -5,14 +5,20 @@ CI) the Numba side runs a representative subset: cases marked `numba_full`
 (e.g. every gradcheck row after the first of its primitive) run on the
 interpreter only. `JITGRAD_TEST_FULL=1 python -m pytest` runs everything on both;
 JITGRAD_TEST_BACKENDS=interpret (or numba) restricts the backends.
+
+The bfloat16 GEMM provider is loaded wherever MKL is (JITGRAD_BF16_GEMM=1: MKL emulates
+bfloat16 on CPUs without the instructions), so its kernels are tested on every x86-64
+CPU, not only where it is fast; JITGRAD_BF16_GEMM=0 (or any other value) set by hand wins.
 """
 
 import os
 
-import numpy as np
-import pytest
+os.environ.setdefault("JITGRAD_BF16_GEMM", "1")  # before jitgrad loads any provider
 
-import jitgrad as jg
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import jitgrad as jg  # noqa: E402
 
 ALL_BACKENDS = ("interpret", "numba")
 

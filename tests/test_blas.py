@@ -55,10 +55,13 @@ def test_the_variable_names_the_first_choice(monkeypatch):
 def test_a_registered_provider_is_chosen_by_priority_and_only_where_it_takes_the_shape(
         monkeypatch):
     monkeypatch.setattr(blas, "_providers", list(blas._providers))
+    monkeypatch.setattr(blas, "_gemm_kernels", [])  # no convolution kernels for these
     square = blas.GemmProvider("square", blas.OPENBLAS, blas.OPENBLAS_ACC,
-                               takes=lambda s: s.m == s.n == s.k)
+                               takes=lambda s: s.m == s.n == s.k,
+                               strided=blas.OPENBLAS_STRIDED)
     missing = blas.GemmProvider("missing", blas.OPENBLAS, blas.OPENBLAS_ACC,
-                                takes=lambda s: True, load=lambda: "not on this machine")
+                                takes=lambda s: True, strided=blas.OPENBLAS_STRIDED,
+                                load=lambda: "not on this machine")
     blas.register(square, priority=100)
     blas.register(missing, priority=200)
     assert blas.choose(shape(64, 64, 64)) is square

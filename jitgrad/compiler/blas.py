@@ -21,6 +21,12 @@ within a step spin against each other (a medium MLP step ran 4x slower with its
 tiny products on OpenBLAS and the rest on MKL). Tiny products need no path of
 their own here: both libraries take 1.4-4 us for the tiny MLP's 32x32x32
 products (they run them on one thread), a plain Numba loop took 4-12 us.
+Kernels that run many products per call (a convolution's per-group GEMMs over im2col
+chunks, a batch of matrices at offsets) are declared once as a `GemmKernel`: one
+library kernel per provider, passing the provider's `strided` GEMM (row-major with row
+strides lda, ldb, ldc and a beta) to the kernel's helper, so a convolution or a batched
+product of a program runs on the library its 2-d products run on, and the variant's
+symbol puts the choice in the glue as theirs does.
 Other modules add theirs with `register` (a mixed-precision GEMM, say). Setting
 JITGRAD_GEMM=<name> makes a provider the first choice wherever it takes the shape
 (tests and benchmarks compare providers this way).
@@ -39,6 +45,7 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import os
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,7 +87,13 @@ class GemmProvider:
     plain: Kernel
     accumulate: Kernel
     takes: Callable[[GemmShape], bool]    # whether it computes this product
+    # C-ABI `pa lda pb ldb pc ldc m n k ta tb beta`: row-major C (row stride ldc) =
+    # op(A)·op(B) + beta·C (beta 0 or 1), A and B with row strides lda and ldb: what the
+    # kernels of a `GemmKernel` call, by address.
+    strided: Kernel
     load: Callable[[], str | None] = lambda: None  # makes it callable; why not, if it cannot
+    # The products it computes, as kernel variants: (suffix, operands' numpy type, result's).
+    variants: tuple[tuple[str, str, str], ...] = tuple((s, t, t) for s, t in FLOATS.items())
 
     def kernel(self, accumulate: bool) -> Kernel:
         return self.accumulate if accumulate else self.plain
@@ -99,6 +112,8 @@ def register(provider: GemmProvider, priority: int) -> None:
             raise JitgradError(f"a GEMM provider called {provider.name!r} is registered already")
         _providers.append((priority, provider))
         _providers.sort(key=lambda pp: -pp[0])
+        for user in _gemm_kernels:
+            user.declare(provider)
 
 
 def providers() -> list[GemmProvider]:
@@ -151,6 +166,62 @@ def choose(shape: GemmShape) -> GemmProvider:
                        f"{shape.out_dtype} ({', '.join(p.name for p in order)} do not)")
 
 
+# ---------------------------------------------------------------- kernels calling GEMM
+
+_gemm_kernels: list[GemmKernel] = []
+
+
+class GemmKernel:
+    """A library kernel running products through a provider's strided GEMM, declared once
+    per provider (jg_<name>_<provider>_<dtype>): the body's `{gemm}` is the address of the
+    provider's `strided` kernel (for the helper to `call_strided`), `{dt}` the operands'
+    numpy type and `{out}` the products'. The helper is compiled once for every provider;
+    a provider registered later gets its variant too, so a new provider is added in one
+    place: its `strided` kernel."""
+
+    def __init__(self, name: str, args: str, body: str, *, uses_blas: bool = True):
+        self.name, self.args, self.body, self.uses_blas = name, args, body, uses_blas
+        self.module = sys._getframe(1).f_globals["__name__"]
+        self.by_provider: dict[str, Kernel] = {}
+        with _lock:
+            _gemm_kernels.append(self)
+            for provider in providers():
+                self.declare(provider)
+
+    def __repr__(self) -> str:
+        return f"GemmKernel({self.name})"
+
+    def declare(self, provider: GemmProvider) -> None:
+        gemm = f'_address_of("jg_{provider.strided.name}_{{suffix}}")'
+        self.by_provider[provider.name] = Kernel(
+            f"{self.name}_{provider.name.replace('-', '_')}", self.args,
+            self.body.replace("{gemm}", gemm), {s: t for s, t, _ in provider.variants},
+            outs={s: o for s, _, o in provider.variants}, uses_blas=self.uses_blas,
+            module=self.module, calls=(provider.strided,), library=lambda: available(provider))
+
+    def kernel(self, shape: GemmShape) -> Kernel:
+        """The variant of the provider computing products of this shape (`choose`)."""
+        return self.by_provider[choose(shape).name]
+
+
+@intrinsic
+def call_strided(typingctx, gemm, pa, lda, pb, ldb, pc, ldc, m, n, k, ta, tb, beta):
+    """Calls the strided GEMM kernel at address gemm (every argument passed as an int64)."""
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+        i64 = ir.IntType(64)
+        fn = builder.inttoptr(args[0], ir.FunctionType(i64, [i64] * 12).as_pointer())
+        return builder.call(fn, [context.cast(builder, v, t, types.int64)
+                                 for v, t in zip(args[1:], signature.args[1:], strict=True)])
+    return (types.int64(gemm, pa, lda, pb, ldb, pc, ldc, m, n, k, ta, tb, beta), codegen)
+
+
+_STRIDED_ARGS = "pa lda pb ldb pc ldc m n k ta tb beta"
+# The body of a provider's strided kernel: its helper `fn` on a view of C's dtype.
+STRIDED_BODY = ("return K.%s(carray(_vp(pc), 0, {dt}), pa, lda, pb, ldb, pc, ldc, m, n, k, "
+                "ta, tb, beta)")
+
+
 # ---------------------------------------------------------------- shared by the kernels
 
 @intrinsic
@@ -191,22 +262,30 @@ _mkl_threads = 0  # what jitgrad last gave MKL (0: not set)
 
 
 @njit(cache=True)
-def mkl_gemm(c, pa, pb, pc, m, n, k, ta, tb, beta):
-    """Row-major C = op(A)·op(B) + beta·C through MKL's CBLAS (c: a view of C, for its dtype)."""
-    lda = m if ta else k
-    ldb = k if tb else n
+def mkl_strided(c, pa, lda, pb, ldb, pc, ldc, m, n, k, ta, tb, beta):
+    """Row-major C (row stride ldc) = op(A)·op(B) + beta·C through MKL's CBLAS, A and B with
+    row strides lda and ldb (c: a view of C's dtype)."""
+    if m == 0 or n == 0:
+        return 0
     opa = _TRANS if ta else _NO_TRANS
     opb = _TRANS if tb else _NO_TRANS
     serial = m * n * k < SERIAL_BELOW
     before = _set_local_threads(1) if serial else 0
     if c.itemsize == 4:  # float32 (both branches compile for either dtype)
         _cblas_sgemm(_ROW_MAJOR, opa, opb, m, n, k, np.float32(1.0), address(pa), lda,
-                     address(pb), ldb, np.float32(beta), address(pc), n)
+                     address(pb), ldb, np.float32(beta), address(pc), ldc)
     else:
         _cblas_dgemm(_ROW_MAJOR, opa, opb, m, n, k, 1.0, address(pa), lda, address(pb), ldb,
-                     beta, address(pc), n)
+                     beta, address(pc), ldc)
     if serial:
         _set_local_threads(before)
+    return 0
+
+
+@njit(cache=True)
+def mkl_gemm(c, pa, pb, pc, m, n, k, ta, tb, beta):
+    """Row-major C = op(A)·op(B) + beta·C, all three contiguous, through MKL."""
+    return mkl_strided(c, pa, m if ta else k, pb, k if tb else n, pc, n, m, n, k, ta, tb, beta)
 
 
 def _mkl_library() -> bool:
@@ -219,6 +298,8 @@ MKL = Kernel("gemm_mkl", "pa pb pc m n k ta tb", (
 MKL_ACC = Kernel("gemm_acc_mkl", "pa pb pc px m n k ta tb", (
     "c = carray(_vp(pc), m * n, {dt})\nK.copy_into(c, carray(_vp(px), m * n, {dt}))\n"
     "K.mkl_gemm(c, pa, pb, pc, m, n, k, ta, tb, 1.0)\nreturn 0"), FLOATS, library=_mkl_library)
+MKL_STRIDED = Kernel("strided_mkl", _STRIDED_ARGS, STRIDED_BODY % "mkl_strided", FLOATS,
+                     library=_mkl_library)
 
 
 def mkl_runtime_path() -> str | None:
@@ -323,10 +404,13 @@ def _xxgemm(typingctx, like, transa, transb, m, n, k, pa, lda, pb, ldb, pc, ldc,
 
 
 @njit(cache=True)
-def row_major_gemm(c, pa, pb, pc, m, n, k, ta, tb, beta):
-    """Row-major C = op(A)·op(B) + beta·C through OpenBLAS (c: a view of C, for its dtype)."""
+def openblas_strided(c, pa, lda, pb, ldb, pc, ldc, m, n, k, ta, tb, beta):
+    """Row-major C (row stride ldc) = op(A)·op(B) + beta·C through OpenBLAS, A and B with
+    row strides lda and ldb (c: a view of C's dtype)."""
+    if m == 0 or n == 0:
+        return 0
     # Row-major C = op(A)·op(B) is column-major C^T = op(B)^T·op(A)^T.
-    return _xxgemm(c, tb, ta, n, m, k, pb, k if tb else n, pa, m if ta else k, pc, n, beta)
+    return _xxgemm(c, tb, ta, n, m, k, pb, ldb, pa, lda, pc, ldc, beta)
 
 
 @njit(cache=True)
@@ -350,7 +434,8 @@ def gemm_accumulate(pa, pb, c, x, m, n, k, ta, tb):
     copy_into(c, x)
     if m == 0 or n == 0 or k == 0:
         return 0
-    return row_major_gemm(c, pa, pb, c.ctypes.data, m, n, k, ta, tb, 1.0)
+    return openblas_strided(c, pa, m if ta else k, pb, k if tb else n, c.ctypes.data, n, m, n, k,
+                            ta, tb, 1.0)
 
 
 OPENBLAS = Kernel("gemm", "pa pb pc m n k ta tb", (
@@ -360,9 +445,12 @@ OPENBLAS = Kernel("gemm", "pa pb pc m n k ta tb", (
 OPENBLAS_ACC = Kernel("gemm_acc", "pa pb pc px m n k ta tb", (
     "return K.gemm_accumulate(pa, pb, carray(_vp(pc), m * n, {dt}), "
     "carray(_vp(px), m * n, {dt}), m, n, k, ta, tb)"), FLOATS, uses_blas=True)
+OPENBLAS_STRIDED = Kernel("strided_openblas", _STRIDED_ARGS, STRIDED_BODY % "openblas_strided",
+                          FLOATS, uses_blas=True)
 
 
-OPENBLAS_PROVIDER = GemmProvider("openblas", OPENBLAS, OPENBLAS_ACC, _float_product)
-MKL_PROVIDER = GemmProvider("mkl", MKL, MKL_ACC, _float_product, load=_load_mkl)
+OPENBLAS_PROVIDER = GemmProvider("openblas", OPENBLAS, OPENBLAS_ACC, _float_product,
+                                 OPENBLAS_STRIDED)
+MKL_PROVIDER = GemmProvider("mkl", MKL, MKL_ACC, _float_product, MKL_STRIDED, load=_load_mkl)
 register(OPENBLAS_PROVIDER, priority=0)
 register(MKL_PROVIDER, priority=10)

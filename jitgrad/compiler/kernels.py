@@ -42,6 +42,7 @@ ITEM_SIZES = {f"b{d.itemsize}": numpy_name(d)
 # (int64) into a pointer that numba.carray can view as an array.
 CFUNC_PRELUDE = '''\
 import numpy as np
+from llvmlite import ir
 from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -52,6 +53,18 @@ def _vp(typingctx, addr):
     def codegen(context, builder, signature, args):
         return builder.inttoptr(args[0], cgutils.voidptr_t)
     return types.voidptr(addr), codegen
+
+
+@intrinsic
+def _address_of(typingctx, name):
+    # a C function's address, bound by name when the code is linked (so still cacheable)
+    if not isinstance(name, types.StringLiteral):
+        return None
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            ir.IntType(64), ()), name.literal_value)
+        return builder.ptrtoint(fn, ir.IntType(64))
+    return types.int64(name), codegen
 
 
 I = types.int64
@@ -71,12 +84,16 @@ class Kernel:
     (whose threads threads.limit_blas sets once BLAS is loaded). library: for a kernel
     calling an optional native library by name, a function that loads it and registers
     its symbols, returning False when the library is missing (the kernel then cannot
-    load, and `ensure_loaded` leaves it out).
+    load, and `ensure_loaded` leaves it out). outs: suffix -> the numpy type `{out}` stands
+    for (a mixed-precision product's result; `{dt}`'s when not given). calls: kernels whose
+    variant of the same suffix the body calls by address (`_address_of("jg_<name>_{suffix}")`):
+    loaded first.
     """
 
     def __init__(self, name: str, args: str, body: str, variants: dict[str, str], *,
                  can_fail: bool = False, uses_blas: bool = False, module: str | None = None,
-                 library: Callable[[], bool] | None = None):
+                 library: Callable[[], bool] | None = None, outs: dict[str, str] | None = None,
+                 calls: tuple[Kernel, ...] = ()):
         self.name = name
         self.args = args.split()
         self.body = body
@@ -84,6 +101,8 @@ class Kernel:
         self.can_fail = can_fail
         self.uses_blas = uses_blas
         self.library = library
+        self.outs = outs or variants
+        self.calls = calls
         self.module = module or sys._getframe(1).f_globals["__name__"]
         for suffix in variants:
             sym = f"jg_{name}_{suffix}"
@@ -116,7 +135,8 @@ class Kernel:
 
     def source(self, suffix: str) -> str:
         """The module defining the C-ABI wrapper of one variant."""
-        lines = self.body.format(dt=self.variants[suffix]).split("\n")
+        lines = self.body.format(dt=self.variants[suffix], out=self.outs[suffix],
+                                 suffix=suffix).split("\n")
         return (CFUNC_PRELUDE + f"import {self.module} as K\n\n\n"
                 f"@cfunc(types.int64({', '.join(['I'] * len(self.args))}), cache=True)\n"
                 f"def jg_{self.name}_{suffix}({', '.join(self.args)}):\n"
@@ -197,7 +217,11 @@ def require(symbols: Iterable[str]) -> None:
         start = time.perf_counter()
         threads.init()
         blas = False
-        for sym in missing:
+        order: list[str] = []
+        for sym in missing:  # what a kernel calls by address is loaded before it
+            kernel, suffix = _by_symbol[sym]
+            order += [f"jg_{c.name}_{suffix}" for c in kernel.calls] + [sym]
+        for sym in dict.fromkeys(s for s in order if s not in _registered):
             kernel, suffix = _by_symbol[sym]
             if kernel.library is not None and not kernel.library():
                 raise NoLoweringError(f"kernel {sym} calls a library that is not installed")

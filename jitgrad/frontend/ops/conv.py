@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 from numba import prange
 
-from ...compiler.blas import _xxgemm
+from ...compiler import blas
 from ...compiler.cache import njit
-from ...compiler.kernels import FLOATS, Kernel
 from ...errors import JitgradError
 from ..core import Tracer, primitive, with_user_loc
 from ..ir import Var
@@ -302,17 +301,6 @@ def chunk_images(n: int, c: int, k: tuple[int, int], out: tuple[int, int]) -> in
     return max(1, min(n, CHUNK_ELEMENTS // max(per_image, 1)))
 
 
-@njit(cache=True)
-def strided_gemm(like, pa, lda, pb, ldb, pc, ldc, m, n, k, ta, tb, beta):
-    """Row-major C (m×n, row stride ldc) = op(A)·op(B) + beta·C, A and B at addresses with
-    row strides lda and ldb: every GEMM of the convolutions goes through here (a row block
-    of a matrix is a group's operand)."""
-    if m == 0 or n == 0:
-        return 0
-    # row-major C = op(A)·op(B) is column-major C^T = op(B)^T·op(A)^T
-    return _xxgemm(like, tb, ta, n, m, k, pb, ldb, pa, lda, pc, ldc, beta)
-
-
 # The unrolled chunk is channel-major: col[(c, kh, kw), (i, oh, ow)] (K rows of nb·P
 # columns), so each tap's row is a shifted copy of input rows, the forward product
 # W·col is (O, nb·P) and lands in NCHW by contiguous copies, and the loops below run along
@@ -469,30 +457,30 @@ def nchw_to_product(g, gt, n0, nb):
 
 
 @njit(cache=True)
-def conv_forward(x, w, b, y, col, yt, d, has_bias, relu, zero):
+def conv_forward(x, w, b, y, col, yt, d, has_bias, relu, zero, gemm):
     """y = conv(x, w) (+ b, relu) by chunks of images: im2col, one GEMM per group
-    (W_g · col_g), epilogue. d: the geometry (see _meta)."""
+    (W_g · col_g), epilogue. d: the geometry (see _meta); gemm: the address of the provider's
+    strided GEMM (compiler/blas.py; a group's operand is a row block of a matrix)."""
     n_, c_ = x.shape[0], x.shape[1]
     o_, groups, chunk = w.shape[0], d[17], d[18]
     cg, og = c_ // groups, o_ // groups
     kk = d[5] * d[6]
     p_ = d[7] * d[8]
     ld = chunk * p_
-    size = x.itemsize
     for n0 in range(0, n_, chunk):
         nb = min(chunk, n_ - n0)
         im2col(x, col, n0, nb, d)
         for g in range(groups):
-            strided_gemm(y, w.ctypes.data + g * og * cg * kk * size, cg * kk,
-                         col.ctypes.data + g * cg * kk * ld * size, ld,
-                         yt.ctypes.data + g * og * ld * size, ld, og, nb * p_, cg * kk,
-                         False, False, 0.0)
+            blas.call_strided(gemm, w.ctypes.data + g * og * cg * kk * w.itemsize, cg * kk,
+                              col.ctypes.data + g * cg * kk * ld * col.itemsize, ld,
+                              yt.ctypes.data + g * og * ld * yt.itemsize, ld, og, nb * p_,
+                              cg * kk, 0, 0, 0)
         product_to_nchw(yt, y, b, n0, nb, has_bias, relu, zero)
     return 0
 
 
 @njit(cache=True)
-def conv_input_grad(g, w, gx, gt, gcol, d):
+def conv_input_grad(g, w, gx, gt, gcol, d, gemm):
     """gx = col2im(W_gᵀ · g_g) by chunks: the gradient as (O, rows), one GEMM per group,
     col2im."""
     n_, c_ = gx.shape[0], gx.shape[1]
@@ -501,21 +489,20 @@ def conv_input_grad(g, w, gx, gt, gcol, d):
     kk = d[5] * d[6]
     p_ = d[7] * d[8]
     ld = chunk * p_
-    size = g.itemsize
     for n0 in range(0, n_, chunk):
         nb = min(chunk, n_ - n0)
         nchw_to_product(g, gt, n0, nb)
         for grp in range(groups):
-            strided_gemm(g, w.ctypes.data + grp * og * cg * kk * size, cg * kk,
-                         gt.ctypes.data + grp * og * ld * size, ld,
-                         gcol.ctypes.data + grp * cg * kk * ld * size, ld,
-                         cg * kk, nb * p_, og, True, False, 0.0)
+            blas.call_strided(gemm, w.ctypes.data + grp * og * cg * kk * w.itemsize, cg * kk,
+                              gt.ctypes.data + grp * og * ld * gt.itemsize, ld,
+                              gcol.ctypes.data + grp * cg * kk * ld * gcol.itemsize, ld,
+                              cg * kk, nb * p_, og, 1, 0, 0)
         col2im(gcol, gx, n0, nb, d)
     return 0
 
 
 @njit(cache=True)
-def conv_weight_grad(x, g, gw, col, gt, d):
+def conv_weight_grad(x, g, gw, col, gt, d, gemm):
     """gw = Σ over chunks of g_g · col_gᵀ, one GEMM per group accumulating (beta = 1) after
     the first chunk."""
     n_, c_ = x.shape[0], x.shape[1]
@@ -524,7 +511,6 @@ def conv_weight_grad(x, g, gw, col, gt, d):
     kk = d[5] * d[6]
     p_ = d[7] * d[8]
     ld = chunk * p_
-    size = x.itemsize
     if n_ == 0 or p_ == 0:
         for i in range(gw.shape[0]):
             gw[i] = 0
@@ -534,10 +520,10 @@ def conv_weight_grad(x, g, gw, col, gt, d):
         im2col(x, col, n0, nb, d)
         nchw_to_product(g, gt, n0, nb)
         for grp in range(groups):
-            strided_gemm(x, gt.ctypes.data + grp * og * ld * size, ld,
-                         col.ctypes.data + grp * cg * kk * ld * size, ld,
-                         gw.ctypes.data + grp * og * cg * kk * size, cg * kk,
-                         og, cg * kk, nb * p_, False, True, 0.0 if n0 == 0 else 1.0)
+            blas.call_strided(gemm, gt.ctypes.data + grp * og * ld * gt.itemsize, ld,
+                              col.ctypes.data + grp * cg * kk * ld * col.itemsize, ld,
+                              gw.ctypes.data + grp * og * cg * kk * gw.itemsize, cg * kk,
+                              og, cg * kk, nb * p_, 0, 1, int(n0 > 0))
     return 0
 
 
@@ -548,19 +534,24 @@ _VIEWS = (
     "y4 = (d[0], d[4], d[7], d[8])\n"
     "cols = d[18] * d[7] * d[8]\n"
     "kc = d[1] * d[5] * d[6]\n")
-CONV_FORWARD = Kernel("conv2d", "px pw pb py pcol pyt pmeta nmeta has_bias relu", _VIEWS + (
+# {dt}: the GEMMs' operands (and their unrolled and gathered copies); {out}: their products
+# (bfloat16 operands give float32 products).
+CONV_FORWARD = blas.GemmKernel("conv2d", "px pw pb py pcol pyt pmeta nmeta has_bias relu",
+                               _VIEWS + (
     "return K.conv_forward(carray(_vp(px), x4, {dt}), carray(_vp(pw), w4, {dt}), "
-    "carray(_vp(pb), d[4] if has_bias else 0, {dt}), carray(_vp(py), y4, {dt}), "
-    "carray(_vp(pcol), (kc, cols), {dt}), carray(_vp(pyt), (d[4], cols), {dt}), d, "
-    "has_bias, relu, {dt}(0))"), FLOATS, uses_blas=True)
-CONV_INPUT_GRAD = Kernel("conv2d_input_grad", "pg pw pgx pgt pgcol pmeta nmeta", _VIEWS + (
+    "carray(_vp(pb), d[4] if has_bias else 0, {out}), carray(_vp(py), y4, {out}), "
+    "carray(_vp(pcol), (kc, cols), {dt}), carray(_vp(pyt), (d[4], cols), {out}), d, "
+    "has_bias, relu, {out}(0), {gemm})"))
+CONV_INPUT_GRAD = blas.GemmKernel("conv2d_input_grad", "pg pw pgx pgt pgcol pmeta nmeta",
+                                  _VIEWS + (
     "return K.conv_input_grad(carray(_vp(pg), y4, {dt}), carray(_vp(pw), w4, {dt}), "
-    "carray(_vp(pgx), x4, {dt}), carray(_vp(pgt), (d[4], cols), {dt}), "
-    "carray(_vp(pgcol), (kc, cols), {dt}), d)"), FLOATS, uses_blas=True)
-CONV_WEIGHT_GRAD = Kernel("conv2d_weight_grad", "px pg pgw pcol pgt pmeta nmeta", _VIEWS + (
+    "carray(_vp(pgx), x4, {out}), carray(_vp(pgt), (d[4], cols), {dt}), "
+    "carray(_vp(pgcol), (kc, cols), {out}), d, {gemm})"))
+CONV_WEIGHT_GRAD = blas.GemmKernel("conv2d_weight_grad", "px pg pgw pcol pgt pmeta nmeta",
+                                   _VIEWS + (
     "return K.conv_weight_grad(carray(_vp(px), x4, {dt}), carray(_vp(pg), y4, {dt}), "
-    "carray(_vp(pgw), w4, {dt}), carray(_vp(pcol), (kc, cols), {dt}), "
-    "carray(_vp(pgt), (d[4], cols), {dt}), d)"), FLOATS, uses_blas=True)
+    "carray(_vp(pgw), w4, {out}), carray(_vp(pcol), (kc, cols), {dt}), "
+    "carray(_vp(pgt), (d[4], cols), {dt}), d, {gemm})"))
 
 
 def _meta(low, xshape, wshape, out, kw) -> tuple[Any, int, int]:
@@ -573,12 +564,34 @@ def _meta(low, xshape, wshape, out, kw) -> tuple[Any, int, int]:
     return addr, length, chunk
 
 
-def _scratch(dtype, xshape, wshape, out, chunk) -> tuple[Var, Var]:
+def _scratch(col_dtype, product_dtype, xshape, wshape, out, chunk) -> tuple[Var, Var]:
     """The unrolled chunk (C·KH·KW, chunk·OH·OW) and the product (O, chunk·OH·OW): arena
     scratch."""
     cols = chunk * out[0] * out[1]
-    return (Var((xshape[1] * wshape[2] * wshape[3], cols), dtype),
-            Var((wshape[0], cols), dtype))
+    return (Var((xshape[1] * wshape[2] * wshape[3], cols), col_dtype),
+            Var((wshape[0], cols), product_dtype))
+
+
+def _shapes(ins) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, int]]:
+    """(input's, weight's, output's spatial) shapes of any of the three convolutions."""
+    if ins.prim is conv2d_p:
+        return ins.inputs[0].shape, ins.inputs[1].shape, ins.outputs[0].shape[2:]
+    if ins.prim is conv2d_input_grad_p:
+        return ins.outputs[0].shape, ins.inputs[1].shape, ins.inputs[0].shape[2:]
+    return ins.inputs[0].shape, ins.outputs[0].shape, ins.inputs[1].shape[2:]
+
+
+def gemm_shape(ins) -> blas.GemmShape:
+    """The product one group of one chunk of images computes, as the GEMM providers see it
+    (the kernel makes groups x chunks of them)."""
+    xshape, wshape, out = _shapes(ins)
+    groups = ins.kw["groups"]
+    og, ck = wshape[0] // groups, wshape[1] * wshape[2] * wshape[3]
+    cols = chunk_images(xshape[0], xshape[1], wshape[2:], out) * out[0] * out[1]
+    m, n, k, ta, tb = {conv2d_p: (og, cols, ck, False, False),
+                       conv2d_input_grad_p: (ck, cols, og, True, False),
+                       conv2d_weight_grad_p: (og, ck, cols, False, True)}[ins.prim]
+    return blas.GemmShape(m, n, k, ta, tb, ins.inputs[0].dtype, ins.outputs[0].dtype)
 
 
 @conv2d_p.def_lowering
@@ -587,10 +600,10 @@ def _lower_conv(low, ins) -> None:
     b = ins.inputs[2] if len(ins.inputs) == 3 else None
     y = ins.outputs[0]
     meta, nmeta, chunk = _meta(low, x.shape, w.shape, y.shape[2:], ins.kw)
-    col, yt = _scratch(x.dtype, x.shape, w.shape, y.shape[2:], chunk)
-    low.call(CONV_FORWARD, x.dtype, [x, w, 0 if b is None else b, y, col, yt, meta, nmeta,
-                                     int(b is not None), int(ins.kw["relu"])],
-             [y, col, yt], list(ins.inputs), ins)
+    col, yt = _scratch(x.dtype, y.dtype, x.shape, w.shape, y.shape[2:], chunk)
+    low.call(CONV_FORWARD.kernel(gemm_shape(ins)), x.dtype,
+             [x, w, 0 if b is None else b, y, col, yt, meta, nmeta, int(b is not None),
+              int(ins.kw["relu"])], [y, col, yt], list(ins.inputs), ins)
 
 
 @conv2d_input_grad_p.def_lowering
@@ -598,9 +611,9 @@ def _lower_input_grad(low, ins) -> None:
     g, w = ins.inputs
     gx = ins.outputs[0]
     meta, nmeta, chunk = _meta(low, gx.shape, w.shape, g.shape[2:], ins.kw)
-    gcol, gt = _scratch(g.dtype, gx.shape, w.shape, g.shape[2:], chunk)
-    low.call(CONV_INPUT_GRAD, g.dtype, [g, w, gx, gt, gcol, meta, nmeta], [gx, gt, gcol],
-             [g, w], ins)
+    gcol, gt = _scratch(gx.dtype, g.dtype, gx.shape, w.shape, g.shape[2:], chunk)
+    low.call(CONV_INPUT_GRAD.kernel(gemm_shape(ins)), g.dtype,
+             [g, w, gx, gt, gcol, meta, nmeta], [gx, gt, gcol], [g, w], ins)
 
 
 @conv2d_weight_grad_p.def_lowering
@@ -608,9 +621,9 @@ def _lower_weight_grad(low, ins) -> None:
     x, g = ins.inputs
     gw = ins.outputs[0]
     meta, nmeta, chunk = _meta(low, x.shape, gw.shape, g.shape[2:], ins.kw)
-    col, gt = _scratch(x.dtype, x.shape, gw.shape, g.shape[2:], chunk)
-    low.call(CONV_WEIGHT_GRAD, x.dtype, [x, g, gw, col, gt, meta, nmeta], [gw, col, gt],
-             [x, g], ins)
+    col, gt = _scratch(x.dtype, g.dtype, x.shape, gw.shape, g.shape[2:], chunk)
+    low.call(CONV_WEIGHT_GRAD.kernel(gemm_shape(ins)), x.dtype,
+             [x, g, gw, col, gt, meta, nmeta], [gw, col, gt], [x, g], ins)
 
 
 def _conv_flops(ins) -> int:

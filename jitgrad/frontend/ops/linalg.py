@@ -17,7 +17,6 @@ import numpy as np
 
 from ...compiler import blas
 from ...compiler.cache import njit
-from ...compiler.kernels import FLOATS, Kernel
 from ...errors import JitgradError
 from ..core import Tracer, primitive
 from . import elementwise as E
@@ -142,18 +141,20 @@ def matmul(a: Any, b: Any) -> Any:
 
 # A 2-d product is one call of the GEMM provider chosen for its shape (compiler/blas.py);
 # transposes reach it as flags, so `A.T @ G` never materialises a transpose. A batch of
-# products loops over its matrices calling OpenBLAS on each at its offset.
+# products loops over its matrices calling that provider's strided GEMM on each at its
+# offset.
 
 
 @njit(cache=True)
-def gemm_batched(pa, pb, c, x, m, n, k, ta, tb, accumulate, meta):
+def gemm_batched(pa, pb, c, x, m, n, k, ta, tb, accumulate, meta, a, gemm):
     """C[i] (+)= op(A[i])·op(B[i]) for every index i of the batch, one GEMM per pair of
     matrices at its offset; C = X + ... when accumulating (X possibly C's memory).
 
     meta = [nd, batch shape..., A's, B's and C's batch strides...] in elements: an operand
     broadcast along a dimension has stride 0 there, and C has stride 0 along the dimensions
     it sums over: the first product of each of its matrices is written (beta = 0), the
-    others added (beta = 1).
+    others added (beta = 1). a: a view of A's dtype (a bfloat16 product's operands are
+    narrower than C); gemm: the address of the provider's strided GEMM (compiler/blas.py).
     """
     if accumulate:
         blas.copy_into(c, x)
@@ -171,7 +172,8 @@ def gemm_batched(pa, pb, c, x, m, n, k, ta, tb, accumulate, meta):
         if not accumulate:
             c[:] = 0
         return 0
-    size = c.itemsize
+    size, asize = c.itemsize, a.itemsize
+    lda, ldb = m if ta else k, k if tb else n
     for i in range(total):
         oa, ob, oc, rest, first = 0, 0, 0, i, True
         for d in range(nd - 1, -1, -1):
@@ -182,21 +184,21 @@ def gemm_batched(pa, pb, c, x, m, n, k, ta, tb, accumulate, meta):
             oc += j * sc[d]
             if j and sc[d] == 0:
                 first = False
-        beta = 1.0 if accumulate or not first else 0.0
-        blas.row_major_gemm(c, pa + oa * size, pb + ob * size, c.ctypes.data + oc * size,
-                        m, n, k, ta, tb, beta)
+        beta = 1 if accumulate or not first else 0
+        blas.call_strided(gemm, pa + oa * asize, lda, pb + ob * asize, ldb,
+                          c.ctypes.data + oc * size, n, m, n, k, ta, tb, beta)
     return 0
 
 
 _BATCHED_BODY = (
-    "c = carray(_vp(pc), size, {dt})\n"
+    "c = carray(_vp(pc), size, {out})\n"
     "return K.gemm_batched(pa, pb, c, %s, m, n, k, ta, tb, %d, "
-    "carray(_vp(pmeta), nmeta, np.int64))")
-GEMM_BATCHED = Kernel("gemm_batched", "pa pb pc size m n k ta tb pmeta nmeta",
-                      _BATCHED_BODY % ("c", 0), FLOATS, uses_blas=True)
-GEMM_BATCHED_ACC = Kernel("gemm_batched_acc", "pa pb pc px size m n k ta tb pmeta nmeta",
-                          _BATCHED_BODY % ("carray(_vp(px), size, {dt})", 1), FLOATS,
-                          uses_blas=True)
+    "carray(_vp(pmeta), nmeta, np.int64), carray(_vp(pa), 0, {dt}), {gemm})")
+GEMM_BATCHED = blas.GemmKernel("gemm_batched", "pa pb pc size m n k ta tb pmeta nmeta",
+                               _BATCHED_BODY % ("c", 0))
+GEMM_BATCHED_ACC = blas.GemmKernel("gemm_batched_acc",
+                                   "pa pb pc px size m n k ta tb pmeta nmeta",
+                                   _BATCHED_BODY % ("carray(_vp(px), size, {out})", 1))
 
 
 def _gemm_args(ins, out) -> list[Any]:
@@ -226,7 +228,7 @@ def _batch_meta(low, ins) -> tuple[str, int]:
 
 
 def gemm_shape(ins, out) -> blas.GemmShape:
-    """A 2-d product as the GEMM providers see it."""
+    """A product (one matrix of a batch) as the GEMM providers see it."""
     a = ins.inputs[0]
     m, n, k, ta, tb = _gemm_args(ins, out)
     return blas.GemmShape(m, n, k, bool(ta), bool(tb), a.dtype, out.dtype)
@@ -239,8 +241,9 @@ def _lower_product(low, ins) -> None:
         kernel = blas.choose(gemm_shape(ins, c)).plain
         low.call(kernel, a.dtype, [a, b, c, *_gemm_args(ins, c)], [c], [a, b], ins)
     else:
-        low.call(GEMM_BATCHED, a.dtype, [a, b, c, c.size, *_gemm_args(ins, c),
-                                         *_batch_meta(low, ins)], [c], [a, b], ins)
+        low.call(GEMM_BATCHED.kernel(gemm_shape(ins, c)), a.dtype,
+                 [a, b, c, c.size, *_gemm_args(ins, c), *_batch_meta(low, ins)], [c], [a, b],
+                 ins)
 
 
 def _accumulate_product(low, ins, out, x):
@@ -248,8 +251,8 @@ def _accumulate_product(low, ins, out, x):
     if a.ndim == b.ndim == 2:
         kernel = blas.choose(gemm_shape(ins, out)).accumulate
         return kernel, a.dtype, [a, b, out, x, *_gemm_args(ins, out)]
-    return GEMM_BATCHED_ACC, a.dtype, [a, b, out, x, out.size, *_gemm_args(ins, out),
-                                       *_batch_meta(low, ins)]
+    return (GEMM_BATCHED_ACC.kernel(gemm_shape(ins, out)), a.dtype,
+            [a, b, out, x, out.size, *_gemm_args(ins, out), *_batch_meta(low, ins)])
 
 
 def _swaps_last_two(ins) -> bool:
