@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jitgrad as jg
+from jitgrad.frontend import tree
 from jitgrad.training import train
 
 
@@ -117,3 +118,70 @@ def test_new_parameter_arrays_take_the_full_path_again():
     step.params = fresh
     step(x, y)
     assert not np.array_equal(fresh["W0"], params["W0"])  # the new arrays were updated
+
+
+def test_an_array_replaced_inside_params_is_trained_not_the_old_one():
+    params, x, y = mlp()
+    step = jg.train_step(loss, params, jg.optim.SGD(lr=0.1, momentum=0.9))
+    step(x, y)
+    step(x, y)  # the thin path from here on
+    new = params["W1"] * 0.5
+    params["W1"] = new          # the user's dict, as step.params holds it
+    ref_params = copies(params)
+    ref = jg.train_step(loss, ref_params, jg.optim.SGD(lr=0.1, momentum=0.9),
+                        backend="interpret")
+    ref.state = jg.tree.map(np.copy, step.state)
+    ref.t = step.t
+    for _ in range(2):
+        np.testing.assert_allclose(step(x, y), ref(x, y), rtol=1e-5)
+    assert params["W1"] is new
+    for k in params:
+        np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-5, atol=1e-6)
+    step.state = jg.tree.map(np.zeros_like, step.state)  # a new state: seen as well
+    ref.state = jg.tree.map(np.zeros_like, ref.state)
+    np.testing.assert_allclose(step(x, y), ref(x, y), rtol=1e-5)
+    for k in params:
+        np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["read-only", "not contiguous"])
+def test_a_replaced_array_that_cannot_be_updated_in_place_is_named(bad):
+    params, x, y = mlp()
+    step = jg.train_step(loss, params, jg.optim.SGD(lr=0.1))
+    step(x, y)
+    step(x, y)
+    new = params["W0"].copy()
+    if bad == "read-only":
+        new.flags.writeable = False
+    else:
+        new = np.asfortranarray(new)
+    params["W0"] = new
+    before = copies(params)
+    with pytest.raises(jg.JitgradError, match=r"params\['W0'\] is (read-only|not)"):
+        step(x, y)
+    for k in params:  # nothing was updated
+        np.testing.assert_array_equal(params[k], before[k])
+
+
+def test_same_leaves_sees_replacements_at_every_depth():
+    from typing import NamedTuple
+
+    class Pair(NamedTuple):
+        a: np.ndarray
+        b: dict
+    a, b, c = np.zeros(2), np.ones(2), np.ones(3)
+    t = {"x": [a, (b, None)], "y": Pair(c, {"z": a})}
+    same = tree.same_leaves(t)
+    assert same(t)
+    t["x"][0] = a.copy()
+    assert not same(t)
+    t["x"][0] = a
+    t["y"].b["z"] = b
+    assert not same(t)
+    t["y"].b["z"] = a
+    t["y"].b["extra"] = a
+    assert not same(t)
+    del t["y"].b["extra"]
+    assert same(t)
+    t["x"] = tuple(t["x"])  # a list became a tuple: not the same containers
+    assert not same(t)

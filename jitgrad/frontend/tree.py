@@ -279,6 +279,51 @@ def node_children(x: Any) -> tuple[str, list[tuple[str, Any]]] | None:
     return t.__name__, list(zip(node.keys(aux, len(children)), children, strict=True))
 
 
+def same_leaves(tree: Any) -> Callable[[Any], bool]:
+    """A function telling whether a tree still holds the very leaves `tree` holds now, in
+    the same places: train_step's thin path must see a parameter array replaced inside
+    the user's dict. It reads dicts, lists, tuples, NamedTuples and dataclasses by key in
+    one generated expression (a third of flatten's time at the deep MLP's step arguments,
+    69 + 69 leaves); a registered class is flattened."""
+    held: list[Any] = []    # V: the leaves and the dict keys, by position
+    nodes: list[Any] = []   # F: a registered subtree's check (flattening it)
+    terms: list[str] = []
+
+    def const(value: Any) -> str:
+        held.append(value)
+        return f"V[{len(held) - 1}]"
+
+    def walk(x: Any, expr: str) -> None:
+        t = type(x)
+        node = _nodes[t] if t in _nodes else _node_of_type(t)
+        if x is None:
+            terms.append(f"{expr} is None")
+        elif node is not None and node.attr_keys:
+            children, aux = node.to_children(x)
+            children = list(children)
+            terms.append(f"type({expr}) is {const(t)}")
+            for k, c in zip(node.keys(aux, len(children)), children, strict=True):
+                walk(c, f"{expr}.{k}")
+        elif node is not None:
+            want = flatten(x)
+            nodes.append(lambda y, want=want: _same_flat(flatten(y), want))
+            terms.append(f"F[{len(nodes) - 1}]({expr})")
+        elif isinstance(x, (dict, list, tuple)):
+            terms.append(f"type({expr}) is {const(t)} and len({expr}) == {len(x)}")
+            keys = _sorted_keys(x) if isinstance(x, dict) else range(len(x))
+            for k in keys:
+                walk(x[k], f"{expr}[{const(k) if isinstance(x, dict) else k}]")
+        else:
+            terms.append(f"{expr} is {const(x)}")
+
+    walk(tree, "t")
+    return eval(f"lambda t: {' and '.join(terms)}", {"V": held, "F": nodes})
+
+
+def _same_flat(got: tuple[list[Any], TreeDef], want: tuple[list[Any], TreeDef]) -> bool:
+    return got[1] == want[1] and all(a is b for a, b in zip(got[0], want[0], strict=True))
+
+
 def first_unhashable(td: tuple) -> str | None:
     """A description of the first part of a structure that is not hashable (the aux data
     of a registered class, a static dataclass field), or None."""

@@ -226,17 +226,19 @@ OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
 def check_params(params: Any) -> list[np.ndarray]:
     """The parameter arrays a training step updates in place, checked: writeable, C-contiguous
-    float numpy arrays."""
-    leaves, _ = tree.flatten(params)
+    float numpy arrays; an error names the one that is not (params['W0'])."""
+    leaves, structure = tree.flatten(params)
     if not leaves:
         raise JitgradError("train_step needs at least one parameter array")
-    for p in leaves:
+    for path, p in zip(tree.leaf_paths(structure, "params"), leaves, strict=True):
         if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
             raise JitgradError(f"parameters must be float numpy arrays, got "
-                               f"{type(p).__name__} {getattr(p, 'dtype', '')}")
+                               f"{type(p).__name__} {getattr(p, 'dtype', '')} at {path}")
         if not p.flags.writeable:
-            raise JitgradError("parameter arrays must be writeable: train_step updates them")
+            raise JitgradError(f"parameter arrays must be writeable: train_step updates them "
+                               f"({path} is read-only)")
         if not p.flags.c_contiguous:
-            raise JitgradError("parameters must be C-contiguous arrays "
-                               "(np.ascontiguousarray) so that they can be updated in place")
+            raise JitgradError(f"parameters must be C-contiguous arrays "
+                               f"(np.ascontiguousarray) so that they can be updated in place "
+                               f"({path} is not)")
     return leaves

@@ -107,16 +107,23 @@ class TrainStep:
         with self._lock:
             fast = self._fast
             if fast is not None:
-                loss = fast(self.t, batch)
-                if loss is not None:
-                    self.t += 1
-                    return loss
+                if not fast.holds(self._params, self.state):
+                    # an array replaced inside params or state: the pointers it wrote are stale
+                    fast = self._fast = None
+                else:
+                    loss = fast(self.t, batch)
+                    if loss is not None:
+                        self.t += 1
+                        return loss
             loss = self._step(batch)
             if self._fast is None and not self.check_finite:
                 self._fast = _FastPath(self, batch)
             return loss
 
     def _step(self, batch: tuple[Any, ...]) -> np.ndarray:
+        # The arrays may have been replaced since __init__ checked them: a read-only one
+        # must not be written, a non-contiguous one would be updated in a copy only.
+        check_params(self._params)
         hyper = self.optimizer.hyper(self.t + 1)
         loss, new_params, new_state = self.compiled(self.params, self.state, hyper,
                                                     *step_inputs(self.key, self.t), *batch)
@@ -140,12 +147,14 @@ class TrainStep:
 
 
 class _FastPath:
-    """A step's call after the first, in Python work independent of the parameter count.
+    """A step's call after the first, with little Python work.
 
     The parameters and optimizer state are the same arrays every step (they are updated
-    in place), so their pointers are written once (`Executable.fast_call`); a call fills
-    the hyperparameters into arrays of its own and checks only what can differ: the
-    batch's arrays (type, dtype, shape, contiguity) and the hyperparameters' structure.
+    in place), so their pointers are written once (`Executable.fast_call`) and a call only
+    checks, by identity, that they still are there (`holds`: the user may have put a new
+    array into the params dict, or set a new state). A call fills the hyperparameters into
+    arrays of its own and checks what can differ: the batch's arrays (type, dtype, shape,
+    contiguity) and the hyperparameters' structure.
     Anything else -- a batch of another shape, a list instead of an array -- returns None:
     the full path then converts, checks, compiles or explains, as on the first call."""
 
@@ -166,6 +175,11 @@ class _FastPath:
         self.keyed = keyed
         self.batch = [(sig[0], np.dtype(sig[1])) for sig in sigs[n_fixed + n_hyper + 2 * keyed:]]
         self.call = entry.executable.fast_call(fixed_args)
+        self._same = tree.same_leaves((step.params, step.state))
+
+    def holds(self, params: Any, state: Any) -> bool:
+        """Whether params and state still hold the arrays whose pointers this path wrote."""
+        return self._same((params, state))
 
     def __call__(self, t: int, batch: tuple[Any, ...]) -> np.ndarray | None:
         if len(batch) != len(self.batch):
