@@ -109,8 +109,31 @@ def plan_program(prog: Program, donate: dict[int, int] | None = None,
         pinned_vars.append(v)
     plan = memory.plan(uses, outputs, set(external), pinned=pinned_vars, names=var_names(prog),
                        step_roles=[s.role for s in low.steps], remat=remat)
+    for s in low.steps:
+        if s.group is not None:
+            s.alias = _shared_leaf(s, plan, external, root)
     return Planned(prog, prepared, low, external, outputs, plan, donated_in_place, donate_copy,
                    pinned_copy, dict(donate) if donate else None, tuple(pinned or ()))
+
+
+def _shared_leaf(step: Any, plan: memory.Plan, external: dict[Var, int],
+                 root: Callable[[Var], Var]) -> int | None:
+    """The leaf of a fused loop's step whose memory its result was given (an input dying
+    there, or the donated parameter an update overwrites), if any."""
+    group = step.group
+    if not group.keeps_out:
+        return None
+    out = root(group.out)
+    for j, v in enumerate(group.leaves):
+        if v.shape != group.out.shape or v.dtype != group.out.dtype:
+            continue
+        r = root(v)
+        if out in external:
+            if external.get(r) == external[out]:
+                return j
+        elif r not in external and plan.buffers[r] is plan.buffers[out]:
+            return j
+    return None
 
 
 class _Arena:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import JitgradError
 from ..frontend import tree
-from ..frontend.ops.elementwise import sqrt
+from ..frontend.ops.elementwise import asdtype, sqrt
 from ..frontend.ops.maths import minimum
 from ..frontend.ops.reduce import sum as _sum
 
@@ -197,7 +197,11 @@ class Adam(Optimizer):
             grads = clip_by_global_norm(grads, self.clip_norm)
         decays = self._decays(params)
         if wd and self.decoupled:
-            params = _map(lambda p, d: p * (1 - lr * wd) if d else p, params, decays)
+            # The factor in the parameter's dtype, as torch's p.mul_(1 - lr·wd): computed
+            # from the float64 learning rate it would make the update float64 (a float64
+            # result copied into the float32 parameter after the step).
+            params = _map(lambda p, d: p * asdtype(1 - lr * wd, p.dtype) if d else p, params,
+                          decays)
         elif wd:
             grads = _map(lambda g, p, d: g + wd * p if d else g, grads, params, decays)
         m = _map(lambda m, g: b1 * m + (1 - b1) * g, state["m"], grads)

@@ -30,7 +30,7 @@ from . import elementwise as E
 from . import linalg as L
 from . import reduce as R
 from . import shape as S
-from .norm import float_bits
+from .norm import FAST, float_bits
 from .vecmath import vm_exp
 
 
@@ -184,18 +184,25 @@ def scaled_dot_product_attention(q: Any, k: Any, v: Any, attn_mask: Any = None,
 
 # ---------------------------------------------------------------- compiling
 
+# The kernels may reassociate (fastmath "reassoc", nothing else), so that a row's sums
+# vectorise; each row is still computed alone, the same on any number of threads. The
+# exponentials are taken in the scores' dtype (libmvec's float32 exp: 8 lanes, not 4).
+
 @njit(inline="always", cache=True)
 def _softmax_row(s, mask, p, scale, t, causal, has_mask, r):
     n = s.shape[1]
     limit = min(r % t + 1, n) if causal else n
     mr = r % mask.shape[0]
-    m = -np.inf
-    for j in range(limit):
+    m = p.dtype.type(-np.inf)  # of the scores' dtype, as z is: exp(z - m) stays in it
+    nan = False
+    for j in range(limit):  # the max, as a select LLVM vectorises; NaN wins, as in np.max
         z = scale * s[r, j]
         if has_mask:
             z += mask[mr, j]
-        if (z > m or z != z) and m == m:  # NaN wins, as in np.max
-            m = z
+        m = z if z > m else m
+        nan |= z != z
+    if nan:
+        m = p.dtype.type(np.nan)
     if m == -np.inf:  # nothing takes part: zeros
         for j in range(n):
             p[r, j] = 0
@@ -215,10 +222,11 @@ def _softmax_row(s, mask, p, scale, t, causal, has_mask, r):
         p[r, j] = 0
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=FAST)
 def masked_softmax_rows(s, mask, p, scale, t, causal, has_mask):
     """Row r of the (rows, n) scores is row r % t of its T×S matrix (causality) and uses
-    row r % len(mask) of the mask (a mask of the scores' trailing dimensions)."""
+    row r % len(mask) of the mask (a mask of the scores' trailing dimensions); scale has
+    the scores' dtype."""
     if s.size < PARALLEL_MIN:
         for r in range(s.shape[0]):
             _softmax_row(s, mask, p, scale, t, causal, has_mask, r)
@@ -238,7 +246,7 @@ def _softmax_grad_row(g, p, ds, scale, r):
         ds[r, j] = scale * p[r, j] * (g[r, j] - dot)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=FAST)
 def masked_softmax_grad_rows(g, p, ds, scale):
     if p.size < PARALLEL_MIN:
         for r in range(p.shape[0]):
@@ -252,7 +260,7 @@ def masked_softmax_grad_rows(g, p, ds, scale):
 MASKED_SOFTMAX = Kernel("masked_softmax", "ps pmask pp rows n mrows t causal has_mask pscale", (
     "return K.masked_softmax_rows(carray(_vp(ps), (rows, n), {dt}), "
     "carray(_vp(pmask), (mrows, n), {dt}), carray(_vp(pp), (rows, n), {dt}), "
-    "carray(_vp(pscale), 1, np.float64)[0], t, causal, has_mask)"), FLOATS)
+    "{dt}(carray(_vp(pscale), 1, np.float64)[0]), t, causal, has_mask)"), FLOATS)
 MASKED_SOFTMAX_GRAD = Kernel("masked_softmax_grad", "pg pp pds rows n pscale", (
     "return K.masked_softmax_grad_rows(carray(_vp(pg), (rows, n), {dt}), "
     "carray(_vp(pp), (rows, n), {dt}), carray(_vp(pds), (rows, n), {dt}), "

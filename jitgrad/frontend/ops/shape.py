@@ -373,6 +373,7 @@ def copy_strided(src, dst, meta):
     # its number by division (no index array: kernels allocate nothing); rows within a
     # block just step.
     rows, s_row, d_row = shape[last - 1], ss[last - 1], ds[last - 1]
+    unit = s_last == 1 and d_last == 1
     for block in range(total // (n_last * rows)):
         s, t, rest = so, do, block
         for d in range(last - 2, -1, -1):
@@ -381,8 +382,12 @@ def copy_strided(src, dst, meta):
             s += i * ss[d]
             t += i * ds[d]
         for _ in range(rows):
-            for j in range(n_last):
-                dst[t + j * d_last] = src[s + j * s_last]
+            if unit:  # contiguous rows (a transpose keeping the last axis, a slice): vectors
+                for j in range(n_last):
+                    dst[np.uint64(t + j)] = src[np.uint64(s + j)]
+            else:
+                for j in range(n_last):
+                    dst[t + j * d_last] = src[s + j * s_last]
             s += s_row
             t += d_row
 
