@@ -561,13 +561,17 @@ def _pad_image(x, xp, n, d):
 
 
 @njit(inline="always")
-def _direct_forward_images(x, w, b, y, xp, acc, n_lo, n_hi, d, has_bias, relu, zero):
-    c_, o_, groups = x.shape[1], w.shape[0], d[17]
-    cg, og = c_ // groups, o_ // groups
-    kh_, kw_, oh_, ow_, dh, dw = d[5], d[6], d[7], d[8], d[15], d[16]
+def _direct_geometry(x, o_, d):
+    """(C/groups, O/groups, Wp, Hp·Wp, OH·Wp) of a direct kernel's padded planes."""
+    groups = d[17]
     wp = x.shape[3] + d[13] + d[14]
-    plane = (x.shape[2] + d[11] + d[12]) * wp
-    run = oh_ * wp
+    return x.shape[1] // groups, o_ // groups, wp, (x.shape[2] + d[11] + d[12]) * wp, d[7] * wp
+
+
+@njit(inline="always")
+def _direct_forward_images(x, w, b, y, xp, acc, n_lo, n_hi, d, has_bias, relu, zero):
+    o_, kh_, kw_, oh_, ow_, dh, dw = w.shape[0], d[5], d[6], d[7], d[8], d[15], d[16]
+    cg, og, wp, plane, run = _direct_geometry(x, o_, d)
     for n in range(n_lo, n_hi):
         _pad_image(x, xp, n, d)
         for o in range(o_):
@@ -612,12 +616,8 @@ def conv_direct_forward(x, w, b, y, xp, acc, d, has_bias, relu, zero):
 @njit(inline="always")
 def _direct_weight_grad_images(x, g, gw, xp, acc, n_lo, n_hi, d, zero):
     """gw (O, C/groups·KH·KW) = Σ over images n_lo..n_hi-1 (see conv_direct_weight_grad)."""
-    c_, o_, groups = x.shape[1], gw.shape[0], d[17]
-    cg, og = c_ // groups, o_ // groups
-    kh_, kw_, oh_, ow_, dh, dw = d[5], d[6], d[7], d[8], d[15], d[16]
-    wp = x.shape[3] + d[13] + d[14]
-    plane = (x.shape[2] + d[11] + d[12]) * wp
-    run = oh_ * wp
+    o_, kh_, kw_, oh_, ow_, dh, dw = gw.shape[0], d[5], d[6], d[7], d[8], d[15], d[16]
+    cg, og, wp, plane, run = _direct_geometry(x, o_, d)
     for o in range(o_):
         for k in range(gw.shape[1]):
             gw[o, k] = 0
