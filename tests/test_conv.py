@@ -231,6 +231,7 @@ def test_relu_and_bias_fuse_into_the_convolution_and_scratch_is_planned(rng, pat
                                                                          monkeypatch):
     if path == "im2col":
         monkeypatch.setattr(CV, "DIRECT_MAX_M", 0)
+    monkeypatch.setattr(CV, "DIRECT_MIN_RUN", 0)  # its 10x10 planes are below the default
     x = rng.normal(size=(4, 3, 10, 10)).astype(np.float32)
     w = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
     b = rng.normal(size=8).astype(np.float32)
@@ -264,6 +265,7 @@ def test_both_kernel_paths_match_the_references(geom, path, monkeypatch):
     conv.py's numpy references; float32 and an odd-sized input."""
     if path == "im2col":
         monkeypatch.setattr(CV, "DIRECT_MAX_M", 0)
+    monkeypatch.setattr(CV, "DIRECT_MIN_RUN", 0)  # small planes, to keep the test fast
     if path == "direct-slots":
         monkeypatch.setattr(CV, "PARALLEL_MIN", 0)
     padding, dilation, groups = geom
@@ -290,9 +292,10 @@ def test_both_kernel_paths_match_the_references(geom, path, monkeypatch):
     assert ("jg_conv2d_direct_input_grad_f32(" in ig.source) == direct_input_grad
 
 
-def test_direct_weight_gradient_with_non_finite_inputs():
+def test_direct_weight_gradient_with_non_finite_inputs(monkeypatch):
     """The direct weight gradient sums over the padded width; its surplus columns must not
     turn an inf of the input into NaN (0 · inf) where the true sum is finite or inf."""
+    monkeypatch.setattr(CV, "DIRECT_MIN_RUN", 0)
     rng = np.random.default_rng(3)
     kw = {"stride": (1, 1), "padding": (1, 1, 1, 1), "dilation": (1, 1), "groups": 1}
     x, g = rng.normal(size=(2, 2, 5, 6)), rng.normal(size=(2, 3, 5, 6))

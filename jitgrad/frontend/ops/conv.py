@@ -561,13 +561,17 @@ def _pad_image(x, xp, n, d):
 
 
 @njit(inline="always")
-def _direct_forward_images(x, w, b, y, xp, acc, n_lo, n_hi, d, has_bias, relu, zero):
-    c_, o_, groups = x.shape[1], w.shape[0], d[17]
-    cg, og = c_ // groups, o_ // groups
-    kh_, kw_, oh_, ow_, dh, dw = d[5], d[6], d[7], d[8], d[15], d[16]
+def _direct_geometry(x, o_, d):
+    """(C/groups, O/groups, Wp, Hp·Wp, OH·Wp) of a direct kernel's padded planes."""
+    groups = d[17]
     wp = x.shape[3] + d[13] + d[14]
-    plane = (x.shape[2] + d[11] + d[12]) * wp
-    run = oh_ * wp
+    return x.shape[1] // groups, o_ // groups, wp, (x.shape[2] + d[11] + d[12]) * wp, d[7] * wp
+
+
+@njit(inline="always")
+def _direct_forward_images(x, w, b, y, xp, acc, n_lo, n_hi, d, has_bias, relu, zero):
+    o_, kh_, kw_, oh_, ow_, dh, dw = w.shape[0], d[5], d[6], d[7], d[8], d[15], d[16]
+    cg, og, wp, plane, run = _direct_geometry(x, o_, d)
     for n in range(n_lo, n_hi):
         _pad_image(x, xp, n, d)
         for o in range(o_):
@@ -612,12 +616,8 @@ def conv_direct_forward(x, w, b, y, xp, acc, d, has_bias, relu, zero):
 @njit(inline="always")
 def _direct_weight_grad_images(x, g, gw, xp, acc, n_lo, n_hi, d, zero):
     """gw (O, C/groups·KH·KW) = Σ over images n_lo..n_hi-1 (see conv_direct_weight_grad)."""
-    c_, o_, groups = x.shape[1], gw.shape[0], d[17]
-    cg, og = c_ // groups, o_ // groups
-    kh_, kw_, oh_, ow_, dh, dw = d[5], d[6], d[7], d[8], d[15], d[16]
-    wp = x.shape[3] + d[13] + d[14]
-    plane = (x.shape[2] + d[11] + d[12]) * wp
-    run = oh_ * wp
+    o_, kh_, kw_, oh_, ow_, dh, dw = gw.shape[0], d[5], d[6], d[7], d[8], d[15], d[16]
+    cg, og, wp, plane, run = _direct_geometry(x, o_, d)
     for o in range(o_):
         for k in range(gw.shape[1]):
             gw[o, k] = 0
@@ -696,12 +696,22 @@ def conv_direct_input_grad(g, w, gx, wt, gp, acc, d, zero):
 # (m 6) 0.23-0.35, 1 -> 32 3x3 (m 32) 0.22-0.77, 6 -> 16 5x5 (m 16) 0.8-0.93 but its
 # input gradient (m 150) 1.37, 32 -> 64 3x3 (m 64) 1.25 on one thread.
 DIRECT_MAX_M = 32
+# ... and at least this many outputs per plane at the padded width (OH·Wp, the length of
+# each multiply-add run): the digits conv net's 8x8 and 4x4 planes (runs of 80 and 24)
+# trained 1.2-4x slower per step direct than on im2col.
+DIRECT_MIN_RUN = 128
+
+
+def _run(xshape, out, padding) -> int:
+    return out[0] * (xshape[3] + padding[2] + padding[3])
 
 
 def direct_path(wshape: tuple[int, ...], ins) -> bool:
     """Whether a convolution (or its weight gradient) with this weight shape takes the
     direct kernels (not for bfloat16 operands: those go to a bfloat16 GEMM)."""
+    xshape, _, out = _shapes(ins)
     return (ins.kw["stride"] == (1, 1) and wshape[0] // ins.kw["groups"] <= DIRECT_MAX_M
+            and _run(xshape, out, ins.kw["padding"]) >= DIRECT_MIN_RUN
             and ins.inputs[0].dtype == ins.outputs[0].dtype)
 
 
@@ -714,8 +724,8 @@ def transposed_padding(wshape: tuple[int, ...], ins) -> tuple[int, ...] | None:
     eh, ew = dh * (wshape[2] - 1), dw * (wshape[3] - 1)
     pads = (eh - pt, eh - pb, ew - pl, ew - pr)
     if kw["stride"] != (1, 1) or wshape[1] * wshape[2] * wshape[3] > DIRECT_MAX_M \
-            or min(pads) < 0 \
-            or ins.inputs[0].dtype != ins.outputs[0].dtype:
+            or min(pads) < 0 or ins.inputs[0].dtype != ins.outputs[0].dtype \
+            or _run(ins.inputs[0].shape, ins.outputs[0].shape[2:], pads) < DIRECT_MIN_RUN:
         return None
     return pads
 
