@@ -94,9 +94,11 @@ def abort_on_error(comm: Any, err: TextIO | None = None) -> Iterator[None]:
         if comm.Get_size() == 1:
             raise
         err = err or sys.stderr
-        traceback.print_exc(file=err)
-        print(f"jitgrad: rank {comm.Get_rank()} of {comm.Get_size()} failed: "
-              f"{type(e).__name__}: {e}; aborting the job", file=err, flush=True)
+        # One write, flushed: the abort can kill mpiexec's forwarding of this rank's
+        # output between two writes (the naming line was lost after the traceback).
+        err.write(f"{traceback.format_exc()}jitgrad: rank {comm.Get_rank()} of "
+                  f"{comm.Get_size()} failed: {type(e).__name__}: {e}; aborting the job\n")
+        err.flush()
         comm.Abort(1)
 
 
