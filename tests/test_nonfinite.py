@@ -70,6 +70,14 @@ def moderate(v: float) -> bool:
     return not abs(v) >= 1e30
 
 
+def not_huge(v: float) -> bool:
+    """Infinities and NaN, but no huge finite value: BLAS's fused multiply-add keeps an
+    overflowing product (huge · huge) exact before adding an infinity (-inf), where
+    numpy's einsum and MKL's separate multiply overflow first (NaN). Cases that sum
+    through a GEMM leave huge values out."""
+    return not np.isfinite(v) or abs(v) < 1e30
+
+
 def in_int_range(v: float) -> bool:
     return finite(v) and moderate(v)
 
@@ -259,13 +267,7 @@ def _conv_cases() -> dict[str, Case]:
     def summed(name: str, fn, *shapes, keep=None) -> Case:
         return Case(fn, floats(*shapes, keep=keep), magnitude=lambda *a: fn(*_abs_args(*a)))
 
-    # The references sum products with numpy's einsum, the kernels with BLAS, whose fused
-    # multiply-add keeps an overflowing product (huge · huge) exact before adding an
-    # infinity: -inf there, NaN in numpy. Huge values are left out wherever a GEMM sums
-    # (the forward's too, since it runs on MKL where that is installed).
-    def not_huge(v: float) -> bool:
-        return not np.isfinite(v) or abs(v) < 1e30
-
+    # every convolution sums through a GEMM (MKL where it is installed): not_huge
     pool = {"kernel": (3, 2), "stride": (2, 2), "padding": (1, 1)}
     return {
         "conv2d": summed("conv2d", conv, xs, ws, keep=not_huge),
@@ -348,11 +350,8 @@ CASES: dict[str, Case] = {
     "matmul/tt": Case(lambda a, b: P["matmul"].bind(a, b, ta=True, tb=True),
                       floats((4, 3), (2, 4)),
                       magnitude=lambda a, b: np.abs(a).T @ np.abs(b).T),
-    # MKL and numpy differ on huge·huge + inf (a fused multiply-add keeps the product
-    # exact, a separate one overflows to inf first: -inf or NaN), as for the convolutions
     "matmul/batched": Case(lambda a, b: P["matmul"].bind(a, b, ta=False, tb=True),
-                           floats((2, 3, 4), (1, 2, 4),
-                                  keep=lambda v: not np.isfinite(v) or abs(v) < 1e30),
+                           floats((2, 3, 4), (1, 2, 4), keep=not_huge),
                            magnitude=lambda a, b: np.abs(a) @ np.swapaxes(np.abs(b), -1, -2)),
     # bfloat16 storage and GEMM (precision="bf16" on CPUs with bfloat16 instructions and MKL)
     "to_bf16": Case(lambda x: P["to_bf16"].bind(x), floats(W), dtypes=(np.float32,)),

@@ -24,6 +24,7 @@ from . import kernels
 from .fusion import Group, fuse
 from .memory import Plan
 from .passes import dce
+from .threads import COLUMN_BLOCK
 
 # ---------------------------------------------------------------- prepare
 
@@ -290,10 +291,9 @@ def _helpers(group: Group) -> str:
 PARALLEL_MIN_ELEMENTS = 1 << 20
 # A fused sum over all elements adds fixed blocks of this many (each its own partial sum,
 # partials combined in block order), and one over leading axes gives each thread fixed
-# blocks of this many columns: the result depends on neither the thread count nor the
-# schedule, and one block is exactly the plain sum kernel's order.
+# blocks of threads.COLUMN_BLOCK columns: the result depends on neither the thread count nor
+# the schedule, and one block is exactly the plain sum kernel's order.
 SUM_BLOCK = 8192
-COLUMN_BLOCK = 256
 
 
 def _parallel(size: int) -> bool:

@@ -22,6 +22,9 @@ NUM_THREADS_VAR = "JITGRAD_NUM_THREADS"
 # (layer norm, masked softmax) run in parallel at 10^5 elements made a GPT training step
 # 10x slower here, every GEMM around them included.
 PARALLEL_MIN = 1 << 20
+# A parallel sum down the rows gives each thread fixed blocks of this many columns (a fused
+# column sum, layer norm's weight gradient): each column still adds its rows in order.
+COLUMN_BLOCK = 256
 
 _initialised = False
 _local_ranks: int | None = None  # set from the communicator by distributed training

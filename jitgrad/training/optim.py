@@ -230,15 +230,18 @@ def check_params(params: Any) -> list[np.ndarray]:
     leaves, structure = tree.flatten(params)
     if not leaves:
         raise JitgradError("train_step needs at least one parameter array")
-    for path, p in zip(tree.leaf_paths(structure, "params"), leaves, strict=True):
+    for i, p in enumerate(leaves):
         if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
-            raise JitgradError(f"parameters must be float numpy arrays, got "
-                               f"{type(p).__name__} {getattr(p, 'dtype', '')} at {path}")
-        if not p.flags.writeable:
-            raise JitgradError(f"parameter arrays must be writeable: train_step updates them "
-                               f"({path} is read-only)")
-        if not p.flags.c_contiguous:
-            raise JitgradError(f"parameters must be C-contiguous arrays "
-                               f"(np.ascontiguousarray) so that they can be updated in place "
-                               f"({path} is not)")
+            problem = (f"parameters must be float numpy arrays, got {type(p).__name__} "
+                       f"{getattr(p, 'dtype', '')} at {{}}")
+        elif not p.flags.writeable:
+            problem = ("parameter arrays must be writeable: train_step updates them "
+                       "({} is read-only)")
+        elif not p.flags.c_contiguous:
+            problem = ("parameters must be C-contiguous arrays (np.ascontiguousarray) so that "
+                       "they can be updated in place ({} is not)")
+        else:
+            continue
+        # the paths only now: every slow-path step checks, and naming each leaf costs more
+        raise JitgradError(problem.format(tree.leaf_paths(structure, "params")[i]))
     return leaves

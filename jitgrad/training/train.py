@@ -106,15 +106,14 @@ class TrainStep:
     def __call__(self, *batch: Any) -> np.ndarray:
         with self._lock:
             fast = self._fast
+            if fast is not None and not fast.holds(self._params, self.state):
+                # an array replaced inside params or state: the pointers it wrote are stale
+                fast = self._fast = None
             if fast is not None:
-                if not fast.holds(self._params, self.state):
-                    # an array replaced inside params or state: the pointers it wrote are stale
-                    fast = self._fast = None
-                else:
-                    loss = fast(self.t, batch)
-                    if loss is not None:
-                        self.t += 1
-                        return loss
+                loss = fast(self.t, batch)
+                if loss is not None:
+                    self.t += 1
+                    return loss
             loss = self._step(batch)
             if self._fast is None and not self.check_finite:
                 self._fast = _FastPath(self, batch)

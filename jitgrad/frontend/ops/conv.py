@@ -702,37 +702,45 @@ DIRECT_MAX_M = 32
 DIRECT_MIN_RUN = 128
 
 
-def _run(xshape, out, padding) -> int:
-    return out[0] * (xshape[3] + padding[2] + padding[3])
-
-
-def direct_path(wshape: tuple[int, ...], ins) -> bool:
-    """Whether a convolution (or its weight gradient) with this weight shape takes the
-    direct kernels (not for bfloat16 operands: those go to a bfloat16 GEMM)."""
-    xshape, _, out = _shapes(ins)
-    return (ins.kw["stride"] == (1, 1) and wshape[0] // ins.kw["groups"] <= DIRECT_MAX_M
-            and _run(xshape, out, ins.kw["padding"]) >= DIRECT_MIN_RUN
+def _direct_rule(ins, m: int, xshape, out, padding) -> bool:
+    """The direct kernels' rule for a convolution of an xshape input into `out` planes
+    under `padding` whose im2col GEMM has m rows per group (not for bfloat16 operands:
+    those go to a bfloat16 GEMM)."""
+    run = out[0] * (xshape[3] + padding[2] + padding[3])
+    return (ins.kw["stride"] == (1, 1) and m <= DIRECT_MAX_M and run >= DIRECT_MIN_RUN
             and ins.inputs[0].dtype == ins.outputs[0].dtype)
 
 
-def transposed_padding(wshape: tuple[int, ...], ins) -> tuple[int, ...] | None:
+def direct_path(ins) -> bool:
+    """Whether a convolution or its weight gradient takes the direct kernels."""
+    xshape, wshape, out = _shapes(ins)
+    return _direct_rule(ins, wshape[0] // ins.kw["groups"], xshape, out, ins.kw["padding"])
+
+
+def transposed_padding(ins) -> tuple[int, ...] | None:
     """The padding of g that makes the input gradient a stride-1 convolution of g: the
     dilated kernel's extent less each side's padding (None if a side would be negative,
     or when the input gradient does not take the direct kernels)."""
-    kw = ins.kw
-    (dh, dw), (pt, pb, pl, pr) = kw["dilation"], kw["padding"]
+    _, wshape, _ = _shapes(ins)
+    (dh, dw), (pt, pb, pl, pr) = ins.kw["dilation"], ins.kw["padding"]
     eh, ew = dh * (wshape[2] - 1), dw * (wshape[3] - 1)
     pads = (eh - pt, eh - pb, ew - pl, ew - pr)
-    if kw["stride"] != (1, 1) or wshape[1] * wshape[2] * wshape[3] > DIRECT_MAX_M \
-            or min(pads) < 0 or ins.inputs[0].dtype != ins.outputs[0].dtype \
-            or _run(ins.inputs[0].shape, ins.outputs[0].shape[2:], pads) < DIRECT_MIN_RUN:
+    m = wshape[1] * wshape[2] * wshape[3]
+    if min(pads) < 0 or not _direct_rule(ins, m, ins.inputs[0].shape,
+                                          ins.outputs[0].shape[2:], pads):
         return None
     return pads
 
 
-# Slots of the direct kernels' scratch above PARALLEL_MIN multiply-adds: as many blocks of
-# images run in parallel (more slots than threads even out blocks of unequal speed).
-DIRECT_SLOTS = 4
+# Kernels over independent images or planes (the direct convolutions, max pooling) take
+# this many rows of scratch above PARALLEL_MIN operations: as many blocks run in parallel
+# (more slots than threads even out blocks of unequal speed).
+SLOTS = 4
+
+
+def slots_for(work: int, items: int) -> int:
+    """How many blocks of `items` a kernel doing `work` operations runs in parallel."""
+    return SLOTS if work >= PARALLEL_MIN and items >= SLOTS else 1
 
 
 def _direct_scratch(dtype, xshape, wshape, out, kw) -> tuple[Var, Var]:
@@ -742,7 +750,7 @@ def _direct_scratch(dtype, xshape, wshape, out, kw) -> tuple[Var, Var]:
     hp, wp = xshape[2] + pt + pb, xshape[3] + pl + pr
     slack = (wshape[3] - 1) * kw["dilation"][1]
     work = xshape[0] * wshape[0] * out[0] * out[1] * wshape[1] * wshape[2] * wshape[3]
-    slots = DIRECT_SLOTS if work >= PARALLEL_MIN and xshape[0] >= DIRECT_SLOTS else 1
+    slots = slots_for(work, xshape[0])
     return (Var((slots, xshape[1] * hp * wp + slack), dtype),
             Var((slots, out[0] * wp), dtype))
 
@@ -847,7 +855,7 @@ def _lower_conv(low, ins) -> None:
     b = ins.inputs[2] if len(ins.inputs) == 3 else None
     y = ins.outputs[0]
     meta, nmeta, chunk = _meta(low, x.shape, w.shape, y.shape[2:], ins.kw)
-    if direct_path(w.shape, ins):
+    if direct_path(ins):
         xp, acc = _direct_scratch(x.dtype, x.shape, w.shape, y.shape[2:], ins.kw)
         low.call(CONV_DIRECT, x.dtype, [x, w, 0 if b is None else b, y, xp, xp.size, acc,
                                         acc.size, xp.shape[0], meta, nmeta, int(b is not None),
@@ -863,7 +871,7 @@ def _lower_conv(low, ins) -> None:
 def _lower_input_grad(low, ins) -> None:
     g, w = ins.inputs
     gx = ins.outputs[0]
-    pads = transposed_padding(w.shape, ins)
+    pads = transposed_padding(ins)
     if pads is not None:  # a direct convolution of g, gx its output (see the kernel)
         geom = dict(ins.kw, padding=pads)
         wt = Var((gx.shape[1], w.shape[0] // ins.kw["groups"], *w.shape[2:]), w.dtype)
@@ -884,7 +892,7 @@ def _lower_weight_grad(low, ins) -> None:
     x, g = ins.inputs
     gw = ins.outputs[0]
     meta, nmeta, chunk = _meta(low, x.shape, gw.shape, g.shape[2:], ins.kw)
-    if direct_path(gw.shape, ins):
+    if direct_path(ins):
         xp, acc = _direct_scratch(x.dtype, x.shape, gw.shape, g.shape[2:], ins.kw)
         parts = Var((xp.shape[0], gw.size), gw.dtype)  # per slot (unused with one slot)
         low.call(CONV_DIRECT_WEIGHT_GRAD, x.dtype, [x, g, gw, xp, xp.size, acc, acc.size, parts,

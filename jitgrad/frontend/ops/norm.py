@@ -25,7 +25,7 @@ from numba import prange
 
 from ...compiler.cache import njit
 from ...compiler.kernels import FLOATS, Kernel
-from ...compiler.threads import PARALLEL_MIN
+from ...compiler.threads import COLUMN_BLOCK, PARALLEL_MIN
 from ...errors import JitgradError
 from ..core import Tracer, primitive
 from ..ir import Var
@@ -201,7 +201,6 @@ def layer_norm(x: Any, normalized_shape: int | Sequence[int], weight: Any = None
 # norm backward took 0.6 ms a call that way). A row's sums still come out the same on any
 # number of threads, and the column sums of the backward pass add rows in order.
 FAST = {"reassoc"}
-COLUMN_BLOCK = 256  # columns each thread sums down the rows, in the parallel backward pass
 
 
 @njit(inline="always", cache=True)

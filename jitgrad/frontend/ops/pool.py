@@ -22,7 +22,7 @@ from ...errors import JitgradError
 from ..core import Tracer, primitive, with_user_loc
 from ..ir import Var
 from . import shape as S
-from .conv import PARALLEL_MIN, out_size, pair
+from .conv import PARALLEL_MIN, out_size, pair, slots_for
 
 # ---------------------------------------------------------------- geometry
 
@@ -391,17 +391,10 @@ def _meta(low, xshape, out, kw) -> tuple[Any, int]:
     return low.meta_block([*xshape, *out[2:], *kw["kernel"], *kw["stride"], *kw["padding"]])
 
 
-# Blocks of planes max pooling runs in parallel above PARALLEL_MIN window elements (each
-# with its own scratch row)
-POOL_SLOTS = 4
-
-
 @max_pool2d_p.def_lowering
 def _lower_max_pool(low, ins) -> None:
     x, (y, idx) = ins.inputs[0], ins.outputs
-    planes = x.shape[0] * x.shape[1]
-    big = x.size * ins.kw["kernel"][0] >= PARALLEL_MIN and planes >= POOL_SLOTS
-    slots = POOL_SLOTS if big else 1
+    slots = slots_for(x.size * ins.kw["kernel"][0], x.shape[0] * x.shape[1])
     row = (slots, x.shape[3])
     best, down = Var(row, x.dtype), Var(row, np.dtype(np.int64))
     low.call(MAX_POOL, x.dtype, [x, y, idx, best, down, slots,
